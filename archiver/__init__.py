@@ -1,0 +1,1 @@
+"""Archiver: move detail rows older than the retention window to object storage."""

@@ -1,0 +1,1 @@
+"""Cleaner: delete archived, verified detail rows and move their counts to lifetime totals."""

@@ -1,0 +1,1 @@
+"""Queue consumer: validate, dedup and aggregate traffic events."""

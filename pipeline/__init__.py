@@ -1,0 +1,1 @@
+"""edgepipe runtime: config, clock, events, bindings, worker loop, HTTP app and CLI."""

@@ -1,0 +1,1 @@
+"""Binding interfaces (DB, QUEUE, KV, ARCHIVE) and their backends, chosen by URL."""

@@ -1,0 +1,166 @@
+"""The QUEUE binding, with Cloudflare Queues semantics.
+
+Producers call `send(body)` / `send_batch(bodies)`. A consumer `receive`s a batch (up to
+`max_batch_size` messages, waiting at most `max_batch_timeout` for it to fill); every
+received message is leased for `visibility_timeout` seconds and becomes visible again if
+the consumer dies. The handler decides per message: `ack()`, `retry(delay_seconds=)`, or
+`dead_letter(reason)` (poison: straight to the DLQ, no retries). The first explicit
+decision on a message wins. The worker loop then calls `settle(batch, failure)`:
+
+* success (`failure is None`): undecided messages are acked;
+* failure (the handler or the commit raised): the batch's DB writes rolled back, so an
+  `ack()` made before the failure is void too; dead-lettered messages (poison, which wrote
+  nothing) go to the DLQ and every other message is retried with `failure` as its last
+  error. This is stricter than Cloudflare, where acks survive a throw, and it is what
+  keeps one transaction per batch exactly-once.
+
+A retried message whose deliveries exceed `1 + max_retries` moves to the DLQ with its
+last error. Backends whose `shares_transaction` is true keep their messages in the DB
+binding's database: `settle` then runs inside the batch's DB transaction, so event rows,
+aggregates and acks commit as one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from pipeline.errors import MessageTooLarge, ValidationError
+
+MAX_MESSAGE_BYTES = 128 * 1024
+MAX_BATCH_MESSAGES = 10_000
+
+# Reasons recorded in the DLQ.
+REASON_INVALID = "invalid"
+REASON_RETRIES = "retries_exhausted"
+
+
+def encode_body(body: Any) -> tuple[bytes, str]:
+    """Serialise a body like Cloudflare's content types: json (default), text or bytes."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        data, kind = bytes(body), "bytes"
+    elif isinstance(body, str):
+        data, kind = body.encode("utf-8"), "text"
+    else:
+        try:
+            data, kind = orjson.dumps(body), "json"
+        except TypeError as exc:
+            raise ValidationError("body", f"not JSON-serialisable: {exc}") from None
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge("body", f"{len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    return data, kind
+
+
+def decode_body(data: bytes, kind: str) -> Any:
+    if kind == "json":
+        return orjson.loads(data)
+    if kind == "text":
+        return data.decode("utf-8", errors="replace")
+    return data
+
+
+@dataclass(slots=True)
+class Message:
+    id: str
+    timestamp: datetime
+    attempts: int
+    body: Any
+    handle: Any = None  # backend-specific (row key, stream id)
+    decision: str | None = None  # "ack" | "retry" | "dead"
+    delay: float | None = None
+    error: str | None = None
+
+    def ack(self) -> None:
+        if self.decision is None:
+            self.decision = "ack"
+
+    def retry(self, delay_seconds: float | None = None) -> None:
+        if self.decision is None:
+            self.decision, self.delay = "retry", delay_seconds
+
+    def dead_letter(self, reason: str, error: str = "") -> None:
+        """Send straight to the DLQ (poison); `reason` is a short code, `error` the detail."""
+        if self.decision is None:
+            self.decision, self.delay, self.error = "dead", None, f"{reason}\x00{error}"
+
+
+@dataclass(slots=True)
+class MessageBatch:
+    queue: str
+    messages: list[Message] = field(default_factory=list)
+    lease: str = ""
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages)
+
+    def ack_all(self) -> None:
+        for m in self.messages:
+            m.ack()
+
+    def retry_all(self, delay_seconds: float | None = None) -> None:
+        for m in self.messages:
+            m.retry(delay_seconds)
+
+
+def message_time(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    max_retries: int = 3
+    retry_delay: float = 0.0
+    visibility_timeout: float = 30.0
+
+
+class Queue(abc.ABC):
+    """One named queue. Implementations must be safe for several consumer processes."""
+
+    name: str
+    settings: QueueSettings
+    shares_transaction: bool = False
+
+    @abc.abstractmethod
+    def send_batch(self, bodies: Iterable[Any]) -> list[str]:
+        """Enqueue bodies durably (all or nothing); returns their message ids."""
+
+    def send(self, body: Any) -> str:
+        return self.send_batch([body])[0]
+
+    @abc.abstractmethod
+    def receive(self, max_messages: int, wait_seconds: float = 0.0) -> MessageBatch:
+        """Lease up to `max_messages` visible messages, waiting up to `wait_seconds` for the
+        batch to fill. Returns a possibly empty batch."""
+
+    @abc.abstractmethod
+    def settle(self, batch: MessageBatch, failure: str | None = None) -> None:
+        """Apply the batch's decisions (see the module docstring)."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """`{"pending": n, "in_flight": n, "dlq": n}` plus `dlq_<reason>` counts."""
+
+    @abc.abstractmethod
+    def dlq_list(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Dead letters, oldest first: message_id, attempts, reason, error, failed_at, body."""
+
+    @abc.abstractmethod
+    def dlq_redrive(self, limit: int | None = None) -> int:
+        """Move dead letters back to the queue with a fresh attempt count."""
+
+    def depth(self) -> int:
+        s = self.stats()
+        return s["pending"] + s["in_flight"]
+
+
+def split_dead(error: str | None) -> tuple[str, str]:
+    reason, _, detail = (error or "").partition("\x00")
+    return reason or REASON_INVALID, detail

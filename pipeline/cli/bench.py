@@ -1,0 +1,45 @@
+"""`edgepipe bench …`: benchmarks that report ratios against same-run references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from pipeline.cli import emit_json, main
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (ratios against a reference measured in the same run)."""
+
+
+def _report(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        emit_json(result)
+    else:
+        for line in lines:
+            click.echo(line.format(**result))
+
+
+@bench.command("consume")
+@click.option("--events", "n", default=1_000_000, show_default=True, type=click.IntRange(min=1000))
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--db", "db_url", metavar="URL", help="Run edgepipe's side on this database (default: a temp SQLite file).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_consume(n: int, batch_size: int, db_url: str | None, as_json: bool) -> None:
+    """Consumer throughput vs the raw SQLite insert limit, then a pass of all duplicates."""
+    from pipeline.bench import bench_consume as run
+
+    result = run(n, batch_size, db_url, progress=lambda m: click.echo(f"… {m}", err=True))
+    _report(
+        result,
+        as_json,
+        [
+            "raw SQLite limit      {raw_events_per_s:>10,} events/s",
+            "enqueue               {enqueue_events_per_s:>10,} events/s",
+            "consumer ({db})   {consumer_events_per_s:>10,} events/s  ratio {ratio}",
+            "batch latency         p50 {batch_p50_ms} ms  p99 {batch_p99_ms} ms",
+            "duplicates            {duplicate_events_per_s:>10,} events/s  ratio {duplicate_ratio}",
+        ],
+    )

@@ -1,0 +1,286 @@
+"""Core commands: init, db, ingest, consume, worker, queue, paths, sample."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from pipeline import clock, log, migrate, queries, sample
+from pipeline.bindings.db import Database
+from pipeline.cli import emit_json, main, pass_state
+from pipeline.errors import ValidationError
+
+
+def _time(value: str | None, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return clock.parse_time(value)
+    except ValueError as exc:
+        raise ValidationError(name, str(exc)) from None
+
+
+def _data_dirs(cfg: Any) -> list[Path]:
+    dirs = [Path(cfg.cleaner.stats_file).parent]
+    if cfg.bindings.archive.startswith("file://"):
+        dirs.append(Path(cfg.bindings.archive.removeprefix("file://")))
+    return dirs
+
+
+@main.command()
+@pass_state
+def init(state: Any) -> None:
+    """Create the data directories and upgrade the database schema (idempotent)."""
+    cfg = state.config
+    for d in _data_dirs(cfg):
+        d.mkdir(parents=True, exist_ok=True)
+    db = Database(cfg.bindings.db)
+    try:
+        rev = migrate.upgrade(db)
+        from pipeline.lifetime import ensure_deployment_start
+
+        ensure_deployment_start(db)
+    finally:
+        db.dispose()
+    click.echo(f"initialised {cfg.bindings.db} (schema {rev})", err=True)
+
+
+@main.group()
+def db() -> None:
+    """Database schema management."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@pass_state
+def db_upgrade(state: Any, revision: str) -> None:
+    """Apply Alembic migrations up to REVISION (idempotent)."""
+    database = Database(state.config.bindings.db)
+    try:
+        click.echo(f"schema at {migrate.upgrade(database, revision)}", err=True)
+    finally:
+        database.dispose()
+
+
+@db.command("current")
+@pass_state
+def db_current(state: Any) -> None:
+    """Print the schema revision of the database (empty when uninitialised)."""
+    database = Database(state.config.bindings.db)
+    try:
+        click.echo(migrate.current_revision(database) or "")
+    finally:
+        database.dispose()
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"))
+@click.option("--json", "as_json", is_flag=True, help="Print {\"enqueued\": n, \"rejected\": n}.")
+@pass_state
+def ingest(state: Any, source: Any, as_json: bool) -> None:
+    """Validate events from SOURCE (NDJSON or a JSON array, `-` for stdin) and enqueue them.
+
+    Rejected lines are reported on stderr with their line numbers; the valid ones are
+    enqueued. Exits 3 when any line was rejected."""
+    from pipeline.paths import PathNormalizer
+    from pipeline.producer import ingest as run_ingest
+    from pipeline.producer import read_records
+
+    env = state.env()
+    normalizer = PathNormalizer(env.config.paths)
+    stream = source if hasattr(source, "peek") else source.buffer
+    if sys.stderr.isatty() and not as_json:
+        from rich.progress import Progress, SpinnerColumn, TextColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:
+            task = bar.add_task("enqueued 0 events")
+            done = [0]
+
+            def advance(n: int) -> None:
+                done[0] += n
+                bar.update(task, description=f"enqueued {done[0]:,} events")
+
+            result = run_ingest(read_records(stream), env.QUEUE, normalizer, advance)
+    else:
+        result = run_ingest(read_records(stream), env.QUEUE, normalizer)
+    for number, reason in result.rejected[:50]:
+        click.echo(f"line {number}: {reason}", err=True)
+    if len(result.rejected) > 50:
+        click.echo(f"… and {len(result.rejected) - 50} more rejected lines", err=True)
+    if as_json:
+        emit_json({"enqueued": result.enqueued, "rejected": len(result.rejected)})
+    else:
+        click.echo(f"enqueued {result.enqueued} events, rejected {len(result.rejected)}", err=True)
+    if result.rejected:
+        sys.exit(3)
+
+
+def _worker(env: Any) -> Any:
+    from consumers.traffic import TrafficConsumer
+    from pipeline.worker import Worker
+
+    return Worker(env, TrafficConsumer(env.config).queue)
+
+
+@main.command()
+@click.option("--until-empty", is_flag=True, help="Exit when no message is visible.")
+@click.option("--max-batches", type=click.IntRange(min=1), help="Exit after N batches.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def consume(state: Any, until_empty: bool, max_batches: int | None, as_json: bool) -> None:
+    """Run the queue consumer in the foreground, then exit (for cron and tests)."""
+    env = state.env()
+    worker = _worker(env)
+    _install_signals(worker)
+    batches = worker.run(until_empty=until_empty, max_batches=max_batches)
+    stats = env.QUEUE.stats()
+    if as_json:
+        emit_json({"batches": batches, **stats})
+    else:
+        click.echo(f"processed {batches} batches; queue {stats}", err=True)
+
+
+def _install_signals(worker: Any) -> None:
+    def handle(signum: int, _frame: Any) -> None:
+        if worker.stop_requested:
+            os._exit(128 + signum)  # second signal: leave now, leases will expire
+        worker.stop_requested = True
+        log.event("stopping", signal=signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+@main.command()
+@pass_state
+def worker(state: Any) -> None:
+    """The long-running process: consume until SIGTERM/SIGINT, finish the batch in hand,
+    exit 0. A second signal exits at once (nothing is lost: leases expire)."""
+    env = state.env()
+    w = _worker(env)
+    _install_signals(w)
+    log.event("worker_started", pid=os.getpid(), db=env.DB)
+    w.run()
+    log.event("worker_stopped", batches=w.batches)
+
+
+@main.group()
+def queue() -> None:
+    """Queue inspection and dead letters."""
+
+
+@queue.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def queue_stats(state: Any, as_json: bool) -> None:
+    """Pending, in-flight and dead-lettered message counts."""
+    stats = state.env().QUEUE.stats()
+    if as_json:
+        emit_json(stats)
+    else:
+        for k, v in stats.items():
+            click.echo(f"{k:>24} {v}")
+
+
+@queue.group("dlq")
+def dlq() -> None:
+    """The dead-letter queue."""
+
+
+@dlq.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def dlq_list(state: Any, limit: int, as_json: bool) -> None:
+    """Dead letters, oldest first, with their reasons."""
+    rows = state.env().QUEUE.dlq_list(limit)
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['failed_at']} {r['message_id']} attempts={r['attempts']} {r['reason']}: {r['error']}")
+
+
+@dlq.command("redrive")
+@click.option("--limit", type=click.IntRange(min=1))
+@pass_state
+def dlq_redrive(state: Any, limit: int | None) -> None:
+    """Move dead letters back to the queue with a fresh attempt count."""
+    n = state.env().QUEUE.dlq_redrive(limit)
+    click.echo(f"redrove {n} messages", err=True)
+
+
+@main.group()
+def paths() -> None:
+    """Per-path statistics from the hourly aggregates."""
+
+
+TABLE_COLUMNS = ("path", "method", "requests", "status_4xx", "status_5xx", "rt_avg_ms", "p50_ms", "p95_ms", "p99_ms")
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("hour", "host", "path", "method") else "right")
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r[c]) for c in columns))
+    Console().print(table)
+
+
+@paths.command("top")
+@click.option("--hours", default=24, show_default=True, type=click.IntRange(1, 24 * 366))
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def paths_top(state: Any, hours: int, limit: int, as_json: bool) -> None:
+    """The busiest paths over the last HOURS hours."""
+    rows = queries.top_paths(state.env().DB, hours, limit)
+    if as_json:
+        emit_json(rows)
+    else:
+        _table(rows, TABLE_COLUMNS, f"top {limit} paths, last {hours} h")
+
+
+@paths.command("hourly")
+@click.option("--path")
+@click.option("--method")
+@click.option("--host")
+@click.option("--from", "start", metavar="T", help="RFC 3339 or epoch seconds (inclusive).")
+@click.option("--to", "end", metavar="T", help="RFC 3339 or epoch seconds (exclusive).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def paths_hourly(state: Any, path: str | None, method: str | None, host: str | None,
+                 start: str | None, end: str | None, as_json: bool) -> None:  # fmt: skip
+    """Hourly rows; with no filter, every path and every hour in the database."""
+    rows = queries.hourly(state.env().DB, path, method, _time(start, "--from"), _time(end, "--to"), host)
+    if not as_json:
+        _table(list(rows), ("hour", "host", *TABLE_COLUMNS), "hourly")
+        return
+    out = sys.stdout.buffer
+    out.write(b"[")
+    for i, row in enumerate(rows):
+        out.write(b",\n" if i else b"\n")
+        out.write(orjson.dumps(row))
+    out.write(b"\n]\n")
+    out.flush()
+
+
+@main.command("sample")
+@click.option("--events", "n", default=20_000, show_default=True, type=click.IntRange(min=0))
+@click.option("--days", default=5.0, show_default=True, type=click.FloatRange(0.01, 365))
+@click.option("--paths", "n_paths", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=42, show_default=True)
+@click.option("--output", "-o", type=click.File("wb"), default="-", show_default=True)
+def sample_cmd(n: int, days: float, n_paths: int, seed: int, output: Any) -> None:
+    """Write synthetic NDJSON traffic ending now (skewed paths, random ids)."""
+    for ev in sample.events(n, days=days, n_paths=n_paths, seed=seed):
+        output.write(orjson.dumps(ev) + b"\n")

@@ -1,0 +1,244 @@
+"""Configuration: one TOML file, named environments, env-var overrides, strict validation.
+
+Resolution order for the file: `--config PATH`, else `$EDGEPIPE_CONFIG`, else
+`./edgepipe.toml`, else the built-in embedded defaults (everything under `./data/`).
+A named environment (`[env.NAME]`, chosen by `--env` or `$EDGEPIPE_ENV`) is deep-merged
+over the base, like wrangler environments. Finally every key can be overridden with
+`EDGEPIPE_<SECTION>__<KEY>` (values are read as TOML scalars when they parse, else as
+strings). Validation happens once, at start-up: an unknown key, a bad URL or an
+out-of-range number raises `ConfigError` whose one-line message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "EDGEPIPE_"
+DEFAULT_FILE = "edgepipe.toml"
+DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
+QUEUE_SCHEMES = ("db", "redis", "rediss")
+KV_SCHEMES = ("db", "redis", "rediss")
+ARCHIVE_SCHEMES = ("file", "s3")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+    scheme = urlsplit(value).scheme if "://" in value else value.split(":", 1)[0]
+    if scheme not in schemes:
+        raise ValueError(f"unsupported URL {value!r}: scheme must be one of {', '.join(schemes)}")
+    return value
+
+
+class Bindings(Section):
+    """URLs of the four bindings. `db` for queue/kv means "tables in the DB binding"."""
+
+    db: str = "sqlite:///data/edgepipe.db"
+    queue: str = "db"
+    kv: str = "db"
+    archive: str = "file://data/archive"
+
+    @field_validator("db")
+    @classmethod
+    def _db(cls, v: str) -> str:
+        return _check_url(v, DB_SCHEMES)
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        return _check_url(v, QUEUE_SCHEMES)
+
+    @field_validator("kv")
+    @classmethod
+    def _kv(cls, v: str) -> str:
+        return _check_url(v, KV_SCHEMES)
+
+    @field_validator("archive")
+    @classmethod
+    def _archive(cls, v: str) -> str:
+        return _check_url(v, ARCHIVE_SCHEMES)
+
+
+class Consumer(Section):
+    max_batch_size: int = Field(100, ge=1, le=10_000)
+    max_batch_timeout: float = Field(5.0, ge=0, le=60)
+    max_retries: int = Field(3, ge=0, le=100)
+    retry_delay: float = Field(0.0, ge=0, le=43_200)
+    visibility_timeout: float = Field(30.0, ge=1, le=43_200)
+    snapshot_every_batches: int = Field(10, ge=0, le=1_000_000)
+
+
+class PathRule(Section):
+    pattern: str
+    replacement: str
+
+
+class Paths(Section):
+    max_paths_per_hour: int = Field(10_000, ge=1, le=10_000_000)
+    max_length: int = Field(2048, ge=16, le=65_536)
+    strip_query: bool = True
+    collapse_slashes: bool = True
+    strip_trailing_slash: bool = True
+    replace_ids: bool = True
+    id_placeholder: str = ":id"
+    rules: list[PathRule] = Field(default_factory=list)
+
+
+class Retention(Section):
+    detail_days: int = Field(3, ge=1, le=3650)
+
+
+class Archive(Section):
+    prefix: str = "events"
+    max_rows_per_object: int = Field(100_000, ge=1, le=10_000_000)
+    max_objects_per_run: int = Field(1000, ge=1, le=1_000_000)
+    verify: Literal["full", "head"] = "full"
+    multipart_threshold: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+
+class Cleaner(Section):
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    max_batches: int = Field(50, ge=1, le=1_000_000)
+    reclaim_space: bool = False
+    stats_file: str = "data/stats/lifetime_stats.json"
+
+
+class Snapshots(Section):
+    top_n: int = Field(100, ge=1, le=100_000)
+    window_hours: int = Field(24, ge=1, le=24 * 366)
+    keep: int = Field(5, ge=1, le=10_000)
+
+
+class Schedule(Section):
+    timezone: str = "UTC"
+    misfire_grace: float = Field(3600, ge=0)
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_backoff: float = Field(60, ge=0)
+    lease_seconds: float = Field(300, ge=5)
+    jobs: dict[str, str] = Field(
+        default_factory=lambda: {
+            "archive": "0 2 * * *",
+            "clean": "0 3 * * *",
+            "monitor": "0 4 * * *",
+            "snapshot_prune": "0 5 * * sun",
+        }
+    )
+
+
+class Monitor(Section):
+    capacity_bytes: int = Field(10 * 1000**3, ge=1)
+
+
+class Http(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=1, le=65535)
+    max_events_per_request: int = Field(1000, ge=1, le=100_000)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_queue_depth: int = Field(1_000_000, ge=1)
+
+
+class Config(Section):
+    bindings: Bindings = Field(default_factory=Bindings)
+    consumer: Consumer = Field(default_factory=Consumer)
+    paths: Paths = Field(default_factory=Paths)
+    retention: Retention = Field(default_factory=Retention)
+    archive: Archive = Field(default_factory=Archive)
+    cleaner: Cleaner = Field(default_factory=Cleaner)
+    snapshots: Snapshots = Field(default_factory=Snapshots)
+    schedule: Schedule = Field(default_factory=Schedule)
+    monitor: Monitor = Field(default_factory=Monitor)
+    http: Http = Field(default_factory=Http)
+    source: str = Field("built-in defaults", exclude=True)
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys changed and re-validated, e.g. `replace(consumer={...})`."""
+        data = self.model_dump()
+        _deep_merge(data, sections)
+        return _validate(data, self.source)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _scalar(value)
+    return out
+
+
+def _validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate({**data, "source": source})
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"config error ({source}): unknown key {key!r}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        raise ConfigError(f"config error ({source}): {key}: {msg}{shown}") from None
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    env: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Load, merge and validate the configuration. Raises ConfigError with one clear line."""
+    environ = dict(os.environ if environ is None else environ)
+    chosen = path or environ.get("EDGEPIPE_CONFIG")
+    if chosen is None and Path(DEFAULT_FILE).is_file():
+        chosen = DEFAULT_FILE
+    data: dict[str, Any] = {}
+    source = "built-in defaults"
+    if chosen is not None:
+        source = str(chosen)
+        try:
+            data = tomllib.loads(Path(chosen).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config error: file not found: {chosen}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error ({chosen}): invalid TOML: {exc}") from None
+    envs = data.pop("env", {})
+    name = env or environ.get("EDGEPIPE_ENV")
+    if name:
+        if name not in envs:
+            known = ", ".join(sorted(envs)) or "none defined"
+            raise ConfigError(f"config error ({source}): unknown environment {name!r} ({known})")
+        _deep_merge(data, envs[name])
+        source = f"{source} [env.{name}]"
+    overrides = _env_overrides(environ)
+    if overrides:
+        _deep_merge(data, overrides)
+    return _validate(data, source)

@@ -1,0 +1,35 @@
+"""Latency histograms as fixed integer columns: they merge across hours by addition, and
+percentiles are estimated by linear interpolation inside the bucket that holds the rank,
+clamped to the observed min and max. The error is bounded by the bucket's width."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+
+from pipeline.schema import LATENCY_BUCKETS_MS
+
+N_BUCKETS = len(LATENCY_BUCKETS_MS) + 1
+
+
+def bucket_index(ms: float) -> int:
+    """Index of the bucket `(upper[i-1], upper[i]]` holding `ms`; the last is overflow."""
+    return bisect_left(LATENCY_BUCKETS_MS, ms)
+
+
+def percentile(counts: Sequence[int], q: float, lo: float, hi: float) -> float | None:
+    """Estimate the q-quantile (0 < q ≤ 1) from bucket counts and the observed min/max."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            lower = 0.0 if i == 0 else float(LATENCY_BUCKETS_MS[i - 1])
+            upper = float(LATENCY_BUCKETS_MS[i]) if i < len(LATENCY_BUCKETS_MS) else hi
+            lower, upper = max(lower, lo), min(upper, hi)
+            value = lower + (upper - lower) * (rank - seen) / n
+            return round(min(max(value, lo), hi), 3)
+        seen += n
+    return hi

@@ -1,0 +1,97 @@
+"""Read side: hourly rows and top paths from `path_stats_hourly`, with percentile estimates.
+
+Row field names here are the public ones: the CLI's `--json`, the HTTP API and snapshots
+all use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from pipeline import clock
+from pipeline.bindings.db import Database
+from pipeline.histogram import percentile
+from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
+
+psh = path_stats_hourly
+SUMMED = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", *BUCKET_COLUMNS)
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    """Replace histogram columns by p50/p95/p99 and add the average."""
+    counts = [row.pop(c) for c in BUCKET_COLUMNS]
+    lo, hi = row["rt_min_ms"], row["rt_max_ms"]
+    n = row["requests"]
+    row["rt_avg_ms"] = round(row["rt_sum_ms"] / n, 3) if n else None
+    for q in (50, 95, 99):
+        row[f"p{q}_ms"] = percentile(counts, q / 100, lo, hi)
+    return row
+
+
+def hourly(
+    db: Database,
+    path: str | None = None,
+    method: str | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    host: str | None = None,
+    limit: int | None = None,
+    after: tuple[int, str, str, str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Hourly rows ordered by (hour, host, path, method); `start`/`end` are epoch seconds
+    (`end` exclusive); `after` is a keyset cursor (the key of the last row seen)."""
+    stmt = sa.select(psh).order_by(psh.c.hour, psh.c.host, psh.c.path, psh.c.method)
+    if path is not None:
+        stmt = stmt.where(psh.c.path == path)
+    if method is not None:
+        stmt = stmt.where(psh.c.method == method.upper())
+    if host is not None:
+        stmt = stmt.where(psh.c.host == host)
+    if start is not None:
+        stmt = stmt.where(psh.c.hour >= int(start) // 3600 * 3600)
+    if end is not None:
+        stmt = stmt.where(psh.c.hour < end)
+    if after is not None:
+        stmt = stmt.where(sa.tuple_(psh.c.hour, psh.c.host, psh.c.path, psh.c.method) > sa.tuple_(*after))
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    with db.read() as conn:
+        for r in conn.execute(stmt).mappings():
+            row = dict(r)
+            row["hour"] = clock.iso(row["hour"])
+            yield _public(row)
+
+
+def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | None = None) -> list[dict[str, Any]]:
+    """The busiest (path, method) pairs over the last `hours` hours (the current hour
+    included), summed over hosts, with merged histograms. Reads only the window's rows."""
+    now_s = clock.now_s() if now_s is None else now_s
+    first_hour = int(now_s) // 3600 * 3600 - (hours - 1) * 3600
+    stmt = (
+        sa.select(
+            psh.c.path,
+            psh.c.method,
+            *(sa.func.sum(psh.c[c]).label(c) for c in SUMMED),
+            sa.func.min(psh.c.rt_min_ms).label("rt_min_ms"),
+            sa.func.max(psh.c.rt_max_ms).label("rt_max_ms"),
+        )
+        .where(psh.c.hour >= first_hour)
+        .group_by(psh.c.path, psh.c.method)
+        .order_by(sa.desc("requests"), psh.c.path, psh.c.method)
+        .limit(limit)
+    )
+    with db.read() as conn:
+        rows = [dict(r) for r in conn.execute(stmt).mappings()]
+    out = []
+    for row in rows:
+        for c in SUMMED:
+            row[c] = int(row[c]) if c != "rt_sum_ms" else float(row[c])
+        row = _public(row)
+        errors = row["status_4xx"] + row["status_5xx"]
+        row["errors"] = errors
+        row["error_rate"] = round(errors / row["requests"], 6) if row["requests"] else 0.0
+        out.append(row)
+    return out

@@ -1,0 +1,151 @@
+"""Tables, as SQLAlchemy Core metadata shared by every statement on SQLite and PostgreSQL.
+
+Alembic migrations (pipeline/migrations) create and upgrade them; this module is what the
+code queries against and must match the latest migration (a test checks that).
+
+Dedup design: `traffic_events` has a surrogate integer key (`seq`, the SQLite rowid) and a
+UNIQUE index on (ts, id). Producers' ids are random, but duplicates of one event carry the
+same `ts`, and events arrive roughly in time order, so the unique index is appended near
+its right edge instead of being hit at random: inserts stay fast as the table grows. The
+price: an id seen again with a different `ts` is a different event. Deduplication holds as
+long as the original row is in the hot table; older events are refused by the consumer
+(see the archive watermark) rather than risk a double count.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only aliases the rowid for a column declared exactly INTEGER PRIMARY KEY.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+# Latency histogram: upper bounds (ms) of a 1-2-5 series from 1 ms to 60 s, plus overflow.
+LATENCY_BUCKETS_MS: tuple[int, ...] = (
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 60000,
+)  # fmt: skip
+BUCKET_COLUMNS: tuple[str, ...] = (
+    *(f"lat_le_{b}" for b in LATENCY_BUCKETS_MS),
+    f"lat_gt_{LATENCY_BUCKETS_MS[-1]}",
+)
+STATUS_COLUMNS: tuple[str, ...] = tuple(f"status_{c}xx" for c in range(1, 6))
+OTHER_PATH = "__other__"
+
+traffic_events = Table(
+    "traffic_events",
+    metadata,
+    Column("seq", RowId, primary_key=True, autoincrement=True),
+    Column("ts", BigInteger, nullable=False),  # epoch milliseconds, UTC
+    Column("id", String(128), nullable=False),
+    Column("method", String(16), nullable=False),
+    Column("path", Text, nullable=False),  # normalised
+    Column("overflow", SmallInteger, nullable=False, default=0),  # 1: counted as __other__
+    Column("status", SmallInteger, nullable=False),
+    Column("response_time_ms", Float, nullable=False),
+    Column("host", String(255), nullable=False, default=""),
+    Column("colo", String(16)),
+    Column("bytes", BigInteger),
+    UniqueConstraint("ts", "id", name="uq_traffic_events_ts_id"),
+)
+
+path_stats_hourly = Table(
+    "path_stats_hourly",
+    metadata,
+    Column("hour", BigInteger, primary_key=True),  # epoch seconds at the start of the UTC hour
+    Column("host", String(255), primary_key=True),
+    Column("path", Text, primary_key=True),
+    Column("method", String(16), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    *(Column(c, BigInteger, nullable=False) for c in STATUS_COLUMNS),
+    Column("bytes_sum", BigInteger, nullable=False),
+    Column("rt_sum_ms", Float, nullable=False),
+    Column("rt_min_ms", Float, nullable=False),
+    Column("rt_max_ms", Float, nullable=False),
+    *(Column(c, BigInteger, nullable=False) for c in BUCKET_COLUMNS),
+)
+
+# Counts of events that left the hot table (filled by the cleaner), one row per scope.
+lifetime_totals = Table(
+    "lifetime_totals",
+    metadata,
+    Column("scope", String(32), primary_key=True),
+    Column("events", BigInteger, nullable=False, default=0),
+    *(Column(c, BigInteger, nullable=False, default=0) for c in STATUS_COLUMNS),
+    Column("bytes_sum", BigInteger, nullable=False, default=0),
+    Column("rt_sum_ms", Float, nullable=False, default=0),
+    Column("updated_at", Float),
+)
+
+# Small durable facts: deployment start, counters, watermarks.
+meta = Table(
+    "edgepipe_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+queue_messages = Table(
+    "queue_messages",
+    metadata,
+    Column("seq", RowId, primary_key=True, autoincrement=True),
+    Column("queue", String(64), nullable=False),
+    Column("message_id", String(64), nullable=False),
+    Column("content_type", String(8), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("enqueued_at", Float, nullable=False),
+    Column("visible_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease", String(32)),
+    Column("last_error", Text),
+    Index("ix_queue_messages_ready", "queue", "visible_at", "seq"),
+)
+
+queue_dlq = Table(
+    "queue_dlq",
+    metadata,
+    Column("seq", RowId, primary_key=True, autoincrement=True),
+    Column("queue", String(64), nullable=False),
+    Column("message_id", String(64), nullable=False),
+    Column("content_type", String(8), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("enqueued_at", Float, nullable=False),
+    Column("failed_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("reason", String(64), nullable=False),  # short code: invalid, too_late, retries_exhausted
+    Column("error", Text, nullable=False),
+    Index("ix_queue_dlq_queue", "queue", "seq"),
+)
+
+kv_entries = Table(
+    "kv_entries",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+    Column("metadata", Text),
+    Column("expiration", Float),  # epoch seconds, NULL = never
+)
+
+# --- tables of the archive issue go below this line ---
+
+# --- tables of the scheduler issue go below this line ---

@@ -1,0 +1,1 @@
+"""Cron scheduler: fires the daily and weekly jobs, one run at a time."""

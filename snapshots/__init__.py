@@ -1,0 +1,1 @@
+"""Hot-path snapshots stored in the KV binding."""
