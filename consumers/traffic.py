@@ -18,8 +18,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pipeline import clock
-from pipeline.bindings.queue import REASON_INVALID, MessageBatch
+from pipeline import clock, meta
+from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, MessageBatch
 from pipeline.config import Config
 from pipeline.errors import ValidationError
 from pipeline.events import Event, parse_event
@@ -68,6 +68,17 @@ class TrafficConsumer:
     def queue(self, batch: MessageBatch, env: Any, ctx: Any = None) -> BatchReport:
         report = BatchReport(received=len(batch))
         now_ms = clock.now_ms()
+        with env.DB.transaction() as conn:
+            watermark = meta.archive_watermark_ms(conn)
+            events = self._validate(batch, now_ms, watermark, report)
+            if events:
+                report.inserted = self._store(env, conn, events)
+                report.duplicates += len(events) - report.inserted
+        batch.ack_all()  # after the writes: a failure above retries the whole batch
+        return report
+
+    def _validate(self, batch: MessageBatch, now_ms: int, watermark: int, report: BatchReport) -> list[Event]:
+        """Valid, batch-unique events; dead-letter the rest with their reasons."""
         events: list[Event] = []
         seen: set[tuple[int, str]] = set()
         for msg in batch:
@@ -80,26 +91,27 @@ class TrafficConsumer:
                 msg.dead_letter(REASON_INVALID, str(exc))
                 report.invalid += 1
                 continue
+            if ev.ts < watermark:
+                msg.dead_letter(
+                    REASON_TOO_LATE,
+                    f"ts: {clock.iso(ev.ts / 1000)} is older than the archive watermark "
+                    f"{clock.iso(watermark / 1000)}; its duplicates can no longer be detected",
+                )
+                report.too_late += 1
+                continue
             if (ev.ts, ev.id) in seen:
                 report.duplicates += 1
                 continue
             seen.add((ev.ts, ev.id))
             events.append(ev)
-        if events:
-            report.inserted = self._store(env, events)
-            report.duplicates += len(events) - report.inserted
-        batch.ack_all()  # after the writes: a failure above retries the whole batch
-        return report
+        return events
 
-    def _store(self, env: Any, events: list[Event]) -> int:
-        with env.DB.transaction() as conn:
-            overflow = self._overflow(conn, events)
-            rows = [ev.row(int(key in overflow)) for ev, key in ((e, (e.ts, e.id)) for e in events)]
-            inserted = self._insert(env.DB, conn, rows)
-            new = [ev for ev in events if (ev.ts, ev.id) in inserted]
-            env.DB.upsert_add(
-                conn, psh, aggregate(new, overflow), AGG_KEYS, minimum=["rt_min_ms"], maximum=["rt_max_ms"]
-            )
+    def _store(self, env: Any, conn: sa.Connection, events: list[Event]) -> int:
+        overflow = self._overflow(conn, events)
+        rows = [ev.row(int((ev.ts, ev.id) in overflow)) for ev in events]
+        inserted = self._insert(env.DB, conn, rows)
+        new = [ev for ev in events if (ev.ts, ev.id) in inserted]
+        env.DB.upsert_add(conn, psh, aggregate(new, overflow), AGG_KEYS, minimum=["rt_min_ms"], maximum=["rt_max_ms"])
         return len(new)
 
     @staticmethod
@@ -122,9 +134,7 @@ class TrafficConsumer:
             if not unknown:
                 continue
             used = conn.execute(
-                sa.select(sa.func.count(sa.distinct(psh.c.path))).where(
-                    psh.c.hour == hour, psh.c.path != OTHER_PATH
-                )
+                sa.select(sa.func.count(sa.distinct(psh.c.path))).where(psh.c.hour == hour, psh.c.path != OTHER_PATH)
             ).scalar_one()
             budget = self.max_paths - used
             for ev in evs:  # admit new paths in arrival order until the budget is spent
@@ -142,8 +152,10 @@ class TrafficConsumer:
 
     @staticmethod
     def _existing_paths(conn: sa.Connection, hour: int, paths: set[str]) -> set[str]:
-        stmt = sa.select(psh.c.path).distinct().where(
-            psh.c.hour == hour, psh.c.path.in_(sa.bindparam("paths", expanding=True))
+        stmt = (
+            sa.select(psh.c.path)
+            .distinct()
+            .where(psh.c.hour == hour, psh.c.path.in_(sa.bindparam("paths", expanding=True)))
         )
         return {r[0] for r in conn.execute(stmt, {"paths": list(paths)})}
 

@@ -78,7 +78,9 @@ def _drain(worker: Any) -> tuple[float, list[float], int]:
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
-    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 2) if len(values) > 1 else values[0]
+    return (
+        round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 2) if len(values) > 1 else values[0]
+    )
 
 
 def bench_consume(

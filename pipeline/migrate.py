@@ -44,6 +44,5 @@ def require_current(db: Database) -> None:
         raise BindingError(f"database {db.url} is not initialised: run `edgepipe init`")
     if current != head_revision():
         raise BindingError(
-            f"database {db.url} is at schema {current}, expected {head_revision()}: "
-            "run `edgepipe db upgrade`"
+            f"database {db.url} is at schema {current}, expected {head_revision()}: run `edgepipe db upgrade`"
         )

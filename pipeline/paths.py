@@ -35,8 +35,7 @@ class PathNormalizer:
             path = path.rstrip("/") or "/"
         if cfg.replace_ids:
             path = "/".join(
-                cfg.id_placeholder if seg and _ID_SEGMENT.fullmatch(seg) else seg
-                for seg in path.split("/")
+                cfg.id_placeholder if seg and _ID_SEGMENT.fullmatch(seg) else seg for seg in path.split("/")
             )
         for pattern, replacement in self._rules:
             path = pattern.sub(replacement, path)

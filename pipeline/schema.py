@@ -149,3 +149,5 @@ kv_entries = Table(
 # --- tables of the archive issue go below this line ---
 
 # --- tables of the scheduler issue go below this line ---
+
+# --- tables of the HTTP issue go below this line ---

@@ -38,6 +38,7 @@ MAX_BATCH_MESSAGES = 10_000
 # Reasons recorded in the DLQ.
 REASON_INVALID = "invalid"
 REASON_RETRIES = "retries_exhausted"
+REASON_TOO_LATE = "too_late"
 
 
 def encode_body(body: Any) -> tuple[bytes, str]:

@@ -155,8 +155,9 @@ class SqlQueue(Queue):
         stored = {
             r.seq: r
             for r in conn.execute(
-                sa.select(q.c.seq, q.c.message_id, q.c.content_type, q.c.body, q.c.enqueued_at)
-                .where(q.c.lease == lease, q.c.seq.in_(seqs))
+                sa.select(q.c.seq, q.c.message_id, q.c.content_type, q.c.body, q.c.enqueued_at).where(
+                    q.c.lease == lease, q.c.seq.in_(seqs)
+                )
             )
         }
         rows = [
@@ -202,9 +203,7 @@ class SqlQueue(Queue):
     def dlq_list(self, limit: int = 100) -> list[dict[str, Any]]:
         d = queue_dlq
         with self.db.read() as conn:
-            rows = conn.execute(
-                sa.select(d).where(d.c.queue == self.name).order_by(d.c.seq).limit(limit)
-            ).all()
+            rows = conn.execute(sa.select(d).where(d.c.queue == self.name).order_by(d.c.seq).limit(limit)).all()
         return [
             {
                 "message_id": r.message_id,

@@ -54,9 +54,13 @@ class App(click.Group):
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", help="TOML config (else $EDGEPIPE_CONFIG, ./edgepipe.toml, defaults).")
+@click.option(
+    "--config", "config_path", metavar="PATH", help="TOML config (else $EDGEPIPE_CONFIG, ./edgepipe.toml, defaults)."
+)
 @click.option("--env", "env_name", metavar="NAME", help="Named environment [env.NAME] (else $EDGEPIPE_ENV).")
-@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option(
+    "--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
+)
 @click.version_option(package_name="edgepipe")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, env_name: str | None, log_level: str) -> None:
@@ -76,6 +80,6 @@ def emit_json(data: Any) -> None:
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
 
-from pipeline.cli import bench, core  # noqa: E402  (registers the commands)
+from pipeline.cli import bench, core, jobs  # noqa: E402  (registers the commands)
 
-__all__ = ["bench", "core", "emit_json", "main", "pass_state"]
+__all__ = ["bench", "core", "emit_json", "jobs", "main", "pass_state"]

@@ -25,7 +25,9 @@ def _report(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 @bench.command("consume")
 @click.option("--events", "n", default=1_000_000, show_default=True, type=click.IntRange(min=1000))
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--db", "db_url", metavar="URL", help="Run edgepipe's side on this database (default: a temp SQLite file).")
+@click.option(
+    "--db", "db_url", metavar="URL", help="Run edgepipe's side on this database (default: a temp SQLite file)."
+)
 @click.option("--json", "as_json", is_flag=True)
 def bench_consume(n: int, batch_size: int, db_url: str | None, as_json: bool) -> None:
     """Consumer throughput vs the raw SQLite insert limit, then a pass of all duplicates."""

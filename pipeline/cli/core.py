@@ -43,7 +43,7 @@ def init(state: Any) -> None:
     db = Database(cfg.bindings.db)
     try:
         rev = migrate.upgrade(db)
-        from pipeline.lifetime import ensure_deployment_start
+        from pipeline.meta import ensure_deployment_start
 
         ensure_deployment_start(db)
     finally:
@@ -81,7 +81,7 @@ def db_current(state: Any) -> None:
 
 @main.command()
 @click.argument("source", type=click.File("rb"))
-@click.option("--json", "as_json", is_flag=True, help="Print {\"enqueued\": n, \"rejected\": n}.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"enqueued": n, "rejected": n}.')
 @pass_state
 def ingest(state: Any, source: Any, as_json: bool) -> None:
     """Validate events from SOURCE (NDJSON or a JSON array, `-` for stdin) and enqueue them.

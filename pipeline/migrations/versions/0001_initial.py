@@ -107,6 +107,8 @@ def upgrade() -> None:
 
     # --- tables of the scheduler issue go below this line ---
 
+    # --- tables of the HTTP issue go below this line ---
+
 
 def downgrade() -> None:
     for name in (

@@ -1,0 +1,41 @@
+"""The registry of scheduled jobs (archive, clean, monitor, snapshot_prune).
+
+A job is a plain function `run(env, scheduled_for, dry_run) -> dict` written against
+bindings only; its result dict is JSON-serialisable and is what `edgepipe jobs run NAME
+--json` prints and what the scheduler stores in `job_runs.result`. `scheduled_for` is the
+slot the run belongs to (an aware UTC datetime), never "now": `--at T` sets it, like
+`wrangler dev --test-scheduled`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+JobFn = Callable[[Any, datetime, bool], dict[str, Any]]
+
+JOBS: dict[str, JobFn] = {}
+
+
+def job(name: str) -> Callable[[JobFn], JobFn]:
+    """Register a job function under `name`."""
+
+    def register(fn: JobFn) -> JobFn:
+        JOBS[name] = fn
+        return fn
+
+    return register
+
+
+def load_jobs() -> dict[str, JobFn]:
+    """Import the worker packages that register jobs, then return the registry."""
+    import importlib
+
+    for module in ("archiver.job", "cleaner.job", "scheduler.monitor", "snapshots.job"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return JOBS

@@ -1,0 +1,39 @@
+"""Small durable facts kept in `edgepipe_meta`: the deployment start and the archive
+watermark (epoch ms below which detail rows may already have left the database, so the
+consumer can no longer deduplicate against them and refuses such events as `too_late`)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from pipeline import clock
+from pipeline.bindings.db import Database
+from pipeline.schema import meta
+
+DEPLOYMENT_START = "deployment_started_at"
+ARCHIVE_WATERMARK_MS = "archive_watermark_ms"
+
+
+def get(conn: sa.Connection, key: str) -> str | None:
+    return conn.execute(sa.select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
+
+
+def put(db: Database, conn: sa.Connection, key: str, value: str) -> None:
+    stmt = db.insert(meta).values(key=key, value=value)
+    conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value}))
+
+
+def archive_watermark_ms(conn: sa.Connection) -> int:
+    value = get(conn, ARCHIVE_WATERMARK_MS)
+    return int(value) if value is not None else 0
+
+
+def ensure_deployment_start(db: Database) -> str:
+    """Record the deployment start once (at first init); return it."""
+    with db.transaction() as conn:
+        conn.execute(
+            db.insert(meta)
+            .values(key=DEPLOYMENT_START, value=clock.iso(clock.now_s()))
+            .on_conflict_do_nothing(index_elements=["key"])
+        )
+        return get(conn, DEPLOYMENT_START) or ""

@@ -1,0 +1,100 @@
+"""Shared fixtures. Backends are fixtures: a test that takes `env` runs once per reachable
+DB backend (SQLite always; PostgreSQL from $EDGEPIPE_TEST_POSTGRES_URL). A service that is
+unreachable skips its tests locally and fails them when CI=true."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from pipeline import migrate
+from pipeline.bench import scratch_db
+from pipeline.config import Config
+from pipeline.env import Env, open_env
+
+PG_URL = os.environ.get("EDGEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("EDGEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, url: str, port: int) -> None:
+    if not _reachable(url, port):
+        message = f"{name} not reachable at {url}"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: service-backed tests must run)")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    require_service("PostgreSQL", PG_URL, 5432)
+    return PG_URL
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    require_service("Redis", REDIS_URL, 6379)
+    return REDIS_URL
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database URL: a SQLite file in tmp_path, or a throwaway PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'edgepipe.db'}"
+        return
+    server = request.getfixturevalue("pg_server_url")
+    with scratch_db(server, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'edgepipe.db'}"
+
+
+MakeEnv = Callable[..., Env]
+
+
+@pytest.fixture
+def make_env(tmp_path: Path) -> Iterator[MakeEnv]:
+    """Build a migrated Env: `make_env(db_url, consumer={...}, ...)`; closed at teardown."""
+    made: list[Env] = []
+
+    def make(url: str, **sections: dict[str, Any]) -> Env:
+        base = {"db": url, "archive": f"file://{tmp_path / 'archive'}"}
+        sections["bindings"] = base | sections.get("bindings", {})
+        sections.setdefault("consumer", {}).setdefault("max_batch_timeout", 0)
+        sections["cleaner"] = {"stats_file": str(tmp_path / "stats" / "lifetime_stats.json")} | sections.get(
+            "cleaner", {}
+        )
+        cfg = Config().replace(**sections)
+        env = open_env(cfg, check_schema=False)
+        migrate.upgrade(env.DB)
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.close()
+
+
+@pytest.fixture
+def env(db_url: str, make_env: MakeEnv) -> Env:
+    """A migrated Env on every reachable DB backend."""
+    return make_env(db_url)
