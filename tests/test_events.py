@@ -1,0 +1,261 @@
+"""The event model: every field's rule, timestamps in each accepted form, and errors that
+name the field."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from freezegun import freeze_time
+
+from pipeline import clock
+from pipeline.errors import ValidationError
+from pipeline.events import MIN_TS_MS, parse_event
+from pipeline.paths import PathNormalizer
+
+NOW = "2026-11-20T12:00:00Z"
+NOW_MS = int(datetime(2026, 11, 20, 12, tzinfo=UTC).timestamp() * 1000)
+NORM = PathNormalizer()
+
+
+def good(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": "evt-1",
+        "ts": NOW_MS - 60_000,
+        "method": "get",
+        "path": "/users/42/?x=1",
+        "status": 200,
+        "response_time_ms": 12.5,
+        "host": "API.Example.com",
+        "colo": "FRA",
+        "bytes": 512,
+    }
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def parse(obj: Any, fallback_id: str | None = None) -> Any:
+    return parse_event(obj, NORM, NOW_MS, fallback_id=fallback_id)
+
+
+def rejects(obj: Any, field: str) -> ValidationError:
+    with pytest.raises(ValidationError) as err:
+        parse(obj)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ")
+    return err.value
+
+
+def test_valid_event_is_normalised() -> None:
+    ev = parse(good())
+    assert ev.id == "evt-1"
+    assert ev.ts == NOW_MS - 60_000
+    assert ev.method == "GET"
+    assert ev.path == "/users/:id"
+    assert ev.status == 200
+    assert ev.response_time_ms == 12.5 and isinstance(ev.response_time_ms, float)
+    assert ev.host == "api.example.com"
+    assert ev.colo == "FRA"
+    assert ev.bytes == 512
+
+
+def test_optional_fields_may_be_absent() -> None:
+    ev = parse(good(host=..., colo=..., bytes=...))
+    assert (ev.host, ev.colo, ev.bytes) == ("", None, None)
+
+
+def test_optional_fields_may_be_null() -> None:
+    ev = parse(good(host=None, colo=None, bytes=None))
+    assert (ev.host, ev.colo, ev.bytes) == ("", None, None)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    ev = parse(good(user_agent="curl/8", extra={"nested": [1, 2]}, tls=True))
+    assert ev.path == "/users/:id"
+    assert not hasattr(ev, "user_agent")
+
+
+# -- id -------------------------------------------------------------------------------
+
+
+def test_id_max_128_chars() -> None:
+    assert parse(good(id="x" * 128)).id == "x" * 128
+    err = rejects(good(id="x" * 129), "id")
+    assert "128" in err.reason
+
+
+def test_id_must_be_a_string() -> None:
+    rejects(good(id=12345), "id")
+
+
+def test_missing_id_uses_fallback() -> None:
+    assert parse(good(id=...), fallback_id="0193-msg").id == "0193-msg"
+    assert parse(good(id="own"), fallback_id="0193-msg").id == "own"
+
+
+def test_missing_id_without_fallback_is_rejected() -> None:
+    rejects(good(id=...), "id")
+    rejects(good(id=""), "id")
+
+
+# -- required fields and types ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["ts", "method", "path", "status", "response_time_ms"])
+def test_required_fields(field: str) -> None:
+    err = rejects(good(**{field: ...}), field)
+    assert "required" in err.reason
+    rejects(good(**{field: None}), field)
+
+
+@pytest.mark.parametrize("body", [[1, 2], "text", 42, None, True])
+def test_event_must_be_an_object(body: Any) -> None:
+    rejects(body, "event")
+
+
+@pytest.mark.parametrize("method", ["G E T", "", "GET1", "X" * 17, 7, ["GET"], "GET\n"])
+def test_method_must_be_a_token(method: Any) -> None:
+    rejects(good(method=method), "method")
+
+
+@pytest.mark.parametrize("method", ["get", "Post", "PROPFIND", "purge"])
+def test_method_upper_cased(method: str) -> None:
+    assert parse(good(method=method)).method == method.upper()
+
+
+@pytest.mark.parametrize("path", ["users", "", "http://x/", 42, ["/a"]])
+def test_path_must_be_a_string_starting_with_slash(path: Any) -> None:
+    rejects(good(path=path), "path")
+
+
+def test_path_length_limit() -> None:
+    assert parse(good(path="/" + "z" * 2047)).path == "/" + "z" * 2047
+    err = rejects(good(path="/" + "z" * 2048), "path")
+    assert "2048" in err.reason
+
+
+@pytest.mark.parametrize("status", [100, 200, 204, 301, 404, 500, 599, 404.0])
+def test_status_range_accepts(status: Any) -> None:
+    assert parse(good(status=status)).status == int(status)
+
+
+@pytest.mark.parametrize("status", [99, 600, 999, 0, -200])
+def test_status_range_rejects(status: int) -> None:
+    err = rejects(good(status=status), "status")
+    assert str(status) in err.reason
+
+
+@pytest.mark.parametrize("status", ["200", 200.5, [200], {"code": 200}])
+def test_status_type(status: Any) -> None:
+    rejects(good(status=status), "status")
+
+
+def test_status_bool_is_not_an_int() -> None:
+    rejects(good(status=True), "status")
+
+
+@pytest.mark.parametrize("rt", [0, 0.0, 1, 59_999.9, 1e9])
+def test_response_time_accepts(rt: float) -> None:
+    assert parse(good(response_time_ms=rt)).response_time_ms == float(rt)
+
+
+@pytest.mark.parametrize("rt", [-0.001, -5, float("nan"), float("inf"), float("-inf")])
+def test_response_time_must_be_finite_and_non_negative(rt: float) -> None:
+    rejects(good(response_time_ms=rt), "response_time_ms")
+
+
+@pytest.mark.parametrize("rt", ["12", True, [1], {"ms": 1}])
+def test_response_time_type(rt: Any) -> None:
+    rejects(good(response_time_ms=rt), "response_time_ms")
+
+
+def test_host_rules() -> None:
+    assert parse(good(host="h" * 255)).host == "h" * 255
+    rejects(good(host="h" * 256), "host")
+    rejects(good(host=80), "host")
+
+
+def test_colo_rules() -> None:
+    assert parse(good(colo="c" * 16)).colo == "c" * 16
+    rejects(good(colo="c" * 17), "colo")
+    rejects(good(colo=1), "colo")
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 10**12])
+def test_bytes_accepts(nbytes: int) -> None:
+    assert parse(good(bytes=nbytes)).bytes == nbytes
+
+
+@pytest.mark.parametrize("nbytes", [-1, 1.5, "10", True])
+def test_bytes_rejects(nbytes: Any) -> None:
+    rejects(good(bytes=nbytes), "bytes")
+
+
+# -- ts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (NOW_MS - 1, NOW_MS - 1),
+        (float(NOW_MS - 1000), NOW_MS - 1000),
+        ("2026-11-20T11:00:00Z", NOW_MS - 3_600_000),
+        ("2026-11-20T11:00:00z", NOW_MS - 3_600_000),
+        ("2026-11-20T11:00:00.250Z", NOW_MS - 3_600_000 + 250),
+        ("2026-11-20T13:00:00+02:00", NOW_MS - 3_600_000),
+        ("2026-11-20T06:30:00-05:00", NOW_MS - 30 * 60_000),
+        ("2026-11-20T11:00:00", NOW_MS - 3_600_000),  # naive: read as UTC
+        ("2026-11-20 11:00:00Z", NOW_MS - 3_600_000),
+    ],
+)
+def test_ts_forms(value: Any, expected: int) -> None:
+    assert parse(good(ts=value)).ts == expected
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2026-13-01T00:00:00Z", "", True, [NOW_MS], float("nan")])
+def test_ts_rejects_garbage(value: Any) -> None:
+    rejects(good(ts=value), "ts")
+
+
+def test_ts_before_2000_is_rejected() -> None:
+    assert parse(good(ts=MIN_TS_MS)).ts == MIN_TS_MS
+    rejects(good(ts=MIN_TS_MS - 1), "ts")
+    err = rejects(good(ts=NOW_MS // 1000), "ts")  # epoch seconds by mistake
+    assert "milliseconds" in err.reason
+
+
+@freeze_time(NOW)
+def test_ts_at_most_five_minutes_in_the_future() -> None:
+    now_ms = clock.now_ms()
+    assert now_ms == NOW_MS
+    limit = now_ms + 5 * 60_000
+    assert parse_event(good(ts=limit), NORM, clock.now_ms()).ts == limit
+    assert parse_event(good(ts="2026-11-20T12:05:00Z"), NORM, clock.now_ms()).ts == limit
+    for too_far in (limit + 1, "2026-11-20T12:05:00.001Z", "2026-11-21T00:00:00Z"):
+        with pytest.raises(ValidationError) as err:
+            parse_event(good(ts=too_far), NORM, clock.now_ms())
+        assert err.value.field == "ts"
+        assert "future" in err.value.reason
+
+
+def test_future_limit_moves_with_the_clock() -> None:
+    ts = NOW_MS + 10 * 60_000
+    with freeze_time(NOW), pytest.raises(ValidationError):
+        parse_event(good(ts=ts), NORM, clock.now_ms())
+    with freeze_time("2026-11-20T12:06:00Z"):
+        assert parse_event(good(ts=ts), NORM, clock.now_ms()).ts == ts
+
+
+def test_row_carries_overflow_flag() -> None:
+    ev = parse(good())
+    row = ev.row(overflow=1)
+    assert row["overflow"] == 1
+    assert {k: row[k] for k in ("ts", "id", "method", "path", "status", "host")} == {
+        "ts": NOW_MS - 60_000,
+        "id": "evt-1",
+        "method": "GET",
+        "path": "/users/:id",
+        "status": 200,
+        "host": "api.example.com",
+    }
