@@ -59,6 +59,9 @@ traffic_events = Table(
     Column("host", String(255), nullable=False, default=""),
     Column("colo", String(16)),
     Column("bytes", BigInteger),
+    # 0 hot, 1 held by a verified archive object (awaiting the cleaner), 2 restored from the
+    # archive (already counted in cold: never counted as hot nor archived again).
+    Column("archive_state", SmallInteger, nullable=False, server_default="0"),
     UniqueConstraint("ts", "id", name="uq_traffic_events_ts_id"),
 )
 
@@ -147,6 +150,32 @@ kv_entries = Table(
 )
 
 # --- tables of the archive issue go below this line ---
+
+# One row per archive object. Rows of `traffic_events` belong to an object when they are
+# in its hour, its seq range and in archive_state 1. status: pending (recorded before the
+# upload; a re-run after a crash deletes the object and starts again), verified (uploaded,
+# re-read, rows marked), cleaned (rows moved to lifetime_totals), corrupt / mismatch (the
+# cleaner refuses them).
+archive_objects = Table(
+    "archive_objects",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("hour", BigInteger, nullable=False),  # epoch seconds of the event hour
+    Column("status", String(16), nullable=False),
+    Column("row_count", BigInteger, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False, server_default="0"),
+    Column("sha256", String(64)),
+    Column("min_ts", BigInteger),
+    Column("max_ts", BigInteger),
+    Column("min_seq", BigInteger, nullable=False),
+    Column("max_seq", BigInteger, nullable=False),
+    Column("cleaned_rows", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    Column("verified_at", Float),
+    Column("cleaned_at", Float),
+    Column("error", Text),
+    Index("ix_archive_objects_status", "status", "hour"),
+)
 
 # --- tables of the scheduler issue go below this line ---
 

@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("host", sa.String(255), nullable=False, server_default=""),
         sa.Column("colo", sa.String(16)),
         sa.Column("bytes", sa.BigInteger),
+        sa.Column("archive_state", sa.SmallInteger, nullable=False, server_default="0"),
         sa.UniqueConstraint("ts", "id", name="uq_traffic_events_ts_id"),
     )
     op.create_table(
@@ -104,6 +105,25 @@ def upgrade() -> None:
         sa.Column("expiration", sa.Float),
     )
     # --- tables of the archive issue go below this line ---
+    op.create_table(
+        "archive_objects",
+        sa.Column("key", sa.String(512), primary_key=True),
+        sa.Column("hour", sa.BigInteger, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("row_count", sa.BigInteger, nullable=False),
+        sa.Column("size_bytes", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("sha256", sa.String(64)),
+        sa.Column("min_ts", sa.BigInteger),
+        sa.Column("max_ts", sa.BigInteger),
+        sa.Column("min_seq", sa.BigInteger, nullable=False),
+        sa.Column("max_seq", sa.BigInteger, nullable=False),
+        sa.Column("cleaned_rows", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("verified_at", sa.Float),
+        sa.Column("cleaned_at", sa.Float),
+        sa.Column("error", sa.Text),
+    )
+    op.create_index("ix_archive_objects_status", "archive_objects", ["status", "hour"])
 
     # --- tables of the scheduler issue go below this line ---
 
@@ -112,6 +132,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for name in (
+        "archive_objects",
         "kv_entries",
         "queue_dlq",
         "queue_messages",
