@@ -30,6 +30,6 @@ def percentile(counts: Sequence[int], q: float, lo: float, hi: float) -> float |
             upper = float(LATENCY_BUCKETS_MS[i]) if i < len(LATENCY_BUCKETS_MS) else hi
             lower, upper = max(lower, lo), min(upper, hi)
             value = lower + (upper - lower) * (rank - seen) / n
-            return round(min(max(value, lo), hi), 3)
+            return min(max(round(value, 3), lo), hi)  # rounding must not leave [min, max]
         seen += n
     return hi

@@ -61,23 +61,23 @@ def test_defaults_without_any_file(no_env: Path) -> None:
 
 
 def test_dot_edgepipe_toml_in_working_directory(no_env: Path) -> None:
-    write(no_env / "edgepipe.toml", '[consumer]\nmax_batch_size = 42\n')
+    write(no_env / "edgepipe.toml", "[consumer]\nmax_batch_size = 42\n")
     cfg = config.load(environ={})
     assert cfg.consumer.max_batch_size == 42
     assert cfg.source == "edgepipe.toml"
 
 
 def test_env_var_file_beats_working_directory(no_env: Path) -> None:
-    write(no_env / "edgepipe.toml", '[consumer]\nmax_batch_size = 42\n')
-    other = write(no_env / "other.toml", '[consumer]\nmax_batch_size = 43\n')
+    write(no_env / "edgepipe.toml", "[consumer]\nmax_batch_size = 42\n")
+    other = write(no_env / "other.toml", "[consumer]\nmax_batch_size = 43\n")
     cfg = config.load(environ={"EDGEPIPE_CONFIG": str(other)})
     assert cfg.consumer.max_batch_size == 43
 
 
 def test_explicit_path_beats_env_var(no_env: Path) -> None:
-    write(no_env / "edgepipe.toml", '[consumer]\nmax_batch_size = 42\n')
-    other = write(no_env / "other.toml", '[consumer]\nmax_batch_size = 43\n')
-    explicit = write(no_env / "explicit.toml", '[consumer]\nmax_batch_size = 44\n')
+    write(no_env / "edgepipe.toml", "[consumer]\nmax_batch_size = 42\n")
+    other = write(no_env / "other.toml", "[consumer]\nmax_batch_size = 43\n")
+    explicit = write(no_env / "explicit.toml", "[consumer]\nmax_batch_size = 44\n")
     cfg = config.load(explicit, environ={"EDGEPIPE_CONFIG": str(other)})
     assert cfg.consumer.max_batch_size == 44
     assert cfg.source == str(explicit)
