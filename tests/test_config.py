@@ -299,7 +299,7 @@ def test_replace_revalidates() -> None:
     cfg = Config().replace(consumer={"max_batch_size": 7})
     assert cfg.consumer.max_batch_size == 7
     assert cfg.consumer.max_retries == 3
-    with pytest.raises(ConfigError, match="consumer.max_batch_size"):
+    with pytest.raises(ConfigError, match=r"consumer\.max_batch_size"):
         Config().replace(consumer={"max_batch_size": 20_000})
 
 

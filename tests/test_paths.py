@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Config, Paths, PathRule
+from pipeline.config import Config, PathRule, Paths
 from pipeline.paths import PathNormalizer
 
 UUID = "3f2b8c1e-9d4a-4e6b-8f0a-1c2d3e4f5a6b"
