@@ -1,0 +1,434 @@
+"""The QUEUE binding's Cloudflare Queues semantics, on every DB backend: send limits and
+content types, batches, ack / retry / dead-letter, leases, the DLQ and concurrent consumers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from freezegun import freeze_time
+from freezegun.api import FrozenDateTimeFactory
+
+from pipeline.bindings.queue import MAX_MESSAGE_BYTES, REASON_INVALID, REASON_RETRIES, Message, MessageBatch
+from pipeline.env import Env
+from pipeline.errors import MessageTooLarge, ValidationError
+from pipeline.schema import queue_messages
+from pipeline.worker import Worker
+from tests.conftest import MakeEnv
+
+
+@pytest.fixture
+def frozen() -> Iterator[FrozenDateTimeFactory]:
+    with freeze_time("2026-11-20T12:00:00Z") as f:
+        yield f
+
+
+def stats(env: Env) -> dict[str, int]:
+    s = env.QUEUE.stats()
+    return {k: s[k] for k in ("pending", "in_flight", "dlq")}
+
+
+def receive_all(env: Env, n: int = 100) -> MessageBatch:
+    return env.QUEUE.receive(n, 0)
+
+
+def bodies_of(batch: MessageBatch) -> list[Any]:
+    return [m.body for m in batch]
+
+
+# -- producing ----------------------------------------------------------------------------
+
+
+def test_send_and_receive_message_fields(env: Env, frozen: FrozenDateTimeFactory) -> None:
+    mid = env.QUEUE.send({"hello": "world"})
+    batch = receive_all(env)
+    assert len(batch) == 1
+    (msg,) = batch.messages
+    assert msg.id == mid
+    assert msg.body == {"hello": "world"}
+    assert msg.attempts == 1
+    assert isinstance(msg.timestamp, datetime)
+    assert msg.timestamp.isoformat() == "2026-11-20T12:00:00+00:00"
+
+
+def test_send_batch_keeps_order_and_ids(env: Env) -> None:
+    ids = env.QUEUE.send_batch([{"n": i} for i in range(25)])
+    assert len(ids) == len(set(ids)) == 25
+    batch = receive_all(env)
+    assert [m.id for m in batch] == ids
+    assert bodies_of(batch) == [{"n": i} for i in range(25)]
+    assert env.QUEUE.send_batch([]) == []
+
+
+def test_send_batch_larger_than_one_chunk(env: Env) -> None:
+    ids = env.QUEUE.send_batch([{"n": i} for i in range(2500)])
+    assert len(set(ids)) == 2500
+    assert stats(env) == {"pending": 2500, "in_flight": 0, "dlq": 0}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"a": [1, 2, {"b": None}]},
+        [1, "two", 3.5],
+        42,
+        3.25,
+        True,
+        None,
+        "plain text, ünïcödé",
+        b"\x00\x01raw bytes\xff",
+    ],
+)
+def test_content_types_round_trip(env: Env, body: Any) -> None:
+    env.QUEUE.send(body)
+    (msg,) = receive_all(env).messages
+    assert msg.body == body
+    assert type(msg.body) is type(body)
+
+
+def test_message_size_limit(env: Env) -> None:
+    env.QUEUE.send("x" * MAX_MESSAGE_BYTES)  # exactly at the limit
+    with pytest.raises(MessageTooLarge) as err:
+        env.QUEUE.send("x" * (MAX_MESSAGE_BYTES + 1))
+    assert err.value.field == "body"
+    assert str(MAX_MESSAGE_BYTES) in str(err.value)
+    with pytest.raises(MessageTooLarge):
+        env.QUEUE.send({"path": "/" + "a" * MAX_MESSAGE_BYTES})
+    with pytest.raises(MessageTooLarge):
+        env.QUEUE.send(b"\x00" * (MAX_MESSAGE_BYTES + 1))
+    assert stats(env)["pending"] == 1
+
+
+def test_rejected_batch_enqueues_nothing(env: Env) -> None:
+    bodies: list[Any] = [{"n": i} for i in range(10)]
+    bodies.insert(5, "y" * (MAX_MESSAGE_BYTES + 10))
+    with pytest.raises(MessageTooLarge):
+        env.QUEUE.send_batch(bodies)
+    with pytest.raises(ValidationError) as err:
+        env.QUEUE.send_batch([{"ok": 1}, {"bad": object()}])
+    assert err.value.field == "body"
+    assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 0}
+
+
+# -- receiving ----------------------------------------------------------------------------
+
+
+def test_receive_up_to_max(env: Env) -> None:
+    env.QUEUE.send_batch([{"n": i} for i in range(10)])
+    first = env.QUEUE.receive(4, 0)
+    assert bodies_of(first) == [{"n": i} for i in range(4)]
+    second = env.QUEUE.receive(100, 0)
+    assert bodies_of(second) == [{"n": i} for i in range(4, 10)]
+    assert len(env.QUEUE.receive(100, 0)) == 0
+    assert stats(env) == {"pending": 0, "in_flight": 10, "dlq": 0}
+    with pytest.raises(ValidationError):
+        env.QUEUE.receive(0, 0)
+
+
+def test_empty_queue_returns_empty_batch(env: Env) -> None:
+    batch = env.QUEUE.receive(10, 0)
+    assert len(batch) == 0 and batch.messages == []
+
+
+# -- settling -----------------------------------------------------------------------------
+
+
+def test_ack_removes(env: Env) -> None:
+    env.QUEUE.send_batch([1, 2, 3])
+    batch = receive_all(env)
+    batch.ack_all()
+    env.QUEUE.settle(batch)
+    assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 0}
+    assert len(receive_all(env)) == 0
+
+
+def test_undecided_messages_are_acked_on_success(env: Env) -> None:
+    env.QUEUE.send_batch([1, 2, 3])
+    batch = receive_all(env)
+    env.QUEUE.settle(batch)
+    assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 0}
+
+
+def test_partial_ack_and_retry(env: Env, frozen: FrozenDateTimeFactory) -> None:
+    env.QUEUE.send_batch(["a", "b", "c", "d"])
+    batch = receive_all(env)
+    a, b, c, d = batch.messages
+    a.ack()
+    b.retry()
+    c.retry(delay_seconds=60)
+    d.dead_letter(REASON_INVALID, "path: must start with '/'")
+    env.QUEUE.settle(batch)
+    assert stats(env) == {"pending": 2, "in_flight": 0, "dlq": 1}
+    again = receive_all(env)
+    assert [(m.body, m.attempts) for m in again] == [("b", 2)]
+    env.QUEUE.settle(again)
+    frozen.tick(59)
+    assert len(receive_all(env)) == 0
+    frozen.tick(1)
+    later = receive_all(env)
+    assert [(m.body, m.attempts) for m in later] == [("c", 2)]
+    (dead,) = env.QUEUE.dlq_list()
+    assert dead["body"] == "d"  # a text body, stored as sent
+    assert dead["reason"] == REASON_INVALID
+    assert dead["error"] == "path: must start with '/'"
+    assert dead["attempts"] == 1
+
+
+def test_first_explicit_call_wins() -> None:
+    def msg() -> Message:
+        return Message("m", datetime.now(), 1, {})
+
+    m = msg()
+    m.ack()
+    m.retry(5)
+    m.dead_letter("invalid")
+    assert m.decision == "ack"
+    m = msg()
+    m.retry(5)
+    m.ack()
+    assert (m.decision, m.delay) == ("retry", 5)
+    m = msg()
+    m.dead_letter("invalid", "x")
+    m.ack()
+    m.retry()
+    assert m.decision == "dead"
+    first, second = msg(), msg()
+    second.retry()
+    batch = MessageBatch("q", [first, second])
+    batch.ack_all()
+    assert (first.decision, second.decision) == ("ack", "retry")
+    third = msg()
+    batch = MessageBatch("q", [third])
+    batch.retry_all(7)
+    batch.ack_all()
+    assert (third.decision, third.delay) == ("retry", 7)
+
+
+def test_first_call_wins_when_settled(env: Env) -> None:
+    env.QUEUE.send_batch(["keep", "drop"])
+    batch = receive_all(env)
+    keep, drop = batch.messages
+    keep.retry()
+    drop.ack()
+    batch.retry_all()  # too late for both
+    env.QUEUE.settle(batch)
+    assert bodies_of(receive_all(env)) == ["keep"]
+
+
+def test_failure_retries_everything_but_dead_letters(env: Env) -> None:
+    env.QUEUE.send_batch(["acked", "plain", "poison", "retried"])
+    batch = receive_all(env)
+    acked, _plain, poison, retried = batch.messages
+    acked.ack()
+    poison.dead_letter(REASON_INVALID, "status: must be between 100 and 599, got 999")
+    retried.retry(delay_seconds=0)
+    env.QUEUE.settle(batch, failure="RuntimeError: disk on fire")
+    assert stats(env) == {"pending": 3, "in_flight": 0, "dlq": 1}
+    again = receive_all(env)
+    assert sorted(bodies_of(again)) == ["acked", "plain", "retried"]
+    assert all(m.attempts == 2 for m in again)
+    with env.DB.read() as conn:
+        errors = set(conn.execute(sa.select(queue_messages.c.last_error)).scalars())
+    assert errors == {"RuntimeError: disk on fire"}
+
+
+def test_handler_exception_through_worker(env: Env) -> None:
+    env.QUEUE.send_batch([{"n": i} for i in range(5)])
+
+    def handler(batch: MessageBatch, env: Env, ctx: Any) -> None:
+        batch.messages[0].ack()
+        batch.messages[1].dead_letter(REASON_INVALID, "n: poison")
+        raise ValueError("handler broke")
+
+    result = Worker(env, handler).step(wait=0)
+    assert result is not None and not result.ok
+    assert result.error == "ValueError: handler broke"
+    assert stats(env) == {"pending": 4, "in_flight": 0, "dlq": 1}
+    assert env.QUEUE.dlq_list()[0]["error"] == "n: poison"
+
+
+def test_handler_writes_roll_back_with_the_batch(env: Env) -> None:
+    """The handler's DB writes and the ack share one transaction: a failure undoes both."""
+    from pipeline import meta
+
+    env.QUEUE.send("x")
+
+    def handler(batch: MessageBatch, env: Env, ctx: Any) -> None:
+        with env.DB.transaction() as conn:
+            meta.put(env.DB, conn, "probe", "written")
+        raise RuntimeError("after the write")
+
+    assert Worker(env, handler).step(wait=0).ok is False  # type: ignore[union-attr]
+    with env.DB.read() as conn:
+        assert meta.get(conn, "probe") is None
+    assert stats(env)["pending"] == 1
+
+
+def test_retry_delay_from_config(make_env: MakeEnv, db_url: str, frozen: FrozenDateTimeFactory) -> None:
+    env = make_env(db_url, consumer={"retry_delay": 30})
+    env.QUEUE.send("x")
+    env.QUEUE.settle(receive_all(env), failure="boom")
+    assert stats(env) == {"pending": 1, "in_flight": 0, "dlq": 0}
+    frozen.tick(29.9)
+    assert len(receive_all(env)) == 0
+    frozen.tick(0.2)
+    assert [m.attempts for m in receive_all(env)] == [2]
+
+
+def test_explicit_delay_overrides_config(make_env: MakeEnv, db_url: str, frozen: FrozenDateTimeFactory) -> None:
+    env = make_env(db_url, consumer={"retry_delay": 30})
+    env.QUEUE.send("x")
+    batch = receive_all(env)
+    batch.retry_all(delay_seconds=0)
+    env.QUEUE.settle(batch)
+    assert len(receive_all(env)) == 1
+
+
+def test_visibility_timeout_redelivers(make_env: MakeEnv, db_url: str, frozen: FrozenDateTimeFactory) -> None:
+    env = make_env(db_url, consumer={"visibility_timeout": 10})
+    env.QUEUE.send_batch(["a", "b"])
+    lost = receive_all(env)  # a consumer that dies holding the batch
+    assert stats(env) == {"pending": 0, "in_flight": 2, "dlq": 0}
+    frozen.tick(9.9)
+    assert len(receive_all(env)) == 0
+    frozen.tick(0.2)
+    assert stats(env) == {"pending": 2, "in_flight": 0, "dlq": 0}
+    again = receive_all(env)
+    assert bodies_of(again) == ["a", "b"]
+    assert [m.attempts for m in again] == [2, 2]
+    # the dead consumer's late settle must not touch messages leased to someone else
+    lost.ack_all()
+    env.QUEUE.settle(lost)
+    assert stats(env) == {"pending": 0, "in_flight": 2, "dlq": 0}
+    env.QUEUE.settle(again)
+    assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 0}
+
+
+def test_max_retries_then_dlq(make_env: MakeEnv, db_url: str) -> None:
+    env = make_env(db_url, consumer={"max_retries": 2})
+    env.QUEUE.send({"n": 1})
+    for attempt in (1, 2):
+        batch = receive_all(env)
+        assert [m.attempts for m in batch] == [attempt]
+        env.QUEUE.settle(batch, failure=f"TransientError: attempt {attempt}")
+        assert stats(env) == {"pending": 1, "in_flight": 0, "dlq": 0}
+    batch = receive_all(env)
+    assert [m.attempts for m in batch] == [3]
+    env.QUEUE.settle(batch, failure="TransientError: attempt 3")
+    assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 1}
+    assert env.QUEUE.stats()[f"dlq_{REASON_RETRIES}"] == 1
+    (dead,) = env.QUEUE.dlq_list()
+    assert dead["reason"] == REASON_RETRIES
+    assert dead["attempts"] == 3
+    assert "TransientError: attempt 3" in dead["error"]
+    assert dead["body"] == '{"n":1}'
+
+
+def test_explicit_retries_also_exhaust(make_env: MakeEnv, db_url: str) -> None:
+    env = make_env(db_url, consumer={"max_retries": 0})
+    env.QUEUE.send("x")
+    batch = receive_all(env)
+    batch.retry_all()
+    env.QUEUE.settle(batch)
+    assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 1}
+    assert env.QUEUE.dlq_list()[0]["reason"] == REASON_RETRIES
+
+
+def test_expired_leases_count_as_deliveries(make_env: MakeEnv, db_url: str, frozen: FrozenDateTimeFactory) -> None:
+    env = make_env(db_url, consumer={"max_retries": 1, "visibility_timeout": 5})
+    env.QUEUE.send("x")
+    receive_all(env)  # dies
+    frozen.tick(6)
+    batch = receive_all(env)
+    assert [m.attempts for m in batch] == [2]
+    env.QUEUE.settle(batch, failure="boom")
+    assert stats(env)["dlq"] == 1
+
+
+# -- stats, DLQ operations ----------------------------------------------------------------
+
+
+def test_stats_counts(env: Env, frozen: FrozenDateTimeFactory) -> None:
+    env.QUEUE.send_batch(list(range(10)))
+    batch = env.QUEUE.receive(4, 0)
+    assert stats(env) == {"pending": 6, "in_flight": 4, "dlq": 0}
+    batch.messages[0].dead_letter(REASON_INVALID, "a")
+    batch.messages[1].dead_letter("too_late", "b")
+    batch.messages[2].retry(delay_seconds=100)
+    env.QUEUE.settle(batch)
+    s = env.QUEUE.stats()
+    assert {k: s[k] for k in ("pending", "in_flight", "dlq")} == {"pending": 7, "in_flight": 0, "dlq": 2}
+    assert s["dlq_invalid"] == 1 and s["dlq_too_late"] == 1
+    assert env.QUEUE.depth() == 7
+
+
+def test_dlq_list_and_redrive(env: Env) -> None:
+    env.QUEUE.send_batch([{"n": i} for i in range(5)])
+    batch = receive_all(env)
+    for m in batch.messages[:3]:
+        m.dead_letter(REASON_INVALID, f"n: bad {m.body['n']}")
+    env.QUEUE.settle(batch)
+    listed = env.QUEUE.dlq_list()
+    assert [d["error"] for d in listed] == ["n: bad 0", "n: bad 1", "n: bad 2"]
+    assert set(listed[0]) >= {"message_id", "attempts", "reason", "error", "failed_at", "body"}
+    assert listed[0]["failed_at"].endswith("Z")
+    assert [d["message_id"] for d in listed] == [m.id for m in batch.messages[:3]]
+    assert len(env.QUEUE.dlq_list(limit=2)) == 2
+
+    assert env.QUEUE.dlq_redrive(limit=1) == 1
+    assert stats(env) == {"pending": 1, "in_flight": 0, "dlq": 2}
+    assert env.QUEUE.dlq_redrive() == 2
+    assert env.QUEUE.dlq_redrive() == 0
+    again = receive_all(env)
+    assert sorted(m.body["n"] for m in again) == [0, 1, 2]
+    assert all(m.attempts == 1 for m in again)  # a fresh attempt count
+    assert {m.id for m in again} == {m.id for m in batch.messages[:3]}  # ids are kept
+    assert env.QUEUE.dlq_list() == []
+
+
+# -- concurrency --------------------------------------------------------------------------
+
+
+def test_concurrent_receivers_never_share_a_message(make_env: MakeEnv, db_url: str) -> None:
+    """Two consumers (two Envs on the same database, each with its own engine) drain the
+    queue at once; every message is received exactly once."""
+    a, b = make_env(db_url), make_env(db_url)
+    ids = a.QUEUE.send_batch([{"n": i} for i in range(600)])
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def drain(name: str, env: Env) -> None:
+        try:
+            start.wait()
+            while True:
+                batch = env.QUEUE.receive(7, 0)
+                if not batch.messages:
+                    return
+                got[name] += [m.id for m in batch]
+                env.QUEUE.settle(batch)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(n, e)) for n, e in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert not set(got["a"]) & set(got["b"])
+    assert sorted(got["a"] + got["b"]) == sorted(ids)
+    assert stats(a) == {"pending": 0, "in_flight": 0, "dlq": 0}
+
+
+def test_leased_messages_are_invisible_to_another_consumer(make_env: MakeEnv, db_url: str) -> None:
+    a, b = make_env(db_url), make_env(db_url)
+    a.QUEUE.send_batch(list(range(6)))
+    first = a.QUEUE.receive(4, 0)
+    second = b.QUEUE.receive(10, 0)
+    assert bodies_of(first) == [0, 1, 2, 3]
+    assert bodies_of(second) == [4, 5]
