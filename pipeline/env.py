@@ -23,6 +23,12 @@ def _sql_queue(url: str, db: Database, cfg: Config) -> Queue:
     return SqlQueue(db, "events", queue_settings(cfg))
 
 
+def _sql_kv(url: str, db: Database, cfg: Config) -> Any:
+    from pipeline.bindings.kv_sql import SqlKV
+
+    return SqlKV(db)
+
+
 def queue_settings(cfg: Config) -> QueueSettings:
     c = cfg.consumer
     return QueueSettings(c.max_retries, c.retry_delay, c.visibility_timeout)
@@ -30,7 +36,7 @@ def queue_settings(cfg: Config) -> QueueSettings:
 
 # Registries keyed by URL scheme. Each factory takes (url, db, config).
 QUEUE_BACKENDS: dict[str, Callable[[str, Database, Config], Queue]] = {"db": _sql_queue}
-KV_BACKENDS: dict[str, Callable[[str, Database, Config], Any]] = {}
+KV_BACKENDS: dict[str, Callable[[str, Database, Config], Any]] = {"db": _sql_kv}
 ARCHIVE_BACKENDS: dict[str, Callable[[str, Database, Config], Any]] = {}
 
 

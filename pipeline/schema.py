@@ -143,7 +143,7 @@ queue_dlq = Table(
 kv_entries = Table(
     "kv_entries",
     metadata,
-    Column("key", String(512), primary_key=True),
+    Column("key", LargeBinary(512), primary_key=True),  # UTF-8 bytes: byte order on every dialect
     Column("value", LargeBinary, nullable=False),
     Column("metadata", Text),
     Column("expiration", Float),  # epoch seconds, NULL = never
@@ -178,5 +178,50 @@ archive_objects = Table(
 )
 
 # --- tables of the scheduler issue go below this line ---
+
+# One row per attempt of a scheduled (or hand-started) job run. (job, scheduled_for,
+# attempt) is unique: two workers can never record the same attempt of one slot.
+# status: running, succeeded, failed, abandoned (its worker died), dry_run.
+job_runs = Table(
+    "job_runs",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("job", String(64), nullable=False),
+    Column("scheduled_for", Float, nullable=False),  # epoch seconds of the slot
+    Column("attempt", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("holder", String(128), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("result", Text),  # JSON
+    Column("error", Text),
+    UniqueConstraint("job", "scheduled_for", "attempt", name="uq_job_runs_slot"),
+)
+
+# One run at a time across processes: a worker holds a job's row until `expires_at`,
+# renewing it while the job runs and deleting it afterwards.
+job_leases = Table(
+    "job_leases",
+    metadata,
+    Column("job", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+# One row per worker process, updated every few seconds; `edgepipe status` and the health
+# check report a worker whose row went stale (stuck or gone) or that stopped consuming.
+worker_heartbeats = Table(
+    "worker_heartbeats",
+    metadata,
+    Column("holder", String(128), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # running, stopping, stopped
+    Column("started_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False),
+    Column("last_batch_at", Float),
+    Column("last_job_at", Float),
+    Column("batches", BigInteger, nullable=False, server_default="0"),
+)
 
 # --- tables of the HTTP issue go below this line ---

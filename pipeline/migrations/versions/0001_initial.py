@@ -99,7 +99,7 @@ def upgrade() -> None:
     op.create_index("ix_queue_dlq_queue", "queue_dlq", ["queue", "seq"])
     op.create_table(
         "kv_entries",
-        sa.Column("key", sa.String(512), primary_key=True),
+        sa.Column("key", sa.LargeBinary(512), primary_key=True),
         sa.Column("value", sa.LargeBinary, nullable=False),
         sa.Column("metadata", sa.Text),
         sa.Column("expiration", sa.Float),
@@ -126,12 +126,47 @@ def upgrade() -> None:
     op.create_index("ix_archive_objects_status", "archive_objects", ["status", "hour"])
 
     # --- tables of the scheduler issue go below this line ---
+    op.create_table(
+        "job_runs",
+        sa.Column("id", RowId, primary_key=True, autoincrement=True),
+        sa.Column("job", sa.String(64), nullable=False),
+        sa.Column("scheduled_for", sa.Float, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("holder", sa.String(128), nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.Float),
+        sa.Column("result", sa.Text),
+        sa.Column("error", sa.Text),
+        sa.UniqueConstraint("job", "scheduled_for", "attempt", name="uq_job_runs_slot"),
+    )
+    op.create_table(
+        "job_leases",
+        sa.Column("job", sa.String(64), primary_key=True),
+        sa.Column("holder", sa.String(128), nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    )
+    op.create_table(
+        "worker_heartbeats",
+        sa.Column("holder", sa.String(128), primary_key=True),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("last_seen_at", sa.Float, nullable=False),
+        sa.Column("last_batch_at", sa.Float),
+        sa.Column("last_job_at", sa.Float),
+        sa.Column("batches", sa.BigInteger, nullable=False, server_default="0"),
+    )
 
     # --- tables of the HTTP issue go below this line ---
 
 
 def downgrade() -> None:
     for name in (
+        "worker_heartbeats",
+        "job_leases",
+        "job_runs",
         "archive_objects",
         "kv_entries",
         "queue_dlq",

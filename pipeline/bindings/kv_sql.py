@@ -1,0 +1,64 @@
+"""The embedded KV backend: the `kv_entries` table in the DB binding's database.
+
+Keys are stored as their UTF-8 bytes (a BLOB / BYTEA primary key), so both SQLite and
+PostgreSQL order them bytewise whatever the database collation, and a prefix scan is a
+primary-key range. A `put` is one upsert, atomic for readers on both dialects.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from pipeline import clock
+from pipeline.bindings.db import Database
+from pipeline.bindings.kv import KV, Entry, prefix_end
+from pipeline.schema import kv_entries
+
+kv = kv_entries
+
+
+def _alive(now: float) -> sa.ColumnElement[bool]:
+    return sa.or_(kv.c.expiration.is_(None), kv.c.expiration > now)
+
+
+class SqlKV(KV):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def _read(self, key: bytes) -> Entry | None:
+        stmt = sa.select(kv.c.value, kv.c.metadata, kv.c.expiration).where(kv.c.key == key, _alive(clock.now_s()))
+        with self.db.read() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else Entry(bytes(row.value), row.metadata, row.expiration)
+
+    def _write(self, key: bytes, value: bytes, metadata: str | None, expiration: float | None) -> None:
+        stmt = self.db.insert(kv).values(key=key, value=value, metadata=metadata, expiration=expiration)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["key"],
+            set_={"value": stmt.excluded.value, "metadata": stmt.excluded.metadata, "expiration": stmt.excluded.expiration},
+        )
+        with self.db.transaction() as conn:
+            conn.execute(stmt)
+
+    def _delete(self, key: bytes) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(kv.delete().where(kv.c.key == key))
+
+    def _scan(self, prefix: bytes, after: bytes | None, limit: int) -> list[tuple[bytes, Entry]]:
+        stmt = sa.select(kv.c.key, kv.c.metadata, kv.c.expiration).where(_alive(clock.now_s()))
+        if prefix:
+            stmt = stmt.where(kv.c.key >= prefix)
+            end = prefix_end(prefix)
+            if end is not None:
+                stmt = stmt.where(kv.c.key < end)
+        if after is not None:
+            stmt = stmt.where(kv.c.key > after)
+        stmt = stmt.order_by(kv.c.key).limit(limit)
+        with self.db.read() as conn:
+            rows = conn.execute(stmt).all()
+        return [(bytes(r.key), Entry(b"", r.metadata, r.expiration)) for r in rows]
+
+    def purge_expired(self) -> int:
+        with self.db.transaction() as conn:
+            result = conn.execute(kv.delete().where(kv.c.expiration <= clock.now_s()))
+        return result.rowcount or 0
