@@ -210,6 +210,7 @@ class KV(abc.ABC):
 
     def close(self) -> None:
         """Release connections (nothing for backends that share the DB binding)."""
+        return None
 
 
 def prefix_end(prefix: bytes) -> bytes | None:
