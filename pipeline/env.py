@@ -40,6 +40,21 @@ KV_BACKENDS: dict[str, Callable[[str, Database, Config], Any]] = {"db": _sql_kv}
 ARCHIVE_BACKENDS: dict[str, Callable[[str, Database, Config], Any]] = {}
 
 
+def _file_archive(url: str, db: Database, cfg: Config) -> Any:
+    from pipeline.bindings.archive_file import FileStore
+
+    return FileStore.from_url(url)
+
+
+def _s3_archive(url: str, db: Database, cfg: Config) -> Any:
+    from pipeline.bindings.archive_s3 import S3Store
+
+    return S3Store.from_url(url, multipart_threshold=cfg.archive.multipart_threshold)
+
+
+ARCHIVE_BACKENDS.update({"file": _file_archive, "s3": _s3_archive})
+
+
 def _scheme(url: str) -> str:
     return url.split(":", 1)[0]
 

@@ -1,0 +1,212 @@
+"""The archive job (02:00): detail rows older than the retention window go to the bucket.
+
+Cutoff = scheduled time − `[retention] detail_days`. A row is selected by *state*, not by
+a seq high-water mark: every row with `ts < cutoff` still in `archive_state` 0 is archived,
+so late rows for an already-archived hour and rows committed out of seq order by
+concurrent PostgreSQL writers are picked up by the next run, in a new object of their own.
+
+Per object (rows of one hour, in seq order, at most `max_rows_per_object`):
+1. record it as `pending` in `archive_objects` (so a crash after the upload is visible);
+2. stream the rows through gzip into a spooled temp file, hashing the compressed bytes;
+3. upload, then re-read (`verify = "full"`: size + sha256 of the body; `"head"`: size +
+   the stored checksum);
+4. in one transaction, mark exactly those rows `archive_state = 1` (the count must match)
+   and mark the object `verified`.
+A run first deletes the objects of leftover `pending` records (a crash between upload and
+step 4), so the bucket never holds the same event twice; the re-run writes the same key.
+
+Before selecting anything, the run raises the archive watermark to the cutoff: from then
+on the consumer refuses older events as `too_late`, because once their hour is cleaned a
+duplicate could no longer be detected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from archiver.objects import check_stored, encode, object_key
+from pipeline import clock, meta
+from pipeline.errors import IntegrityError
+from pipeline.jobs import job
+from pipeline.schema import archive_objects, traffic_events
+
+log = logging.getLogger("edgepipe.archiver")
+te = traffic_events
+ao = archive_objects
+HOUR_MS = 3_600_000
+SELECT_COLUMNS = [te.c[c] for c in ("seq", "ts", "id", "method", "path", "overflow")] + [
+    te.c[c] for c in ("status", "response_time_ms", "host", "colo", "bytes")
+]
+FETCH = 5000
+
+
+def cutoff_ms(env: Any, scheduled_for: datetime) -> int:
+    return int((scheduled_for - timedelta(days=env.config.retention.detail_days)).timestamp() * 1000)
+
+
+def _in_hour(hour_s: int) -> Any:
+    return sa.and_(te.c.ts >= hour_s * 1000, te.c.ts < hour_s * 1000 + HOUR_MS)
+
+
+def pending_hours(conn: sa.Connection, cutoff: int) -> list[int]:
+    """Event hours (epoch s) holding unarchived rows older than the cutoff."""
+    hour = te.c.ts // HOUR_MS
+    stmt = sa.select(hour).where(te.c.ts < cutoff, te.c.archive_state == 0).distinct().order_by(hour)
+    return [int(h) * 3600 for h in conn.execute(stmt).scalars()]
+
+
+def plan_hour(conn: sa.Connection, hour_s: int, cutoff: int, max_rows: int) -> Iterator[tuple[int, int, int]]:
+    """(first seq, last seq, rows) of each object of one hour, streaming only the seqs."""
+    stmt = (
+        sa.select(te.c.seq)
+        .where(_in_hour(hour_s), te.c.ts < cutoff, te.c.archive_state == 0)
+        .order_by(te.c.seq)
+        .execution_options(yield_per=FETCH)
+    )
+    first = last = None
+    n = 0
+    for seq in conn.execute(stmt).scalars():
+        if first is None:
+            first = seq
+        last = seq
+        n += 1
+        if n == max_rows:
+            yield first, last, n
+            first, n = None, 0
+    if first is not None and last is not None:
+        yield first, last, n
+
+
+def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = 0) -> Any:
+    return sa.and_(_in_hour(hour_s), te.c.ts < cutoff, te.c.seq.between(first, last), te.c.archive_state == state)
+
+
+def recover_pending(env: Any) -> int:
+    """Delete the objects (and records) of uploads a crashed run never recorded."""
+    with env.DB.read() as conn:
+        keys = list(conn.execute(sa.select(ao.c.key).where(ao.c.status == "pending")).scalars())
+    for key in keys:
+        env.ARCHIVE.delete(key)
+        with env.DB.transaction() as conn:
+            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == "pending"))
+        log.warning("archive_recovered key=%s", key)
+    return len(keys)
+
+
+def _free_key(conn: sa.Connection, prefix: str, hour_s: int, first: int, last: int) -> str:
+    """The deterministic key, suffixed only if an older recorded object already took it
+    (possible when SQLite reuses the seqs of deleted rows)."""
+    retry = 0
+    while True:
+        key = object_key(prefix, hour_s, first, last, retry)
+        if conn.execute(sa.select(ao.c.key).where(ao.c.key == key)).first() is None:
+            return key
+        retry += 1
+
+
+def archive_object(env: Any, hour_s: int, cutoff: int, first: int, last: int, rows: int) -> dict[str, Any]:
+    """Archive the rows of one planned object; return its record. See the module doc."""
+    db, store, cfg = env.DB, env.ARCHIVE, env.config.archive
+    with db.transaction() as conn:
+        key = _free_key(conn, cfg.prefix, hour_s, first, last)
+        conn.execute(
+            sa.insert(ao).values(
+                key=key, hour=hour_s, status="pending", row_count=rows, min_seq=first, max_seq=last,
+                created_at=clock.now_s(),
+            )
+        )  # fmt: skip
+    try:
+        with db.read() as conn:
+            stmt = (
+                sa.select(*SELECT_COLUMNS)
+                .where(_object_rows(hour_s, cutoff, first, last))
+                .order_by(te.c.seq)
+                .execution_options(yield_per=FETCH)
+            )
+            enc = encode(tuple(r) for r in conn.execute(stmt))
+        with enc.body:
+            if enc.rows != rows:
+                raise IntegrityError(f"{key}: planned {rows} rows, read {enc.rows} (rows changed meanwhile)")
+            store.put(key, enc.body, enc.metadata())
+        problem = check_stored(store, key, enc.size, enc.sha256, cfg.verify)
+        if problem:
+            raise IntegrityError(f"{key}: read-back check failed: {problem}")
+        _mark(env, key, hour_s, cutoff, enc)
+    except BaseException:
+        _abandon(env, key)
+        raise
+    return {"key": key, "rows": enc.rows, "bytes": enc.size, "raw_bytes": enc.raw_bytes}
+
+
+def _mark(env: Any, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
+    """Mark the object's rows archived and the object verified, in one transaction."""
+    with env.DB.transaction() as conn:
+        marked = conn.execute(
+            sa.update(te).where(_object_rows(hour_s, cutoff, enc.min_seq, enc.max_seq)).values(archive_state=1)
+        ).rowcount
+        if marked != enc.rows:
+            raise IntegrityError(f"{key}: {marked} rows to mark, object holds {enc.rows}")
+        conn.execute(
+            sa.update(ao)
+            .where(ao.c.key == key)
+            .values(
+                status="verified", size_bytes=enc.size, sha256=enc.sha256, min_ts=enc.min_ts, max_ts=enc.max_ts,
+                verified_at=clock.now_s(),
+            )
+        )  # fmt: skip
+
+
+def _abandon(env: Any, key: str) -> None:
+    """Best effort after a failure: remove the object and its pending record. If this
+    fails too, the pending record stays and the next run's recovery does it."""
+    try:
+        env.ARCHIVE.delete(key)
+        with env.DB.transaction() as conn:
+            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == "pending"))
+    except Exception as exc:
+        log.warning("archive_abandon_failed key=%s error=%s", key, exc)
+
+
+def raise_watermark(env: Any, cutoff: int) -> int:
+    with env.DB.transaction() as conn:
+        current = meta.archive_watermark_ms(conn)
+        if cutoff > current:
+            meta.put(env.DB, conn, meta.ARCHIVE_WATERMARK_MS, str(cutoff))
+            return cutoff
+        return current
+
+
+@job("archive")
+def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
+    cfg = env.config.archive
+    cutoff = cutoff_ms(env, scheduled_for)
+    result: dict[str, Any] = {"cutoff": clock.iso(cutoff / 1000), "dry_run": dry_run, "objects": 0, "rows": 0}
+    result |= {"bytes": 0, "raw_bytes": 0, "recovered": 0, "complete": True}
+    if not dry_run:
+        result["recovered"] = recover_pending(env)
+        result["watermark"] = clock.iso(raise_watermark(env, cutoff) / 1000)
+    with env.DB.read() as conn:
+        hours = pending_hours(conn, cutoff)
+    for hour_s in hours:
+        with env.DB.read() as conn:
+            plan = list(plan_hour(conn, hour_s, cutoff, cfg.max_rows_per_object))
+        for first, last, rows in plan:
+            if result["objects"] >= cfg.max_objects_per_run:
+                result["complete"] = False
+                break
+            if dry_run:
+                done = {"rows": rows, "bytes": 0, "raw_bytes": 0}
+            else:
+                done = archive_object(env, hour_s, cutoff, first, last, rows)
+            result["objects"] += 1
+            for k in ("rows", "bytes", "raw_bytes"):
+                result[k] += done[k]
+        if not result["complete"]:
+            break
+    log.info("archive_run %s", " ".join(f"{k}={v}" for k, v in result.items()))
+    return result

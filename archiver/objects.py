@@ -1,0 +1,206 @@
+"""The archive object format, shared by the archiver, the cleaner and replay.
+
+An object holds the detail rows of one event hour as gzip-compressed NDJSON, one JSON
+object per row with the fields of `ROW_FIELDS`. Keys are Hive-style and deterministic,
+`<prefix>/dt=YYYY-MM-DD/hour=HH/part-<first seq>-<last seq>.ndjson.gz`, so a re-run over
+the same rows rewrites the same key. Metadata (also kept in `archive_objects`): `rows`,
+`sha256` (of the compressed body), `min-ts`, `max-ts`, `min-seq`, `max-seq`.
+
+Encoding streams into a spooled temp file (bounded memory whatever the row count) while
+hashing the compressed bytes; decoding streams too and only vouches for an object once its
+gzip trailer, sha256 and row count all check out.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+import orjson
+
+from pipeline.bindings.archive import ObjectStore
+from pipeline.errors import IntegrityError, NotFound
+from pipeline.events import Event
+
+ROW_FIELDS = ("seq", "ts", "id", "method", "path", "overflow", "status", "response_time_ms", "host", "colo", "bytes")
+COMPRESS_LEVEL = 6
+SPOOL_BYTES = 8 * 1024 * 1024
+LINES_PER_WRITE = 2000
+KEY_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/part-(\d+)-(\d+)(?:-r(\d+))?\.ndjson\.gz$")
+
+
+def object_key(prefix: str, hour_s: int, first_seq: int, last_seq: int, retry: int = 0) -> str:
+    dt = datetime.fromtimestamp(hour_s, UTC)
+    suffix = f"-r{retry}" if retry else ""
+    return f"{prefix}/dt={dt:%Y-%m-%d}/hour={dt:%H}/part-{first_seq}-{last_seq}{suffix}.ndjson.gz"
+
+
+def key_hour(key: str) -> int | None:
+    """Epoch seconds of the hour a key belongs to, or None for a foreign key."""
+    m = KEY_RE.search(key)
+    if m is None:
+        return None
+    return int(datetime.strptime(f"{m[1]} {m[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC).timestamp())
+
+
+class _HashingSink:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+@dataclass
+class Encoded:
+    """A compressed object ready to upload: `body` is rewound to the start."""
+
+    body: BinaryIO
+    rows: int
+    raw_bytes: int
+    size: int
+    sha256: str
+    min_ts: int | None
+    max_ts: int | None
+    min_seq: int | None
+    max_seq: int | None
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "rows": str(self.rows),
+            "sha256": self.sha256,
+            "min-ts": str(self.min_ts),
+            "max-ts": str(self.max_ts),
+            "min-seq": str(self.min_seq),
+            "max-seq": str(self.max_seq),
+            "format": "ndjson.gz/1",
+        }
+
+
+def encode(rows: Iterable[tuple[Any, ...]]) -> Encoded:
+    """Serialise rows (tuples in `ROW_FIELDS` order) into a gzip NDJSON temp file."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (returned to the caller)
+    sink = _HashingSink(spool)  # type: ignore[arg-type]
+    n = raw = 0
+    min_ts = max_ts = min_seq = max_seq = None
+    dumps = orjson.dumps
+    fields = ROW_FIELDS
+    with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0) as gz:  # type: ignore[call-overload]
+        lines: list[bytes] = []
+        for row in rows:
+            lines.append(dumps(dict(zip(fields, row, strict=True))))
+            ts = row[1]
+            if min_ts is None or ts < min_ts:
+                min_ts = ts
+            if max_ts is None or ts > max_ts:
+                max_ts = ts
+            if min_seq is None:
+                min_seq = row[0]
+            max_seq = row[0]
+            if len(lines) >= LINES_PER_WRITE:
+                n, raw = n + len(lines), raw + _write(gz, lines)
+                lines = []
+        n, raw = n + len(lines), raw + _write(gz, lines)
+    spool.seek(0)
+    return Encoded(spool, n, raw, sink.size, sink.sha.hexdigest(), min_ts, max_ts, min_seq, max_seq)  # type: ignore[arg-type]
+
+
+def _write(gz: gzip.GzipFile, lines: list[bytes]) -> int:
+    if not lines:
+        return 0
+    data = b"\n".join(lines) + b"\n"
+    gz.write(data)
+    return len(data)
+
+
+def iter_lines(chunks: Iterable[bytes], key: str, expect_sha: str | None) -> Iterator[bytes]:
+    """Decompress a gzip body into NDJSON lines; raise IntegrityError on a truncated or
+    corrupt body or a sha256 mismatch (after the last line: callers must not trust rows
+    of an object until the iterator is exhausted)."""
+    sha = hashlib.sha256()
+    dec = zlib.decompressobj(wbits=31)
+    tail = b""
+    try:
+        for chunk in chunks:
+            sha.update(chunk)
+            data = tail + dec.decompress(chunk)
+            lines = data.split(b"\n")
+            tail = lines.pop()
+            yield from lines
+        data = tail + dec.flush()
+    except zlib.error as exc:
+        raise IntegrityError(f"{key}: corrupt gzip stream ({exc})") from None
+    if not dec.eof:
+        raise IntegrityError(f"{key}: truncated gzip stream")
+    if data:
+        yield from data.rstrip(b"\n").split(b"\n")
+    if expect_sha is not None and sha.hexdigest() != expect_sha:
+        raise IntegrityError(f"{key}: sha256 mismatch (stored {expect_sha[:12]}…, body {sha.hexdigest()[:12]}…)")
+
+
+def read_object(store: ObjectStore, key: str) -> list[dict[str, Any]]:
+    """Every row of one object, checked against its metadata (sha256, row count). Working
+    from the bucket alone: the expectations come from the object's own metadata."""
+    try:
+        info = store.head(key)
+    except NotFound:
+        raise IntegrityError(f"{key}: object missing") from None
+    expect = info.metadata.get("sha256")
+    if not expect:
+        raise IntegrityError(f"{key}: no sha256 in the object metadata")
+    try:
+        rows = [orjson.loads(line) for line in iter_lines(store.get(key), key, expect)]
+    except orjson.JSONDecodeError as exc:
+        raise IntegrityError(f"{key}: undecodable row ({exc})") from None
+    declared = info.metadata.get("rows")
+    if declared is not None and int(declared) != len(rows):
+        raise IntegrityError(f"{key}: {len(rows)} rows, metadata says {declared}")
+    return rows
+
+
+def to_event(row: dict[str, Any]) -> Event:
+    return Event(
+        row["id"],
+        row["ts"],
+        row["method"],
+        row["path"],
+        row["status"],
+        row["response_time_ms"],
+        row["host"],
+        row["colo"],
+        row["bytes"],
+    )
+
+
+def check_stored(store: ObjectStore, key: str, size: int, sha256: str, mode: str) -> str | None:
+    """Why the stored object does not match (size, sha256), or None when it does.
+    `head` trusts the stored metadata; `full` re-reads and hashes the body."""
+    try:
+        if mode == "full":
+            got_size, got_sha = store.digest(key)
+        else:
+            info = store.head(key)
+            got_size, got_sha = info.size, info.metadata.get("sha256", "")
+    except NotFound:
+        return "object missing"
+    if got_size != size:
+        return f"size {got_size} != {size}"
+    if got_sha != sha256:
+        return "sha256 mismatch"
+    return None

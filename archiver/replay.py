@@ -1,0 +1,249 @@
+"""Replay: list, verify, export, restore and rebuild, working from the bucket alone.
+
+Objects are found by listing `<prefix>/dt=YYYY-MM-DD/` for each day of the range and are
+trusted only through their own metadata (sha256, row count), so none of this needs the
+`archive_objects` table. Every object is decoded and checked in full before any of its
+rows is used; a truncated or corrupt object is reported by name in `bad` and skipped,
+the others are still processed, and callers exit non-zero when `bad` is not empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any
+
+import orjson
+import sqlalchemy as sa
+
+from archiver.objects import ROW_FIELDS, key_hour, read_object, to_event
+from consumers.traffic import AGG_KEYS, aggregate
+from pipeline.bindings.archive import ObjectStore
+from pipeline.bindings.db import Database
+from pipeline.errors import IntegrityError, ValidationError
+from pipeline.events import Event
+from pipeline.schema import path_stats_hourly, traffic_events
+
+te, psh = traffic_events, path_stats_hourly
+HOUR_S = 3600
+FETCH = 5000
+Acc = dict[tuple[Any, ...], dict[str, Any]]
+
+
+def hour_range(start_s: float, end_s: float) -> tuple[int, int]:
+    """Whole hours [first, last) covering [start_s, end_s)."""
+    if end_s <= start_s:
+        raise ValidationError("--to", "must be after --from")
+    return int(start_s) // HOUR_S * HOUR_S, -(-int(end_s) // HOUR_S) * HOUR_S
+
+
+def objects_in(store: ObjectStore, prefix: str, start_s: float, end_s: float) -> list[tuple[str, int, int]]:
+    """(key, hour, size) of the objects whose event hour is in [start, end), key order."""
+    h0, h1 = hour_range(start_s, end_s)
+    day = datetime.fromtimestamp(h0, UTC).date()
+    last_day = datetime.fromtimestamp(h1 - 1, UTC).date()
+    found = []
+    while day <= last_day:
+        for info in store.list(f"{prefix}/dt={day:%Y-%m-%d}/"):
+            hour = key_hour(info.key)
+            if hour is not None and h0 <= hour < h1:
+                found.append((info.key, hour, info.size))
+        day += timedelta(days=1)
+    return found
+
+
+def list_objects(store: ObjectStore, prefix: str, start_s: float, end_s: float) -> list[dict[str, Any]]:
+    out = []
+    for key, hour, size in objects_in(store, prefix, start_s, end_s):
+        rows = store.head(key).metadata.get("rows")
+        out.append({"key": key, "hour": hour, "rows": int(rows) if rows else None, "bytes": size})
+    return out
+
+
+def iter_objects(
+    store: ObjectStore, prefix: str, start_s: float, end_s: float, bad: list[dict[str, str]]
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(key, rows) of each sound object in range; bad ones are appended to `bad`."""
+    for key, _hour, _size in objects_in(store, prefix, start_s, end_s):
+        try:
+            yield key, read_object(store, key)
+        except IntegrityError as exc:
+            bad.append({"key": key, "error": str(exc)})
+
+
+def merge(acc: Acc, rows: list[dict[str, Any]]) -> None:
+    """Add aggregate rows (from `consumers.traffic.aggregate`) into `acc`."""
+    for row in rows:
+        key = tuple(row[k] for k in AGG_KEYS)
+        cur = acc.get(key)
+        if cur is None:
+            acc[key] = row
+            continue
+        for name, value in row.items():
+            if name in AGG_KEYS:
+                continue
+            if name == "rt_min_ms":
+                cur[name] = min(cur[name], value)
+            elif name == "rt_max_ms":
+                cur[name] = max(cur[name], value)
+            else:
+                cur[name] += value
+
+
+def aggregate_rows(rows: list[dict[str, Any]], acc: Acc) -> None:
+    """Aggregate archived/hot rows exactly like the consumer did (overflow → __other__)."""
+    events: list[Event] = []
+    overflow: set[tuple[int, str]] = set()
+    for r in rows:
+        events.append(to_event(r))
+        if r["overflow"]:
+            overflow.add((r["ts"], r["id"]))
+    merge(acc, aggregate(events, overflow))
+
+
+def hot_rows(db: Database, h0: int, h1: int) -> Iterator[list[dict[str, Any]]]:
+    """Unarchived rows of the hours [h0, h1), in chunks (archived and restored rows are
+    already in the bucket)."""
+    cols = [te.c[f] for f in ROW_FIELDS]
+    stmt = (
+        sa.select(*cols)
+        .where(te.c.ts >= h0 * 1000, te.c.ts < h1 * 1000, te.c.archive_state == 0)
+        .execution_options(yield_per=FETCH)
+    )
+    with db.read() as conn:
+        for part in conn.execute(stmt).partitions(FETCH):
+            yield [dict(zip(ROW_FIELDS, r, strict=True)) for r in part]
+
+
+def _differs(name: str, got: Any, want: Any) -> bool:
+    if isinstance(want, float) or isinstance(got, float):
+        return abs(float(got) - float(want)) > 1e-6 * max(1.0, abs(float(want)))
+    return got != want
+
+
+def compare(acc: Acc, db: Database, h0: int, h1: int, skip_hours: set[int]) -> list[dict[str, Any]]:
+    """Differences between recomputed aggregates and `path_stats_hourly` for [h0, h1)."""
+    with db.read() as conn:
+        stored = {
+            tuple(r[k] for k in AGG_KEYS): dict(r)
+            for r in conn.execute(sa.select(psh).where(psh.c.hour >= h0, psh.c.hour < h1)).mappings()
+        }
+    out = []
+    for key in sorted(set(stored) | set(acc), key=lambda k: tuple(map(str, k))):
+        if key[0] in skip_hours:
+            continue
+        want, got = stored.get(key), acc.get(key)
+        where = dict(zip(AGG_KEYS, key, strict=True))
+        if want is None or got is None:
+            out.append(where | {"column": "row", "archive": got is not None, "database": want is not None})
+            continue
+        for name in ("requests", *(c for c in want if c not in AGG_KEYS and c != "requests")):
+            if _differs(name, got[name], want[name]):
+                out.append(where | {"column": name, "archive": got[name], "database": want[name]})
+    return out
+
+
+def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float) -> dict[str, Any]:
+    """Recompute the hourly aggregates of [start, end) from the archive plus the hot rows
+    and compare them with `path_stats_hourly`. Hours touched by a bad object are skipped."""
+    h0, h1 = hour_range(start_s, end_s)
+    bad: list[dict[str, str]] = []
+    acc: Acc = {}
+    objects = rows = 0
+    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad):
+        aggregate_rows(obj_rows, acc)
+        objects += 1
+        rows += len(obj_rows)
+    hot = 0
+    for chunk in hot_rows(db, h0, h1):
+        aggregate_rows(chunk, acc)
+        hot += len(chunk)
+    skip = {key_hour(b["key"]) or 0 for b in bad}
+    mismatches = compare(acc, db, h0, h1, skip)
+    return {
+        "ok": not bad and not mismatches,
+        "objects": objects,
+        "archived_rows": rows,
+        "hot_rows": hot,
+        "bad": bad,
+        "unverified_hours": sorted(skip),
+        "mismatches": mismatches,
+    }
+
+
+def export(
+    store: ObjectStore, prefix: str, start_s: float, end_s: float, out: IO[str], fmt: str = "ndjson",
+    path: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Stream the archived rows with `start <= ts < end` (and `path`, if given) to `out`."""
+    if fmt not in ("ndjson", "csv"):
+        raise ValidationError("--format", f"must be ndjson or csv, got {fmt!r}")
+    lo, hi = int(start_s * 1000), int(end_s * 1000)
+    bad: list[dict[str, str]] = []
+    writer = csv.writer(out) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(ROW_FIELDS)
+    n = objects = 0
+    for _key, rows in iter_objects(store, prefix, start_s, end_s, bad):
+        objects += 1
+        buf = io.StringIO()
+        for r in rows:
+            if not lo <= r["ts"] < hi or (path is not None and r["path"] != path):
+                continue
+            n += 1
+            if writer is not None:
+                writer.writerow([r.get(f) for f in ROW_FIELDS])
+            else:
+                buf.write(orjson.dumps(r).decode())
+                buf.write("\n")
+        out.write(buf.getvalue())
+    return {"ok": not bad, "objects": objects, "rows": n, "bad": bad}
+
+
+def restore(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float) -> dict[str, Any]:
+    """Put archived rows with `start <= ts < end` back into `traffic_events` in
+    archive_state 2: idempotent (ON CONFLICT (ts, id) DO NOTHING), never aggregated, never
+    counted as hot nor archived again (they are already counted in cold)."""
+    lo, hi = int(start_s * 1000), int(end_s * 1000)
+    bad: list[dict[str, str]] = []
+    inserted = seen = objects = 0
+    stmt = db.insert(te).on_conflict_do_nothing(index_elements=["ts", "id"])
+    for _key, rows in iter_objects(store, prefix, start_s, end_s, bad):
+        objects += 1
+        values = [
+            {f: r[f] for f in ROW_FIELDS if f != "seq"} | {"archive_state": 2} for r in rows if lo <= r["ts"] < hi
+        ]
+        seen += len(values)
+        for i in range(0, len(values), FETCH):
+            with db.transaction() as conn:
+                inserted += conn.execute(stmt, values[i : i + FETCH]).rowcount or 0
+    return {"ok": not bad, "objects": objects, "rows": seen, "inserted": inserted, "bad": bad}
+
+
+def rebuild(store: ObjectStore, prefix: str, start_s: float, end_s: float, into: Database) -> dict[str, Any]:
+    """Rebuild the hourly aggregates of [start, end) into a fresh database from the archive
+    alone (disaster recovery). Refuses a target that already has aggregates there."""
+    h0, h1 = hour_range(start_s, end_s)
+    with into.read() as conn:
+        present = conn.execute(sa.select(sa.func.count()).where(psh.c.hour >= h0, psh.c.hour < h1)).scalar_one()
+    if present:
+        raise ValidationError(
+            "--into", f"target already holds {present} hourly rows in that range; use a fresh database"
+        )
+    bad: list[dict[str, str]] = []
+    acc: Acc = {}
+    objects = rows = 0
+    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad):
+        aggregate_rows(obj_rows, acc)
+        objects += 1
+        rows += len(obj_rows)
+    values = list(acc.values())
+    with into.transaction() as conn:
+        for i in range(0, len(values), FETCH):
+            into.upsert_add(conn, psh, values[i : i + FETCH], AGG_KEYS, ["rt_min_ms"], ["rt_max_ms"])
+    return {"ok": not bad, "objects": objects, "rows": rows, "hourly_rows": len(values), "bad": bad}
+
+
+__all__ = ["export", "list_objects", "rebuild", "restore", "verify"]

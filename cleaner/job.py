@@ -1,0 +1,163 @@
+"""The clean job (03:00): move archived rows from hot to cold.
+
+Only rows held by a `verified` object are deleted, and only after the object is checked
+again in the bucket (`[archive] verify`: `full` re-hashes the body, `head` compares size
+and stored checksum); an object that fails is flagged `corrupt` and its rows stay.
+
+Each batch (`[cleaner] batch_size` rows of one object, at most `max_batches` per run) is
+ONE transaction that sums the rows, deletes them, adds the sums to `lifetime_totals` and
+advances the object's `cleaned_rows`, so hot + cold == total at every commit. Counts are
+checked against the object: before its first batch the rows still held must equal
+`row_count - cleaned_rows`, and every batch must delete exactly what it summed; any
+mismatch rolls the batch back and flags the object `mismatch`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from archiver.objects import check_stored
+from cleaner import stats_file
+from pipeline import clock
+from pipeline.errors import IntegrityError
+from pipeline.jobs import job
+from pipeline.schema import archive_objects, lifetime_totals, traffic_events
+from pipeline.totals import FIELDS, SCOPE, event_sums
+
+log = logging.getLogger("edgepipe.cleaner")
+te, ao, lt = traffic_events, archive_objects, lifetime_totals
+HOUR_MS = 3_600_000
+
+
+def _held(obj: Any) -> Any:
+    """The rows an object holds: its hour, its seq range, archive_state 1."""
+    return sa.and_(
+        te.c.ts >= obj.hour * 1000,
+        te.c.ts < obj.hour * 1000 + HOUR_MS,
+        te.c.seq.between(obj.min_seq, obj.max_seq),
+        te.c.archive_state == 1,
+    )
+
+
+def add_to_totals(db: Any, conn: sa.Connection, sums: dict[str, Any]) -> None:
+    stmt = db.insert(lt).values(scope=SCOPE, updated_at=clock.now_s(), **sums)
+    sets = {f: lt.c[f] + stmt.excluded[f] for f in FIELDS} | {"updated_at": stmt.excluded.updated_at}
+    conn.execute(stmt.on_conflict_do_update(index_elements=["scope"], set_=sets))
+
+
+def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> int:
+    """Delete up to `batch_size` rows of `obj` into lifetime_totals; rows deleted."""
+    db = env.DB
+    with db.transaction() as conn:
+        cleaned, rows = conn.execute(sa.select(ao.c.cleaned_rows, ao.c.row_count).where(ao.c.key == obj.key)).one()
+        held = _held(obj)
+        if first:
+            remaining = conn.execute(sa.select(sa.func.count()).where(held)).scalar_one()
+            if remaining != rows - cleaned:
+                raise IntegrityError(f"{obj.key}: {remaining} rows held, expected {rows - cleaned}")
+        stmt = sa.select(te.c.seq).where(held).order_by(te.c.seq).offset(batch_size - 1).limit(1)
+        hi = conn.execute(stmt).scalar_one_or_none()
+        batch = sa.and_(held, te.c.seq <= (obj.max_seq if hi is None else hi))
+        row = conn.execute(sa.select(*event_sums()).where(batch)).one()
+        sums = {f: (float(v) if f == "rt_sum_ms" else int(v)) for f, v in zip(FIELDS, row, strict=True)}
+        n = int(sums["events"])
+        if n == 0:
+            if cleaned != rows:
+                raise IntegrityError(f"{obj.key}: no rows left but only {cleaned} of {rows} cleaned")
+            return 0
+        deleted = conn.execute(sa.delete(te).where(batch)).rowcount
+        if deleted != n or cleaned + n > rows:
+            raise IntegrityError(f"{obj.key}: batch deleted {deleted} rows (summed {n}; {cleaned}+{n} of {rows})")
+        add_to_totals(db, conn, sums)
+        done = cleaned + n == rows
+        values: dict[str, Any] = {"cleaned_rows": cleaned + n}
+        if done:
+            values |= {"status": "cleaned", "cleaned_at": clock.now_s()}
+        conn.execute(sa.update(ao).where(ao.c.key == obj.key).values(**values))
+    return n
+
+
+def flag(env: Any, key: str, status: str, error: str) -> None:
+    with env.DB.transaction() as conn:
+        conn.execute(sa.update(ao).where(ao.c.key == key).values(status=status, error=error[:2000]))
+    log.error("clean_refused key=%s status=%s error=%s", key, status, error)
+
+
+def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> int:
+    """Clean one object within `budget` batches; return the batches used."""
+    cfg = env.config
+    problem = check_stored(env.ARCHIVE, obj.key, obj.size_bytes, obj.sha256 or "", cfg.archive.verify)
+    if problem:
+        flag(env, obj.key, "corrupt", problem)
+        result["refused"].append(obj.key)
+        return 0
+    used = 0
+    while used < budget:
+        try:
+            n = clean_batch(env, obj, cfg.cleaner.batch_size, first=used == 0)
+        except IntegrityError as exc:
+            flag(env, obj.key, "mismatch", str(exc))
+            result["refused"].append(obj.key)
+            return used
+        if n == 0:
+            break
+        used += 1
+        result["rows"] += n
+    result["objects"] += 1
+    return used
+
+
+def reclaim_space(env: Any) -> str:
+    """SQLite: return free pages to the file system (incremental vacuum). The first time,
+    the database is switched to auto_vacuum=INCREMENTAL, which takes one full VACUUM."""
+    if env.DB.dialect != "sqlite":
+        return "skipped (not sqlite)"
+    raw = env.DB.engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        if cur.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            cur.execute("VACUUM")
+            return "vacuum (switched to incremental)"
+        cur.execute("PRAGMA incremental_vacuum").fetchall()
+        cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return "incremental_vacuum"
+    finally:
+        raw.close()
+
+
+@job("clean")
+def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
+    cfg = env.config.cleaner
+    with env.DB.read() as conn:
+        objects = conn.execute(sa.select(ao).where(ao.c.status == "verified").order_by(ao.c.hour, ao.c.key)).all()
+    result: dict[str, Any] = {"dry_run": dry_run, "objects": 0, "rows": 0, "batches": 0, "refused": []}
+    if dry_run:
+        result["objects"] = len(objects)
+        result["rows"] = sum(o.row_count - o.cleaned_rows for o in objects)
+        return result
+    for obj in objects:
+        if result["batches"] >= cfg.max_batches:
+            break
+        result["batches"] += _clean_object(env, obj, cfg.max_batches - result["batches"], result)
+    if cfg.reclaim_space and result["rows"]:
+        result["reclaim"] = reclaim_space(env)
+    stats_file.record_run(
+        env.DB,
+        {
+            "date": clock.iso(clock.now_s()),
+            "scheduled_for": clock.iso(scheduled_for.timestamp()),
+            "rows_cleaned": result["rows"],
+            "objects": result["objects"],
+            "reason": "rows of verified archive objects"
+            + (f"; refused {len(result['refused'])}" if result["refused"] else ""),
+        },
+    )
+    stats_file.write(env.DB, env.config.cleaner.stats_file)
+    log.info("clean_run objects=%d rows=%d batches=%d refused=%d", result["objects"], result["rows"],
+             result["batches"], len(result["refused"]))  # fmt: skip
+    return result

@@ -1,0 +1,198 @@
+"""`s3://bucket/prefix?endpoint_url=…&region=…&addressing_style=path|virtual|auto`.
+
+boto3 against AWS S3, Cloudflare R2, MinIO or moto. Credentials come from the standard
+AWS chain (env vars, profile, instance role). Checksums are computed and validated only
+when the operation requires them, because several S3-compatible stores reject the CRC
+checksums newer botocore sends by default; edgepipe keeps its own sha256 in the metadata.
+
+Errors are mapped here: throttling, 5xx and connection failures become TransientError
+(retried with backoff); access denied, a missing bucket or anything else BindingError; a
+missing key NotFound. A failed multipart upload is aborted, so nothing partial is visible.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
+
+from pipeline.bindings.archive import CHUNK, ObjectInfo, ObjectStore, with_retries
+from pipeline.errors import BindingError, ConfigError, NotFound, TransientError
+
+T = TypeVar("T")
+TRANSIENT_CODES = {
+    "Throttling",
+    "ThrottlingException",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+@contextmanager
+def translate() -> Iterator[None]:
+    try:
+        yield
+    except ClientError as exc:
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = f"s3 {code or status}: {err.get('Message', exc)}"
+        if code in NOT_FOUND_CODES:
+            raise NotFound(message) from exc
+        if code in TRANSIENT_CODES or status in (500, 502, 503, 504):
+            raise TransientError(message) from exc
+        raise BindingError(message) from exc
+    except (EndpointConnectionError, ConnectionError) as exc:
+        raise TransientError(f"s3 connection failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise BindingError(f"s3 error: {exc}") from exc
+
+
+class S3Store(ObjectStore):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        addressing_style: str = "auto",
+        multipart_threshold: int = 8 * 1024 * 1024,
+        client: Any = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.multipart_threshold = multipart_threshold
+        config = BotoConfig(
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": addressing_style},
+            retries={"max_attempts": 2, "mode": "standard"},
+        )
+        self.client = client or boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+
+    @classmethod
+    def from_url(cls, url: str, multipart_threshold: int = 8 * 1024 * 1024) -> S3Store:
+        parts = urlsplit(url)
+        if not parts.netloc:
+            raise ConfigError(f"config error: bindings.archive: no bucket in {url!r}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(query) - {"endpoint_url", "region", "addressing_style"}
+        if unknown:
+            raise ConfigError(f"config error: bindings.archive: unknown URL parameter {sorted(unknown)[0]!r}")
+        style = query.get("addressing_style", "auto")
+        if style not in ("auto", "path", "virtual"):
+            raise ConfigError("config error: bindings.archive: addressing_style must be auto, path or virtual")
+        return cls(
+            parts.netloc,
+            parts.path,
+            endpoint_url=query.get("endpoint_url"),
+            region=query.get("region"),
+            addressing_style=style,
+            multipart_threshold=multipart_threshold,
+        )
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        def attempt() -> T:
+            with translate():
+                return fn()
+
+        return with_retries(attempt, what)
+
+    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        full = self.prefix + key
+        meta = {str(k).lower(): str(v) for k, v in (metadata or {}).items()}
+        first = body.read(self.multipart_threshold + 1)
+        if len(first) <= self.multipart_threshold:
+            self._call("put", lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=first, Metadata=meta))
+            return ObjectInfo(key, len(first), meta)
+        return self._multipart(key, full, first, body, meta)
+
+    def _multipart(self, key: str, full: str, first: bytes, body: BinaryIO, meta: dict[str, str]) -> ObjectInfo:
+        """Upload parts of `multipart_threshold` bytes; abort on any failure."""
+        upload = self._call(
+            "create_multipart",
+            lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata=meta),
+        )
+        upload_id = upload["UploadId"]
+        parts: list[dict[str, Any]] = []
+        size = 0
+        pending = io.BytesIO(first)
+        try:
+            while True:
+                data = pending.read(self.multipart_threshold)
+                if len(data) < self.multipart_threshold:
+                    data += body.read(self.multipart_threshold - len(data))
+                if not data:
+                    break
+                number = len(parts) + 1
+                resp = self._call(
+                    "upload_part",
+                    lambda d=data, n=number: self.client.upload_part(  # type: ignore[misc]
+                        Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=n, Body=d
+                    ),
+                )
+                parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+                size += len(data)
+            self._call(
+                "complete_multipart",
+                lambda: self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+            )
+        except BaseException:
+            try:
+                with translate():
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            except Exception:  # the original error matters more
+                pass
+            raise
+        return ObjectInfo(key, size, meta)
+
+    def head(self, key: str) -> ObjectInfo:
+        resp = self._call("head", lambda: self.client.head_object(Bucket=self.bucket, Key=self.prefix + key))
+        return ObjectInfo(key, int(resp["ContentLength"]), dict(resp.get("Metadata") or {}))
+
+    def get(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        resp = self._call("get", lambda: self.client.get_object(Bucket=self.bucket, Key=self.prefix + key))
+        return self._stream(resp["Body"], chunk_size)
+
+    @staticmethod
+    def _stream(body: Any, chunk_size: int) -> Iterator[bytes]:
+        try:
+            with translate():
+                yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list", lambda k=kwargs: self.client.list_objects_v2(**k))  # type: ignore[misc]
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"][len(self.prefix) :], int(item["Size"]))
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def delete(self, key: str) -> None:
+        self._call("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key))
+
+    def close(self) -> None:
+        self.client.close()

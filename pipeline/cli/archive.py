@@ -1,0 +1,202 @@
+"""`edgepipe stats`, `edgepipe verify` and `edgepipe replay …` (the archive side).
+
+Replay commands work from the bucket alone; a truncated or corrupt object is named on
+stderr and skipped, the others are processed, and the command exits 6 (integrity).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from pipeline import clock, totals
+from pipeline.cli import emit_json, main, pass_state
+from pipeline.errors import IntegrityError, ValidationError
+
+INTEGRITY_EXIT = IntegrityError.exit_code
+
+
+def _when(value: str | None, name: str, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return clock.parse_time(value)
+    except ValueError as exc:
+        raise ValidationError(name, str(exc)) from None
+
+
+def _range(start: str | None, end: str | None) -> tuple[float, float]:
+    return _when(start, "--from", 946_684_800.0), _when(end, "--to", clock.now_s() + 3600)
+
+
+def _archive(state: Any) -> tuple[Any, Any, str]:
+    env = state.env()
+    if env.ARCHIVE is None:
+        raise ValidationError("bindings.archive", "no archive binding configured")
+    return env, env.ARCHIVE, env.config.archive.prefix
+
+
+def _finish(result: dict[str, Any], as_json: bool, summary: str) -> None:
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(summary)
+    for bad in result.get("bad", []):
+        click.echo(f"edgepipe: skipped {bad['key']}: {bad['error']}", err=True)
+    if not result.get("ok", True):
+        sys.exit(INTEGRITY_EXIT)
+
+
+range_options = [
+    click.option("--from", "start", metavar="T", help="Start (RFC 3339 or date); default: the beginning."),
+    click.option("--to", "end", metavar="T", help="End, exclusive; default: now."),
+]
+
+
+def with_range(fn: Any) -> Any:
+    for option in reversed(range_options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def stats_cmd(state: Any, as_json: bool) -> None:
+    """Events hot (in the DB), cold (cleaned into lifetime totals) and total (aggregates)."""
+    s = totals.stats(state.env().DB)
+    if as_json:
+        emit_json(s)
+        return
+    click.echo(f"deployment started {s['deployment_started_at']}")
+    click.echo(f"{'':>12} {'hot':>14} {'cold':>14} {'total':>14}")
+    for field in totals.FIELDS:
+        click.echo(
+            f"{field:>12} "
+            + " ".join(
+                f"{s[part][field]:>14,.{2 if field == 'rt_sum_ms' else 0}f}" for part in ("hot", "cold", "total")
+            )
+        )
+
+
+@main.command("verify")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def verify_cmd(state: Any, as_json: bool) -> None:
+    """Check hot + cold == total == sum of hourly requests, and every archived range."""
+    result = totals.verify(state.env().DB)
+    if as_json:
+        emit_json(result)
+    else:
+        for problem in result["problems"]:
+            click.echo(f"FAIL {problem}")
+        click.echo("ok" if result["ok"] else f"{len(result['problems'])} problem(s)")
+    if not result["ok"]:
+        sys.exit(INTEGRITY_EXIT)
+
+
+@main.group()
+def replay() -> None:
+    """Work from the archive bucket alone: list, verify, export, restore, rebuild."""
+
+
+@replay.command("list")
+@with_range
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def replay_list(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+    """Archive objects of the range, with rows and bytes."""
+    from archiver import replay as r
+
+    _, store, prefix = _archive(state)
+    objects = r.list_objects(store, prefix, *_range(start, end))
+    if as_json:
+        emit_json(objects)
+        return
+    for o in objects:
+        click.echo(f"{o['key']}  rows={o['rows']}  bytes={o['bytes']}")
+    click.echo(f"{len(objects)} objects, {sum(o['rows'] or 0 for o in objects):,} rows, "
+               f"{sum(o['bytes'] for o in objects):,} bytes")  # fmt: skip
+
+
+@replay.command("verify")
+@with_range
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def replay_verify(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+    """Check objects (sha256, rows) and recompute the hourly aggregates against the DB."""
+    from archiver import replay as r
+
+    env, store, prefix = _archive(state)
+    result = r.verify(env.DB, store, prefix, *_range(start, end))
+    if not as_json:
+        for m in result["mismatches"][:50]:
+            click.echo(f"MISMATCH {clock.iso(m['hour'])} {m['host']} {m['method']} {m['path']} {m['column']}: "
+                       f"archive {m['archive']} database {m['database']}")  # fmt: skip
+    summary = (
+        f"{result['objects']} objects, {result['archived_rows']:,} archived + {result['hot_rows']:,} hot rows, "
+        f"{len(result['mismatches'])} mismatches, {len(result['bad'])} bad objects"
+    )
+    _finish(result, as_json, summary)
+
+
+@replay.command("export")
+@with_range
+@click.option("--path", "path", metavar="P", help="Only rows of this (normalised) path.")
+@click.option("--format", "fmt", type=click.Choice(["ndjson", "csv"]), default="ndjson", show_default=True)
+@click.option("--output", "output", type=click.File("w"), default="-", show_default=True)
+@pass_state
+def replay_export(state: Any, start: str | None, end: str | None, path: str | None, fmt: str, output: Any) -> None:
+    """Stream archived rows as NDJSON or CSV."""
+    from archiver import replay as r
+
+    _, store, prefix = _archive(state)
+    result = r.export(store, prefix, *_range(start, end), output, fmt, path)
+    output.flush()
+    click.echo(f"exported {result['rows']:,} rows from {result['objects']} objects", err=True)
+    _finish_quiet(result)
+
+
+def _finish_quiet(result: dict[str, Any]) -> None:
+    for bad in result["bad"]:
+        click.echo(f"edgepipe: skipped {bad['key']}: {bad['error']}", err=True)
+    if not result["ok"]:
+        sys.exit(INTEGRITY_EXIT)
+
+
+@replay.command("restore")
+@with_range
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def replay_restore(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+    """Put archived rows back into traffic_events (idempotent; aggregates untouched)."""
+    from archiver import replay as r
+
+    env, store, prefix = _archive(state)
+    result = r.restore(env.DB, store, prefix, *_range(start, end))
+    _finish(
+        result, as_json, f"restored {result['inserted']:,} of {result['rows']:,} rows from {result['objects']} objects"
+    )
+
+
+@replay.command("rebuild")
+@with_range
+@click.option("--into", "into", required=True, metavar="DB_URL", help="A fresh database to rebuild into.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def replay_rebuild(state: Any, start: str | None, end: str | None, into: str, as_json: bool) -> None:
+    """Rebuild the hourly aggregates into DB_URL from the archive alone."""
+    from archiver import replay as r
+    from pipeline import migrate
+    from pipeline.bindings.db import Database
+
+    _, store, prefix = _archive(state)
+    target = Database(into)
+    try:
+        migrate.upgrade(target)
+        result = r.rebuild(store, prefix, *_range(start, end), target)
+    finally:
+        target.dispose()
+    _finish(result, as_json, f"rebuilt {result['hourly_rows']:,} hourly rows from {result['rows']:,} archived rows")

@@ -1,0 +1,118 @@
+"""Hot, cold and total counts, and the checks behind `edgepipe verify`.
+
+hot   = detail rows still in `traffic_events` that are counted there (archive_state 0 or
+        1; restored rows, state 2, are already in cold);
+cold  = `lifetime_totals` (scope `all`), filled by the cleaner in the same transaction
+        that deletes the rows;
+total = the sum of the hourly aggregates, which are never deleted.
+The invariant hot + cold == total holds at every commit. All three are read in ONE
+statement, so a consumer committing meanwhile cannot make a consistent database look
+inconsistent (READ COMMITTED gives each statement its own snapshot).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import sqlalchemy as sa
+
+from pipeline import meta
+from pipeline.bindings.db import Database
+from pipeline.schema import (
+    STATUS_COLUMNS,
+    archive_objects,
+    lifetime_totals,
+    path_stats_hourly,
+    traffic_events,
+)
+
+te, lt, psh, ao = traffic_events, lifetime_totals, path_stats_hourly, archive_objects
+SCOPE = "all"
+FIELDS = ("events", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms")
+
+
+def event_sums(where: Any = None) -> list[Any]:
+    """SUM expressions over `traffic_events` in `FIELDS` order (the cleaner uses them too)."""
+    sums = [sa.func.count()]
+    for c in range(1, 6):
+        sums.append(sa.func.coalesce(sa.func.sum(sa.case((te.c.status.between(c * 100, c * 100 + 99), 1), else_=0)), 0))
+    sums.append(sa.func.coalesce(sa.func.sum(sa.func.coalesce(te.c.bytes, 0)), 0))
+    sums.append(sa.func.coalesce(sa.func.sum(te.c.response_time_ms), 0.0))
+    return sums
+
+
+def _scalar_subqueries() -> list[Any]:
+    hot = sa.select(*event_sums()).where(te.c.archive_state != 2).subquery()
+    cold = sa.select(*(lt.c[f] for f in FIELDS)).where(lt.c.scope == SCOPE).subquery()
+    total_cols = ["requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms"]
+    total = [sa.select(sa.func.coalesce(sa.func.sum(psh.c[c]), 0)).scalar_subquery() for c in total_cols]
+    hot_cols = [sa.select(c).scalar_subquery() for c in hot.c]
+    cold_cols = [sa.select(sa.func.coalesce(sa.func.max(c), 0)).scalar_subquery() for c in cold.c]
+    return hot_cols + cold_cols + total
+
+
+def _typed(values: list[Any]) -> dict[str, Any]:
+    return {f: (float(v) if f == "rt_sum_ms" else int(v)) for f, v in zip(FIELDS, values, strict=True)}
+
+
+def stats(db: Database) -> dict[str, Any]:
+    """{"hot": {...}, "cold": {...}, "total": {...}, "deployment_started_at": "…"}."""
+    n = len(FIELDS)
+    with db.read() as conn:
+        row = list(conn.execute(sa.select(*_scalar_subqueries())).one())
+        started = meta.get(conn, meta.DEPLOYMENT_START)
+    return {
+        "hot": _typed(row[:n]),
+        "cold": _typed(row[n : 2 * n]),
+        "total": _typed(row[2 * n :]),
+        "deployment_started_at": started,
+    }
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+
+
+def check_totals(s: dict[str, Any]) -> list[str]:
+    problems = []
+    for f in FIELDS:
+        hot, cold, total = s["hot"][f], s["cold"][f], s["total"][f]
+        ok = _close(hot + cold, total) if f == "rt_sum_ms" else hot + cold == total
+        if not ok:
+            problems.append(f"{f}: hot {hot} + cold {cold} != total {total}")
+    return problems
+
+
+def check_archive(db: Database) -> list[str]:
+    """Every recorded object agrees with the rows it claims in the database: a verified
+    object still holds exactly `row_count` rows in state 1, a cleaned one none, and no
+    row is in state 1 without a verified object; flagged objects are reported."""
+    problems: list[str] = []
+    state1 = sa.and_(te.c.archive_state == 1, te.c.ts >= ao.c.hour * 1000, te.c.ts < ao.c.hour * 1000 + 3_600_000)
+    in_object = sa.and_(state1, te.c.seq.between(ao.c.min_seq, ao.c.max_seq))
+    held = sa.select(sa.func.count()).where(in_object).correlate(ao).scalar_subquery()
+    stmt = sa.select(ao.c.key, ao.c.status, ao.c.row_count, ao.c.cleaned_rows, ao.c.error, held.label("held"))
+    with db.read() as conn:
+        objects = conn.execute(stmt.order_by(ao.c.hour, ao.c.key)).all()
+        marked = conn.execute(sa.select(sa.func.count()).where(te.c.archive_state == 1)).scalar_one()
+    expected_marked = 0
+    for key, status, rows, cleaned, error, held_rows in objects:
+        if status in ("corrupt", "mismatch"):
+            problems.append(f"{key}: flagged {status}: {error}")
+        elif status == "verified" and held_rows != rows - cleaned:
+            problems.append(f"{key}: {held_rows} archived rows in the database, expected {rows - cleaned}")
+        elif status == "cleaned" and held_rows:
+            problems.append(f"{key}: cleaned but {held_rows} rows remain")
+        if status in ("verified", "corrupt", "mismatch"):
+            expected_marked += held_rows
+    if marked != expected_marked:
+        problems.append(f"{marked} rows marked archived, {expected_marked} held by recorded objects")
+    return problems
+
+
+def verify(db: Database) -> dict[str, Any]:
+    """Run every check; `ok` is false when any fails."""
+    s = stats(db)
+    problems = check_totals(s) + check_archive(db)
+    return {"ok": not problems, "problems": problems, "stats": s}
