@@ -38,19 +38,18 @@ class Event:
     colo: str | None
     bytes: int | None
 
+    def values(self, overflow: int = 0) -> tuple[Any, ...]:
+        """The `traffic_events` row, in `EVENT_COLUMNS` order."""
+        return (
+            self.ts, self.id, self.method, self.path, overflow, self.status,
+            self.response_time_ms, self.host, self.colo, self.bytes,
+        )  # fmt: skip
+
     def row(self, overflow: int = 0) -> dict[str, Any]:
-        return {
-            "ts": self.ts,
-            "id": self.id,
-            "method": self.method,
-            "path": self.path,
-            "overflow": overflow,
-            "status": self.status,
-            "response_time_ms": self.response_time_ms,
-            "host": self.host,
-            "colo": self.colo,
-            "bytes": self.bytes,
-        }
+        return dict(zip(EVENT_COLUMNS, self.values(overflow), strict=True))
+
+
+EVENT_COLUMNS = ("ts", "id", "method", "path", "overflow", "status", "response_time_ms", "host", "colo", "bytes")
 
 
 def _int(obj: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int:
@@ -100,36 +99,48 @@ def parse_ts(v: Any, now_ms: int) -> int:
     return ts
 
 
+_REQUIRED = ("ts", "method", "path", "status", "response_time_ms")
+_COMMON_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
+
+
 def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: str | None = None) -> Event:
-    """Validate one decoded JSON value; raise ValidationError naming the field."""
+    """Validate one decoded JSON value; raise ValidationError naming the field.
+
+    The common shapes (int ts, upper-case method, float latency) take the short branches;
+    everything else goes through the general checks, which produce the error messages."""
     if not isinstance(obj, dict):
         raise ValidationError("event", f"must be a JSON object, got {type(obj).__name__}")
-    for name in ("ts", "method", "path", "status", "response_time_ms"):
-        if obj.get(name) is None:
-            raise ValidationError(name, "required")
+    get = obj.get
+    ts, method, path, status, rt = get("ts"), get("method"), get("path"), get("status"), get("response_time_ms")
+    if ts is None or method is None or path is None or status is None or rt is None:
+        raise ValidationError(next(n for n in _REQUIRED if get(n) is None), "required")
     event_id = _str(obj, "id", MAX_ID_LEN) or fallback_id
     if not event_id:
         raise ValidationError("id", "required (or must be assigned by the producer)")
-    method = obj["method"]
-    if not isinstance(method, str) or not _METHOD.fullmatch(method):
-        raise ValidationError("method", f"must be an HTTP method token, got {str(method)[:20]!r}")
-    path = _str(obj, "path", normalizer.cfg.max_length)
-    if not path or not path.startswith("/"):
+    if type(ts) is not int or not MIN_TS_MS <= ts <= now_ms + MAX_FUTURE_MS:
+        ts = parse_ts(ts, now_ms)
+    if type(method) is not str or method not in _COMMON_METHODS:  # lists/dicts are unhashable
+        if not isinstance(method, str) or not _METHOD.fullmatch(method):
+            raise ValidationError("method", f"must be an HTTP method token, got {str(method)[:20]!r}")
+        method = method.upper()
+    if type(path) is not str or len(path) > normalizer.cfg.max_length:
+        path = _str(obj, "path", normalizer.cfg.max_length)
+    if not path.startswith("/"):
         raise ValidationError("path", "must start with '/'")
-    rt = obj["response_time_ms"]
-    if isinstance(rt, bool) or not isinstance(rt, int | float):
-        raise ValidationError("response_time_ms", f"must be a number, got {type(rt).__name__}")
-    if not math.isfinite(rt) or rt < 0:
-        raise ValidationError("response_time_ms", f"must be finite and ≥ 0, got {rt}")
-    nbytes = obj.get("bytes")
+    if type(status) is not int or not 100 <= status <= 599:
+        status = _int(obj, "status", 100, 599)
+    if type(rt) is not float or not 0 <= rt < math.inf:  # NaN fails the comparison too
+        if isinstance(rt, bool) or not isinstance(rt, int | float):
+            raise ValidationError("response_time_ms", f"must be a number, got {type(rt).__name__}")
+        if not math.isfinite(rt) or rt < 0:
+            raise ValidationError("response_time_ms", f"must be finite and ≥ 0, got {rt}")
+        rt = float(rt)
+    host = get("host")
+    if host is not None:
+        host = _str(obj, "host", 255).lower()  # type: ignore[union-attr]
+    nbytes = get("bytes")
+    if nbytes is not None and (type(nbytes) is not int or nbytes < 0):
+        nbytes = _int(obj, "bytes", 0)
     return Event(
-        id=event_id,
-        ts=parse_ts(obj["ts"], now_ms),
-        method=method.upper(),
-        path=normalizer.normalize(path),
-        status=_int(obj, "status", 100, 599),
-        response_time_ms=float(rt),
-        host=(_str(obj, "host", 255, "") or "").lower(),
-        colo=_str(obj, "colo", 16),
-        bytes=None if nbytes is None else _int(obj, "bytes", 0),
+        event_id, ts, method, normalizer.normalize(path), status, rt, host or "", _str(obj, "colo", 16), nbytes
     )

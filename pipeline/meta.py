@@ -14,8 +14,11 @@ DEPLOYMENT_START = "deployment_started_at"
 ARCHIVE_WATERMARK_MS = "archive_watermark_ms"
 
 
+_GET = sa.select(meta.c.value).where(meta.c.key == sa.bindparam("key"))
+
+
 def get(conn: sa.Connection, key: str) -> str | None:
-    return conn.execute(sa.select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
+    return conn.execute(_GET, {"key": key}).scalar_one_or_none()
 
 
 def put(db: Database, conn: sa.Connection, key: str, value: str) -> None:

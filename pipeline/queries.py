@@ -20,6 +20,12 @@ psh = path_stats_hourly
 SUMMED = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", *BUCKET_COLUMNS)
 
 
+def _plain(mapping: Any) -> dict[str, Any]:
+    """A row as a dict with plain `str` keys (SQLAlchemy's are a str subclass that orjson
+    refuses)."""
+    return {str(k): v for k, v in mapping.items()}
+
+
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     """Replace histogram columns by p50/p95/p99 and add the average."""
     counts = [row.pop(c) for c in BUCKET_COLUMNS]
@@ -60,7 +66,7 @@ def hourly(
         stmt = stmt.limit(limit)
     with db.read() as conn:
         for r in conn.execute(stmt).mappings():
-            row = dict(r)
+            row = _plain(r)
             row["hour"] = clock.iso(row["hour"])
             yield _public(row)
 
@@ -84,7 +90,7 @@ def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | Non
         .limit(limit)
     )
     with db.read() as conn:
-        rows = [dict(r) for r in conn.execute(stmt).mappings()]
+        rows = [_plain(r) for r in conn.execute(stmt).mappings()]
     out = []
     for row in rows:
         for c in SUMMED:

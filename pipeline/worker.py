@@ -77,22 +77,38 @@ class Worker:
     on_batch: list[Callable[[StepResult], None]] = field(default_factory=list)
 
     def step(self, wait: float | None = None) -> StepResult | None:
-        """Process at most one batch. Returns None when no message was available."""
+        """Process at most one batch. Returns None when no message was available.
+
+        A queue that shares the DB binding's transaction is waited on outside it and
+        received inside it, so taking the messages, the handler's writes and the acks are
+        one commit; any other queue is received first and settled after the commit."""
         cfg = self.env.config.consumer
         queue = self.env.QUEUE
-        batch = queue.receive(cfg.max_batch_size, cfg.max_batch_timeout if wait is None else wait)
-        if not batch.messages:
-            return None
+        wait_s = cfg.max_batch_timeout if wait is None else wait
+        shared = queue.shares_transaction
+        batch: MessageBatch | None = None
+        if shared:
+            queue.wait(cfg.max_batch_size, wait_s)
+        else:
+            batch = queue.receive(cfg.max_batch_size, wait_s)
+            if not batch.messages:
+                return None
         started = clock.monotonic()
         try:
             with self.env.DB.transaction():
+                if shared:
+                    batch = queue.receive(cfg.max_batch_size, 0.0)
+                    if not batch.messages:
+                        return None
                 report = self.handler(batch, self.env, self.ctx)
-                if queue.shares_transaction:
+                if shared:
                     queue.settle(batch)
-            if not queue.shares_transaction:
+            if not shared:
                 queue.settle(batch)
             result = StepResult(len(batch), True, report)
         except Exception as exc:
+            if batch is None or not batch.messages:
+                raise
             error = f"{type(exc).__name__}: {exc}"
             queue.settle(batch, failure=error)
             result = StepResult(len(batch), False, error=error)

@@ -11,13 +11,14 @@ ack of its messages commit together.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -48,7 +49,8 @@ def _sqlite_engine(url: sa.URL) -> Engine:
     def _on_begin(conn: Connection) -> None:
         # Writers take the lock up front: a deferred transaction that later upgrades to a
         # writer can fail with SQLITE_BUSY without waiting on busy_timeout.
-        conn.exec_driver_sql(conn.get_execution_options().get("edgepipe_begin", "BEGIN"))
+        begin = conn.get_execution_options().get("edgepipe_begin", "BEGIN")
+        conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
 
     return engine
 
@@ -73,6 +75,7 @@ class Database:
         self._current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
             f"edgepipe_tx_{id(self)}", default=None
         )
+        self._stmt_cache: dict[tuple[Any, ...], Any] = {}
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -120,23 +123,84 @@ class Database:
     def greatest(self, a: Any, b: Any) -> Any:
         return sa.func.max(a, b) if self.dialect == "sqlite" else sa.func.greatest(a, b)
 
-    def upsert_add(
+    # -- bulk writes on the hot path ---------------------------------------------------
+    # Statements are built once per shape and cached: building SQLAlchemy expressions per
+    # batch costs more than the rows they write. Row data goes to the driver's
+    # executemany as tuples.
+
+    def cached(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """A statement (or anything) built once per key for this database."""
+        hit = self._stmt_cache.get(key)
+        if hit is None:
+            hit = self._stmt_cache[key] = build()
+        return hit
+
+    def executemany(self, conn: Connection, stmt: Any, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Run an INSERT-shaped statement over row tuples (in `columns` order) with the
+        driver's executemany; returns the driver's row count."""
+        key = ("sql", id(stmt), tuple(columns))
+        hit = self._stmt_cache.get(key)
+        if hit is None:
+            compiled = stmt.compile(dialect=self.engine.dialect, column_keys=list(columns))
+            if compiled.positional:
+                order = [columns.index(name) for name in compiled.positiontup]
+                hit = (str(compiled), None if order == list(range(len(columns))) else order)
+            else:
+                hit = (str(compiled), list(columns))
+            self._stmt_cache[key] = hit
+        sql, shape = hit
+        if shape is None:
+            params: list[Any] = list(rows)
+        elif isinstance(shape[0], int):
+            params = [tuple(r[i] for i in shape) for r in rows]
+        else:
+            params = [dict(zip(shape, r, strict=True)) for r in rows]
+        return conn.exec_driver_sql(sql, params).rowcount
+
+    def insert_new(
         self,
         conn: Connection,
         table: sa.Table,
-        rows: Sequence[dict[str, Any]],
-        keys: Sequence[str],
-        minimum: Sequence[str] = (),
-        maximum: Sequence[str] = (),
-    ) -> None:
-        """Insert rows; on a key conflict add every non-key column to the stored value
-        (`n = n + excluded.n`), except `minimum`/`maximum` columns which keep the extreme."""
-        if not rows:
-            return
-        stmt = self.insert(table)
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        key: Sequence[str],
+    ) -> tuple[int, dict[str, Any]]:
+        """Insert rows, skipping those whose `key` (a unique index) already exists. Returns
+        (rows inserted, parameters for `inserted_filter(table)`), which selects exactly the
+        rows this call inserted, so follow-up statements can work on them in SQL.
+
+        On PostgreSQL this is `ON CONFLICT DO NOTHING RETURNING` the new keys. On SQLite the
+        write transaction holds the database lock (BEGIN IMMEDIATE), and new rows of a table
+        keyed by an integer rowid get rowids above the current maximum, so the inserted rows
+        are exactly those above the maximum read just before — the insert itself runs as a
+        plain executemany."""
+        (rowid,) = table.primary_key.columns
+        shape = ("insert_new", table.name, tuple(key))
+        if self.dialect == "sqlite":
+            stmt = self.cached(shape, lambda: self.insert(table).on_conflict_do_nothing(index_elements=list(key)))
+            before = conn.exec_driver_sql(f"SELECT max({rowid.name}) FROM {table.name}").scalar() or 0
+            count = self.executemany(conn, stmt, columns, rows) if rows else 0
+            return count, {"inserted_after": before}
+        stmt = self.cached(
+            shape, lambda: self.insert(table).on_conflict_do_nothing(index_elements=list(key)).returning(rowid)
+        )
+        seqs = [r[0] for r in conn.execute(stmt, [dict(zip(columns, r, strict=True)) for r in rows])] if rows else []
+        return len(seqs), {"inserted_seqs": seqs}
+
+    def inserted_filter(self, table: sa.Table) -> Any:
+        """The WHERE clause matching the rows of one `insert_new` call (see there)."""
+        (rowid,) = table.primary_key.columns
+        if self.dialect == "sqlite":
+            return rowid > sa.bindparam("inserted_after")
+        return rowid == sa.any_(sa.bindparam("inserted_seqs", type_=ARRAY(sa.BigInteger)))
+
+    def _additive(self, stmt: Any, table: sa.Table, columns: Sequence[str], keys: Sequence[str],
+                  minimum: Sequence[str], maximum: Sequence[str]) -> Any:  # fmt: skip
+        """ON CONFLICT DO UPDATE that adds every non-key column (`n = n + excluded.n`), except
+        `minimum`/`maximum` columns, which keep the extreme."""
         ex = stmt.excluded
         sets: dict[str, Any] = {}
-        for name in rows[0]:
+        for name in columns:
             if name in keys:
                 continue
             col = table.c[name]
@@ -146,7 +210,49 @@ class Database:
                 sets[name] = self.greatest(col, ex[name])
             else:
                 sets[name] = col + ex[name]
-        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=sets), rows)
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=sets)
+
+    def upsert_add(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        rows: Sequence[dict[str, Any]],
+        keys: Sequence[str],
+        minimum: Sequence[str] = (),
+        maximum: Sequence[str] = (),
+    ) -> None:
+        """Insert rows (dicts with the same keys); on a key conflict add them to the stored
+        row (see `_additive`)."""
+        if not rows:
+            return
+        columns = tuple(rows[0])
+        stmt = self.cached(
+            ("upsert_add", table.name, columns, tuple(keys), tuple(minimum), tuple(maximum)),
+            lambda: self._additive(self.insert(table), table, columns, keys, minimum, maximum),
+        )
+        self.executemany(conn, stmt, columns, [tuple(r[c] for c in columns) for r in rows])
+
+    def upsert_add_select(
+        self,
+        conn: Connection,
+        name: str,
+        table: sa.Table,
+        build_select: Callable[[], sa.Select[Any]],
+        keys: Sequence[str],
+        minimum: Sequence[str] = (),
+        maximum: Sequence[str] = (),
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        """INSERT INTO table SELECT … ON CONFLICT DO UPDATE (additive), the statement built
+        once under `name`. The SELECT's column labels must be `table`'s column names."""
+
+        def build() -> Any:
+            select = build_select()
+            columns = [c.name for c in select.selected_columns]
+            stmt = self.insert(table).from_select(columns, select)
+            return self._additive(stmt, table, columns, keys, minimum, maximum)
+
+        conn.execute(self.cached(("upsert_add_select", name), build), params or {})
 
     def dispose(self) -> None:
         self.engine.dispose()

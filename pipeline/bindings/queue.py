@@ -68,13 +68,17 @@ def decode_body(data: bytes, kind: str) -> Any:
 @dataclass(slots=True)
 class Message:
     id: str
-    timestamp: datetime
-    attempts: int
+    enqueued_at: float  # epoch seconds
+    attempts: int  # this delivery's number, 1 on the first
     body: Any
     handle: Any = None  # backend-specific (row key, stream id)
     decision: str | None = None  # "ack" | "retry" | "dead"
     delay: float | None = None
     error: str | None = None
+
+    @property
+    def timestamp(self) -> datetime:
+        return datetime.fromtimestamp(self.enqueued_at, UTC)
 
     def ack(self) -> None:
         if self.decision is None:
@@ -111,10 +115,6 @@ class MessageBatch:
             m.retry(delay_seconds)
 
 
-def message_time(epoch_s: float) -> datetime:
-    return datetime.fromtimestamp(epoch_s, UTC)
-
-
 @dataclass(frozen=True, slots=True)
 class QueueSettings:
     max_retries: int = 3
@@ -139,7 +139,15 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     def receive(self, max_messages: int, wait_seconds: float = 0.0) -> MessageBatch:
         """Lease up to `max_messages` visible messages, waiting up to `wait_seconds` for the
-        batch to fill. Returns a possibly empty batch."""
+        batch to fill. Returns a possibly empty batch. A backend that shares the DB
+        binding's transaction may, when called inside one, claim the messages in that
+        transaction instead of leasing them (see `wait`)."""
+
+    def wait(self, max_messages: int, wait_seconds: float) -> None:
+        """Block until `max_messages` are visible or `wait_seconds` passed. The worker calls
+        it outside its transaction, then `receive(…, 0)` inside; backends whose `receive`
+        waits by itself need not override it."""
+        return None
 
     @abc.abstractmethod
     def settle(self, batch: MessageBatch, failure: str | None = None) -> None:

@@ -1,9 +1,15 @@
 """QUEUE backend on tables in the DB binding's database (SQLite or PostgreSQL).
 
-A receive is one short transaction that leases rows (`UPDATE … RETURNING`, with
-`FOR UPDATE SKIP LOCKED` on PostgreSQL so concurrent consumers never take the same row).
-Settling runs in the caller's transaction when there is one: the embedded consumer acks
-its batch in the same commit as the rows it wrote.
+Two ways to take messages:
+
+* inside the caller's transaction (how the worker loop consumes): the rows are selected
+  in that transaction — under SQLite's write lock, or `FOR UPDATE SKIP LOCKED` on
+  PostgreSQL so concurrent consumers never take the same row — and acks delete them in
+  the same commit as the rows the handler wrote. Nothing is written to claim them: if the
+  consumer dies, its transaction rolls back and the messages are visible again at once.
+  (A crash therefore does not count as a delivery attempt; a handler error does.)
+* outside a transaction: a short transaction leases the rows (`UPDATE … RETURNING`) for
+  `visibility_timeout` seconds; they reappear if the consumer dies holding them.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sqlalchemy as sa
 from pipeline import clock
 from pipeline.bindings.db import Database
 from pipeline.bindings.queue import (
+    REASON_INVALID,
     REASON_RETRIES,
     Message,
     MessageBatch,
@@ -24,7 +31,6 @@ from pipeline.bindings.queue import (
     QueueSettings,
     decode_body,
     encode_body,
-    message_time,
     split_dead,
 )
 from pipeline.errors import ValidationError
@@ -34,6 +40,8 @@ from pipeline.schema import queue_dlq, queue_messages
 q = queue_messages
 POLL_INTERVAL_S = 0.05
 SEND_CHUNK = 1000
+RETURNED = (q.c.seq, q.c.message_id, q.c.enqueued_at, q.c.attempts, q.c.content_type, q.c.body)
+SEND_COLUMNS = ("queue", "message_id", "content_type", "body", "enqueued_at", "visible_at", "attempts")
 
 
 class SqlQueue(Queue):
@@ -46,68 +54,76 @@ class SqlQueue(Queue):
 
     def send_batch(self, bodies: Iterable[Any]) -> list[str]:
         now = clock.now_s()
-        rows = []
-        for body in bodies:
-            data, kind = encode_body(body)
-            rows.append(
-                {
-                    "queue": self.name,
-                    "message_id": uuid7(),
-                    "content_type": kind,
-                    "body": data,
-                    "enqueued_at": now,
-                    "visible_at": now,
-                    "attempts": 0,
-                }
-            )
-        if not rows:
-            return []
-        with self.db.transaction() as conn:
-            for i in range(0, len(rows), SEND_CHUNK):
-                conn.execute(q.insert(), rows[i : i + SEND_CHUNK])
-        return [r["message_id"] for r in rows]
+        rows = [(self.name, uuid7(), *reversed(encode_body(body)), now, now, 0) for body in bodies]
+        if rows:
+            insert = self.db.cached(("queue_send",), q.insert)
+            with self.db.transaction() as conn:
+                for i in range(0, len(rows), SEND_CHUNK):
+                    self.db.executemany(conn, insert, SEND_COLUMNS, rows[i : i + SEND_CHUNK])
+        return [r[1] for r in rows]
 
     # -- consuming ----------------------------------------------------------------
 
+    def _ready(self, columns: Any) -> sa.Select[Any]:
+        stmt = (
+            sa.select(*columns)
+            .where(q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
+            .order_by(q.c.visible_at, q.c.seq)
+            .limit(sa.bindparam("n"))
+        )
+        return stmt.with_for_update(skip_locked=True) if self.db.dialect == "postgresql" else stmt
+
+    def _lease_statement(self) -> sa.Update:
+        return (
+            q.update()
+            .where(q.c.seq.in_(self._ready([q.c.seq]).scalar_subquery()))
+            .values(attempts=q.c.attempts + 1, visible_at=sa.bindparam("until"), lease=sa.bindparam("lease"))
+            .returning(*RETURNED)
+        )
+
     def _claim(self, n: int, lease: str) -> list[Message]:
         now = clock.now_s()
-        ready = (
-            sa.select(q.c.seq)
-            .where(q.c.queue == self.name, q.c.visible_at <= now)
-            .order_by(q.c.visible_at, q.c.seq)
-            .limit(n)
-        )
-        if self.db.dialect == "postgresql":
-            ready = ready.with_for_update(skip_locked=True)
-        stmt = (
-            q.update()
-            .where(q.c.seq.in_(ready.scalar_subquery()))
-            .values(
-                attempts=q.c.attempts + 1,
-                visible_at=now + self.settings.visibility_timeout,
-                lease=lease,
-            )
-            .returning(q.c.seq, q.c.message_id, q.c.enqueued_at, q.c.attempts, q.c.content_type, q.c.body)
-        )
-        with self.db.transaction() as conn:
-            rows = conn.execute(stmt).all()
-        rows.sort(key=lambda r: r.seq)
+        if lease:
+            stmt = self.db.cached(("queue_lease", self.name), self._lease_statement)
+            params = {"now": now, "n": n, "until": now + self.settings.visibility_timeout, "lease": lease}
+            with self.db.transaction() as conn:
+                rows = conn.execute(stmt, params).all()
+            rows.sort(key=lambda r: r[0])
+        else:  # inside the caller's transaction: the transaction is the lease
+            stmt = self.db.cached(("queue_take", self.name), lambda: self._ready(RETURNED))
+            with self.db.transaction() as conn:
+                rows = conn.execute(stmt, {"now": now, "n": n}).all()
+        bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
         out = []
-        for r in rows:
+        for seq, message_id, enqueued_at, attempts, kind, data in rows:
+            msg = Message(message_id, enqueued_at, attempts + bump, None, seq)
             try:
-                body = decode_body(r.body, r.content_type)
-            except ValueError as exc:  # stored json that no longer parses: poison
-                body = bytes(r.body)
-                msg = Message(r.message_id, message_time(r.enqueued_at), r.attempts, body, r.seq)
-                msg.dead_letter("invalid", f"body: malformed JSON: {exc}")
-                out.append(msg)
-                continue
-            out.append(Message(r.message_id, message_time(r.enqueued_at), r.attempts, body, r.seq))
+                msg.body = decode_body(data, kind)
+            except ValueError as exc:  # json that does not parse: poison
+                msg.body = bytes(data)
+                msg.dead_letter(REASON_INVALID, f"body: malformed JSON: {exc}")
+            out.append(msg)
         return out
+
+    def wait(self, max_messages: int, wait_seconds: float) -> None:
+        deadline = clock.monotonic() + wait_seconds
+        ready = sa.select(q.c.seq).where(q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
+        count = self.db.cached(
+            ("queue_count_ready", self.name),
+            lambda: sa.select(sa.func.count()).select_from(ready.limit(sa.bindparam("n")).subquery()),
+        )
+        while clock.monotonic() < deadline:
+            with self.db.read() as conn:
+                if conn.execute(count, {"now": clock.now_s(), "n": max_messages}).scalar_one() >= max_messages:
+                    return
+            clock.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - clock.monotonic())))
 
     def receive(self, max_messages: int, wait_seconds: float = 0.0) -> MessageBatch:
         if max_messages < 1:
             raise ValidationError("max_messages", "must be ≥ 1")
+        if self.db.in_transaction():
+            self.wait(max_messages, wait_seconds)
+            return MessageBatch(self.name, self._claim(max_messages, ""), "")
         lease = secrets.token_hex(8)
         batch = MessageBatch(self.name, [], lease)
         deadline = clock.monotonic() + wait_seconds
@@ -134,29 +150,40 @@ class SqlQueue(Queue):
                 last = failure or "retried by the consumer"
                 dead.append((m, REASON_RETRIES, f"{m.attempts} deliveries; last error: {last}"))
             else:
-                delay = self.settings.retry_delay if m.delay is None else m.delay
-                retries.append((m, delay))
+                retries.append((m, self.settings.retry_delay if m.delay is None else m.delay))
         now = clock.now_s()
-        mine = sa.and_(q.c.lease == batch.lease, q.c.seq.in_(sa.bindparam("seqs", expanding=True)))
+        mine = q.c.lease == batch.lease if batch.lease else q.c.lease.is_(None)
         with self.db.transaction() as conn:
-            if acks:
-                conn.execute(q.delete().where(mine), {"seqs": acks})
+            if acks and batch.lease and len(acks) == len(batch.messages):  # a range guarded by the lease
+                conn.execute(self._delete_range(), {"lo": min(acks), "hi": max(acks), "lease": batch.lease})
+            elif acks and not batch.lease:  # taken in this transaction: exactly these rows
+                delete = self.db.cached(("queue_delete_one",), lambda: q.delete().where(q.c.seq == sa.bindparam("seq")))
+                self.db.executemany(conn, delete, ("seq",), [(seq,) for seq in acks])
+            elif acks:
+                conn.execute(q.delete().where(q.c.seq.in_(acks), mine))
             if dead:
-                self._move_to_dlq(conn, batch.lease, dead, now)
+                self._move_to_dlq(conn, mine, dead, now)
             for m, delay in retries:
                 conn.execute(
                     q.update()
-                    .where(q.c.seq == m.handle, q.c.lease == batch.lease)
-                    .values(visible_at=now + delay, lease=None, last_error=failure)
+                    .where(q.c.seq == m.handle, mine)
+                    .values(attempts=m.attempts, visible_at=now + delay, lease=None, last_error=failure)
                 )
 
-    def _move_to_dlq(self, conn: sa.Connection, lease: str, dead: list, now: float) -> None:
+    def _delete_range(self) -> sa.Delete:
+        def build() -> sa.Delete:
+            span = q.c.seq.between(sa.bindparam("lo"), sa.bindparam("hi"))
+            return q.delete().where(span, q.c.lease == sa.bindparam("lease"))
+
+        return self.db.cached(("queue_delete_range",), build)
+
+    def _move_to_dlq(self, conn: sa.Connection, mine: Any, dead: list, now: float) -> None:
         seqs = [m.handle for m, _, _ in dead]
         stored = {
             r.seq: r
             for r in conn.execute(
                 sa.select(q.c.seq, q.c.message_id, q.c.content_type, q.c.body, q.c.enqueued_at).where(
-                    q.c.lease == lease, q.c.seq.in_(seqs)
+                    q.c.seq.in_(seqs), mine
                 )
             )
         }
@@ -177,7 +204,7 @@ class SqlQueue(Queue):
         ]
         if rows:
             conn.execute(queue_dlq.insert(), rows)
-            conn.execute(q.delete().where(q.c.lease == lease, q.c.seq.in_(list(stored))))
+            conn.execute(q.delete().where(q.c.seq.in_(list(stored))))
 
     # -- operations -----------------------------------------------------------------
 
