@@ -146,6 +146,10 @@ class Http(Section):
     max_events_per_request: int = Field(1000, ge=1, le=100_000)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     max_queue_depth: int = Field(1_000_000, ge=1)
+    depth_check_interval: float = Field(1.0, ge=0, le=60)  # seconds a queue-depth reading is reused
+    snapshot_max_age: float = Field(900, ge=0)  # seconds; an older KV snapshot is not served
+    heartbeat_max_age: float = Field(60, ge=1)  # seconds; /ready fails when no worker was seen since
+    ready_timeout: float = Field(5.0, gt=0, le=60)  # seconds per /ready check
 
 
 class Config(Section):

@@ -225,3 +225,16 @@ worker_heartbeats = Table(
 )
 
 # --- tables of the HTTP issue go below this line ---
+
+# API bearer tokens. Only the SHA-256 of a token is stored (tokens are 256-bit random, so a
+# plain hash is enough; there is nothing to brute-force). Revoked tokens are kept for audit.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+    Column("last_used_at", Float),
+)

@@ -160,10 +160,20 @@ def upgrade() -> None:
     )
 
     # --- tables of the HTTP issue go below this line ---
+    op.create_table(
+        "api_tokens",
+        sa.Column("id", RowId, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String(128), nullable=False),
+        sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("revoked_at", sa.Float),
+        sa.Column("last_used_at", sa.Float),
+    )
 
 
 def downgrade() -> None:
     for name in (
+        "api_tokens",
         "worker_heartbeats",
         "job_leases",
         "job_runs",
