@@ -74,6 +74,7 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.multipart_threshold = multipart_threshold
+        self.page_size = 1000  # keys per list request (S3's maximum)
         config = BotoConfig(
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -181,7 +182,7 @@ class S3Store(ObjectStore):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix, "MaxKeys": self.page_size}
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call("list", lambda k=kwargs: self.client.list_objects_v2(**k))  # type: ignore[misc]

@@ -1,0 +1,231 @@
+"""The archive job over every DB backend × every object-store backend: exactly once at the
+cutoff boundaries, late rows, limits, the watermark, and faults (a failing upload, a
+crash between upload and record, a corrupt object)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from typing import Any, BinaryIO
+
+import pytest
+import sqlalchemy as sa
+from freezegun import freeze_time
+
+from archiver import job as archive_job
+from archiver.objects import KEY_RE, read_object
+from pipeline import meta, totals
+from pipeline.bindings.archive import ObjectInfo, ObjectStore
+from pipeline.errors import BindingError
+from pipeline.schema import archive_objects, traffic_events
+from tests import archive_support
+from tests.archive_support import (
+    bucket_ids,
+    consume,
+    event,
+    hot_ids,
+    ms,
+    run_job,
+)
+
+# Fixtures shared by the archive tests.
+archive_url = archive_support.archive_url
+aws_credentials = archive_support.aws_credentials
+moto_server = archive_support.moto_server
+archive_env = archive_support.archive_env
+
+NOW = "2026-11-22T02:00:00Z"  # the scheduled run; cutoff = 2026-11-19T02:00:00Z
+CUTOFF = "2026-11-19T02:00:00Z"
+
+
+def _objects(env: Any) -> list[dict[str, Any]]:
+    with env.DB.read() as conn:
+        return [dict(r) for r in conn.execute(sa.select(archive_objects).order_by(archive_objects.c.key)).mappings()]
+
+
+@freeze_time(NOW)
+def test_cutoff_boundary_row_at_cutoff_stays_hot(archive_env: Any) -> None:
+    env = archive_env()
+    c = ms(CUTOFF)
+    consume(env, [event(1, c - 1000), event(2, c), event(3, c + 1000), event(4, c - 7_200_000)])
+    result = run_job(env, "archive", NOW)
+    assert (result["objects"], result["rows"]) == (2, 2)
+    assert sorted(bucket_ids(env)) == ["ev-1", "ev-4"]
+    assert sorted(hot_ids(env, (0,))) == ["ev-2", "ev-3"]
+    with env.DB.read() as conn:
+        assert meta.archive_watermark_ms(conn) == c
+    # The consumer now refuses what it could no longer deduplicate, and accepts the cutoff itself.
+    late = consume(env, [event(1, c - 1000), event(9, c - 1), event(10, c)])
+    assert late == {"inserted": 1, "too_late": 2}
+    again = run_job(env, "archive", NOW)
+    assert again["objects"] == 0 and again["recovered"] == 0
+
+
+@freeze_time(NOW)
+def test_objects_carry_metadata_and_records(archive_env: Any) -> None:
+    env = archive_env()
+    base = ms("2026-11-18T05:00:00Z")
+    consume(env, [event(i, base + i * 1000) for i in range(50)])
+    run_job(env, "archive", NOW)
+    (obj,) = _objects(env)
+    m = KEY_RE.search(obj["key"])
+    assert obj["key"].startswith("events/dt=2026-11-18/hour=05/part-") and m is not None
+    assert (int(m[3]), int(m[4])) == (obj["min_seq"], obj["max_seq"])
+    assert obj["status"] == "verified" and obj["row_count"] == 50
+    assert (obj["min_ts"], obj["max_ts"]) == (base, base + 49_000)
+    head = env.ARCHIVE.head(obj["key"])
+    assert head.size == obj["size_bytes"]
+    assert head.metadata["sha256"] == obj["sha256"] and head.metadata["rows"] == "50"
+    assert env.ARCHIVE.digest(obj["key"]) == (obj["size_bytes"], obj["sha256"])
+    rows = read_object(env.ARCHIVE, obj["key"])
+    assert [r["id"] for r in rows] == [f"ev-{i}" for i in range(50)]
+    assert rows[0]["bytes"] == 100 and rows[0]["overflow"] == 0
+    assert totals.verify(env.DB)["ok"]
+
+
+@freeze_time(NOW)
+def test_late_and_out_of_order_rows_are_archived_once(archive_env: Any) -> None:
+    env = archive_env()
+    hour = ms("2026-11-18T07:00:00Z")
+    consume(env, [event(i, hour + i) for i in range(10)])
+    run_job(env, "archive", NOW)
+    # Rows committed after the run for the already-archived hour (a concurrent writer
+    # that read the old watermark), one of them with a seq inside the archived range.
+    with env.DB.transaction() as conn:
+        conn.execute(sa.insert(traffic_events), [
+            {"ts": hour + 100 + i, "id": f"late-{i}", "method": "GET", "path": "/l", "status": 200,
+             "response_time_ms": 1.0, "host": "", "overflow": 0} for i in range(3)
+        ])  # fmt: skip
+    second = run_job(env, "archive", NOW)
+    assert second["objects"] == 1 and second["rows"] == 3
+    ids = bucket_ids(env)
+    assert Counter(ids) == Counter([f"ev-{i}" for i in range(10)] + [f"late-{i}" for i in range(3)])
+    assert len({o["key"] for o in _objects(env)}) == 2
+
+
+@freeze_time(NOW)
+def test_limits_per_object_and_per_run_resume(archive_env: Any) -> None:
+    env = archive_env(archive={"max_rows_per_object": 4, "max_objects_per_run": 2})
+    hour = ms("2026-11-18T09:00:00Z")
+    consume(env, [event(i, hour + i * 10) for i in range(10)])
+    first = run_job(env, "archive", NOW)
+    assert (first["objects"], first["rows"], first["complete"]) == (2, 8, False)
+    second = run_job(env, "archive", NOW)
+    assert (second["objects"], second["rows"], second["complete"]) == (1, 2, True)
+    assert sorted(o["row_count"] for o in _objects(env)) == [2, 4, 4]
+    assert sorted(bucket_ids(env)) == sorted(f"ev-{i}" for i in range(10))
+
+
+@freeze_time(NOW)
+def test_dry_run_changes_nothing(archive_env: Any) -> None:
+    env = archive_env()
+    consume(env, [event(i, ms("2026-11-17T01:00:00Z") + i) for i in range(5)])
+    result = run_job(env, "archive", NOW, dry_run=True)
+    assert (result["objects"], result["rows"]) == (1, 5)
+    assert _objects(env) == [] and list(env.ARCHIVE.list("")) == []
+    with env.DB.read() as conn:
+        assert meta.archive_watermark_ms(conn) == 0
+    assert sorted(hot_ids(env, (0,))) == sorted(f"ev-{i}" for i in range(5))
+
+
+class FailingStore(ObjectStore):
+    """The real store, except that `put` fails after reading part of the body."""
+
+    def __init__(self, inner: ObjectStore, fail_puts: int = 1) -> None:
+        self.inner = inner
+        self.fail_puts = fail_puts
+
+    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        if self.fail_puts > 0:
+            self.fail_puts -= 1
+            body.read(10)
+            raise BindingError("s3 connection reset during upload")
+        return self.inner.put(key, body, metadata)
+
+    def head(self, key: str) -> ObjectInfo:
+        return self.inner.head(key)
+
+    def get(self, key: str, chunk_size: int = 1 << 20) -> Any:
+        return self.inner.get(key, chunk_size)
+
+    def list(self, prefix: str = "") -> Any:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+@freeze_time(NOW)
+def test_upload_failing_midway_marks_and_deletes_nothing(archive_env: Any) -> None:
+    env = archive_env()
+    real = env.ARCHIVE
+    consume(env, [event(i, ms("2026-11-18T03:00:00Z") + i) for i in range(20)])
+    env.ARCHIVE = FailingStore(real)
+    with pytest.raises(BindingError):
+        run_job(env, "archive", NOW)
+    assert _objects(env) == [] and list(real.list("")) == []
+    assert len(hot_ids(env, (0,))) == 20
+    assert run_job(env, "clean", NOW)["rows"] == 0
+    env.ARCHIVE = real
+    result = run_job(env, "archive", NOW)
+    assert result["rows"] == 20
+    assert sorted(bucket_ids(env)) == sorted(f"ev-{i}" for i in range(20))
+
+
+@freeze_time(NOW)
+def test_crash_between_upload_and_record_leaves_no_duplicate(archive_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = archive_env()
+    hour = ms("2026-11-18T04:00:00Z")
+    consume(env, [event(i, hour + i) for i in range(10)])
+
+    def killed(*_args: Any) -> None:
+        raise KeyboardInterrupt("killed after the upload")
+
+    # A kill runs no cleanup: the object stays in the bucket, the record stays pending.
+    monkeypatch.setattr(archive_job, "_mark", killed)
+    monkeypatch.setattr(archive_job, "_abandon", lambda *_a: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(env, "archive", NOW)
+    assert [o["status"] for o in _objects(env)] == ["pending"]
+    assert len(bucket_ids(env)) == 10
+    monkeypatch.undo()
+    # A row for the same hour committed before the re-run (a writer that read the old
+    # watermark): the re-run plans another key, so the orphan must be deleted, not kept.
+    with env.DB.transaction() as conn:
+        conn.execute(sa.insert(traffic_events).values(
+            ts=hour + 500, id="ev-99", method="GET", path="/l", status=200, response_time_ms=1.0, host="", overflow=0
+        ))  # fmt: skip
+    result = run_job(env, "archive", NOW)
+    assert result["recovered"] == 1 and result["rows"] == 11
+    assert Counter(bucket_ids(env)) == Counter([f"ev-{i}" for i in range(10)] + ["ev-99"])
+    assert [o["status"] for o in _objects(env)] == ["verified"]
+    assert totals.check_archive(env.DB) == []  # (the injected row has no aggregate, so only ranges)
+
+
+@freeze_time(NOW)
+def test_corrupt_object_fails_verify_and_cleaner_refuses_it(archive_env: Any) -> None:
+    env = archive_env()
+    consume(env, [event(i, ms("2026-11-18T06:00:00Z") + i) for i in range(30)])
+    consume(env, [event(100 + i, ms("2026-11-18T08:00:00Z") + i) for i in range(5)])
+    run_job(env, "archive", NOW)
+    bad, good = (o["key"] for o in _objects(env))
+    head = env.ARCHIVE.head(bad)
+    body = env.ARCHIVE.get_bytes(bad)
+    env.ARCHIVE.put(bad, io.BytesIO(body[: len(body) // 2]), head.metadata)  # truncated, same metadata
+    result = run_job(env, "clean", NOW)
+    assert result["refused"] == [bad] and result["rows"] == 5
+    statuses = {o["key"]: o["status"] for o in _objects(env)}
+    assert statuses == {bad: "corrupt", good: "cleaned"}
+    assert len(hot_ids(env)) == 30
+    report = totals.verify(env.DB)
+    assert not report["ok"] and any(bad in p for p in report["problems"])
+    s = totals.stats(env.DB)
+    assert s["hot"]["events"] + s["cold"]["events"] == s["total"]["events"] == 35
+
+
+@freeze_time(NOW)
+def test_head_verify_mode(archive_env: Any) -> None:
+    env = archive_env(archive={"verify": "head"})
+    consume(env, [event(i, ms("2026-11-18T06:00:00Z") + i) for i in range(3)])
+    assert run_job(env, "archive", NOW)["rows"] == 3
+    assert [o["status"] for o in _objects(env)] == ["verified"]
