@@ -114,7 +114,9 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
     ts, method, path, status, rt = get("ts"), get("method"), get("path"), get("status"), get("response_time_ms")
     if ts is None or method is None or path is None or status is None or rt is None:
         raise ValidationError(next(n for n in _REQUIRED if get(n) is None), "required")
-    event_id = _str(obj, "id", MAX_ID_LEN) or fallback_id
+    event_id = get("id")
+    if type(event_id) is not str or not 0 < len(event_id) <= MAX_ID_LEN:
+        event_id = _str(obj, "id", MAX_ID_LEN) or fallback_id
     if not event_id:
         raise ValidationError("id", "required (or must be assigned by the producer)")
     if type(ts) is not int or not MIN_TS_MS <= ts <= now_ms + MAX_FUTURE_MS:
@@ -137,10 +139,11 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
         rt = float(rt)
     host = get("host")
     if host is not None:
-        host = _str(obj, "host", 255).lower()  # type: ignore[union-attr]
+        host = (host if type(host) is str and len(host) <= 255 else _str(obj, "host", 255)).lower()  # type: ignore[union-attr]
+    colo = get("colo")
+    if colo is not None and (type(colo) is not str or len(colo) > 16):
+        colo = _str(obj, "colo", 16)
     nbytes = get("bytes")
     if nbytes is not None and (type(nbytes) is not int or nbytes < 0):
         nbytes = _int(obj, "bytes", 0)
-    return Event(
-        event_id, ts, method, normalizer.normalize(path), status, rt, host or "", _str(obj, "colo", 16), nbytes
-    )
+    return Event(event_id, ts, method, normalizer.normalize(path), status, rt, host or "", colo, nbytes)

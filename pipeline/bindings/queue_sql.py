@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from pipeline import clock
@@ -94,9 +95,16 @@ class SqlQueue(Queue):
             with self.db.transaction() as conn:
                 rows = conn.execute(stmt, {"now": now, "n": n}).all()
         bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
+        try:  # the common case, in one pass
+            return [
+                Message(mid, at, n + bump, orjson.loads(data) if kind == "json" else decode_body(data, kind), seq)
+                for seq, mid, at, n, kind, data in rows
+            ]
+        except ValueError:
+            pass
         out = []
-        for seq, message_id, enqueued_at, attempts, kind, data in rows:
-            msg = Message(message_id, enqueued_at, attempts + bump, None, seq)
+        for seq, mid, at, n, kind, data in rows:
+            msg = Message(mid, at, n + bump, None, seq)
             try:
                 msg.body = decode_body(data, kind)
             except ValueError as exc:  # json that does not parse: poison
@@ -107,10 +115,11 @@ class SqlQueue(Queue):
 
     def wait(self, max_messages: int, wait_seconds: float) -> None:
         deadline = clock.monotonic() + wait_seconds
-        ready = sa.select(q.c.seq).where(q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
+        if wait_seconds <= 0:
+            return
         count = self.db.cached(
             ("queue_count_ready", self.name),
-            lambda: sa.select(sa.func.count()).select_from(ready.limit(sa.bindparam("n")).subquery()),
+            lambda: sa.select(sa.func.count()).select_from(self._ready([q.c.seq]).subquery()),
         )
         while clock.monotonic() < deadline:
             with self.db.read() as conn:
@@ -152,7 +161,6 @@ class SqlQueue(Queue):
             else:
                 retries.append((m, self.settings.retry_delay if m.delay is None else m.delay))
         now = clock.now_s()
-        mine = q.c.lease == batch.lease if batch.lease else q.c.lease.is_(None)
         with self.db.transaction() as conn:
             if acks and batch.lease and len(acks) == len(batch.messages):  # a range guarded by the lease
                 conn.execute(self._delete_range(), {"lo": min(acks), "hi": max(acks), "lease": batch.lease})
@@ -160,7 +168,10 @@ class SqlQueue(Queue):
                 delete = self.db.cached(("queue_delete_one",), lambda: q.delete().where(q.c.seq == sa.bindparam("seq")))
                 self.db.executemany(conn, delete, ("seq",), [(seq,) for seq in acks])
             elif acks:
-                conn.execute(q.delete().where(q.c.seq.in_(acks), mine))
+                conn.execute(q.delete().where(q.c.seq.in_(acks), q.c.lease == batch.lease))
+            if not dead and not retries:
+                return
+            mine = q.c.lease == batch.lease if batch.lease else q.c.lease.is_(None)
             if dead:
                 self._move_to_dlq(conn, mine, dead, now)
             for m, delay in retries:
