@@ -1,0 +1,271 @@
+"""The HTTP service: `create_app(env)` builds the FastAPI app over one `Env`.
+
+- `POST /v1/events` takes a JSON array or NDJSON (optionally gzip), validates each event
+  like the consumer does, and answers 202 only after the accepted ones are committed to the
+  queue; refusals of a whole body enqueue nothing.
+- `GET /v1/...` is the read API (`read_api`), `/health`, `/ready` and `/metrics` the
+  operational endpoints.
+- Every error has one shape, `{"error": code, "detail": "…"}`; edgepipe's exceptions map by
+  their `code`.
+
+Auth: bearer tokens (`edgepipe tokens create`). When any active token exists, `/v1/*` and
+`/metrics` require one; with none, the app is open unless `require_token` (what `serve`
+passes when bound to a non-loopback address, where it also refuses to start without a
+token). `/health` and `/ready` are always open, for load balancers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from anyio import to_thread
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline import clock, log
+from pipeline.env import Env
+from pipeline.errors import BindingError, EdgepipeError, NotFound, TransientError, ValidationError
+from pipeline.http import body, probes, read_api
+from pipeline.http.auth import TokenChecker
+from pipeline.http.enqueue import DepthGauge, GroupSender
+from pipeline.http.metrics import CONTENT_TYPE, Metrics
+from pipeline.http.models import ERRORS, Accepted, Checks, ErrorBody, event_request_body
+from pipeline.paths import PathNormalizer
+
+STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+                503: "unavailable"}  # fmt: skip
+RETRY_AFTER_S = 1
+SIZE_CHECK_FROM = 64 * 1024  # below this, no single event can exceed a queue message
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
+    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status, headers=headers)
+
+
+def _status_of(exc: EdgepipeError) -> int:
+    if isinstance(exc, ValidationError):
+        return 400
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, BindingError):
+        return 503
+    return 500
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(EdgepipeError)
+    async def _edgepipe(_: Request, exc: EdgepipeError) -> Response:
+        status = _status_of(exc)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, TransientError) else None
+        if status >= 500:
+            log.event("http_error", logging.WARNING, code=exc.code, error=str(exc))
+        return error_response(status, exc.code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body", "header"))
+        return error_response(400, "validation_error", f"{where}: {err.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = STATUS_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API token from `edgepipe tokens create`")
+
+
+async def check_token(
+    request: Request, _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """401 unless the request carries an active token (when tokens are required at all).
+    The token itself is never logged."""
+    checker: TokenChecker = request.app.state.tokens
+    if checker.stale():
+        await to_thread.run_sync(checker.refresh)
+    if checker.required() and not checker.check(request.headers.get("authorization")):
+        raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+def _lifespan(worker: Any) -> Any:
+    """Run an in-process consumer (`serve --consume`) on a thread while the app is up."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        thread = None
+        if worker is not None:
+            worker.on_batch.append(app.state.metrics.observe_batch)
+            thread = threading.Thread(target=worker.run, name="edgepipe-consumer", daemon=True)
+            thread.start()
+        try:
+            yield
+        finally:
+            if thread is not None:
+                worker.stop_requested = True
+                await to_thread.run_sync(thread.join)
+            await to_thread.run_sync(app.state.tokens.close)
+
+    return lifespan
+
+
+def create_app(env: Env, require_token: bool = False, worker: Any = None) -> FastAPI:
+    """The app over `env`. `require_token`: refuse unauthenticated requests even when no
+    token exists. `worker`: a `pipeline.worker.Worker` to run alongside, on a thread."""
+    app = FastAPI(
+        title="edgepipe",
+        version="1",
+        description="Traffic events in, per-path statistics out.",
+        lifespan=_lifespan(worker),
+        responses={},
+    )
+    app.state.env = env
+    app.state.tokens = TokenChecker(env.DB, always_required=require_token)
+    app.state.metrics = Metrics(env)
+    app.state.sender = GroupSender(env.QUEUE)
+    app.state.depth = DepthGauge(env.QUEUE, env.config.http.depth_check_interval)
+    app.state.normalizer = PathNormalizer(env.config.paths)
+    _install_error_handlers(app)
+    app.include_router(read_api.router, dependencies=[Depends(check_token)])
+    _add_events_route(app)
+    _add_ops_routes(app)
+    _document_400_not_422(app)
+    return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Invalid parameters answer 400 in the one error shape, not FastAPI's 422: say so."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema["paths"].values():
+                for op in item.values():
+                    responses = op.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses.setdefault(
+                            "400", {"description": ERRORS[400]["description"], "content": _error_content()}
+                        )
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error_content() -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+
+
+def _add_events_route(app: FastAPI) -> None:
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        responses=ERRORS,
+        openapi_extra=event_request_body(),
+        dependencies=[Depends(check_token)],
+    )
+    async def post_events(request: Request) -> Response:
+        """Enqueue traffic events. 202 once the accepted ones are durably in the queue;
+        `rejected` lists the others with the field at fault."""
+        state = request.app.state
+        metrics: Metrics = state.metrics
+        cfg = state.env.config.http
+        try:
+            kind = body.body_kind(request.headers.get("content-type"))
+            gzipped = body.check_encoding(request.headers.get("content-encoding"))
+            if await state.depth.depth() > cfg.max_queue_depth:
+                metrics.refused.labels("queue_full").inc()
+                raise ApiError(503, "queue_full", f"the queue holds more than {cfg.max_queue_depth} messages",
+                               {"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cfg.max_body_bytes:
+                raise body.BodyError(
+                    413, "payload_too_large", f"body exceeds max_body_bytes ({cfg.max_body_bytes} bytes)"
+                )
+            data = await body.read_body(request.stream(), gzipped, cfg.max_body_bytes)
+            values = body.decode(data, kind, cfg.max_events_per_request)
+        except body.BodyError as exc:
+            metrics.refused.labels(exc.code).inc()
+            return error_response(exc.status, exc.code, exc.detail)
+        checked = body.validate(values, state.normalizer, clock.now_ms(), check_size=len(data) > SIZE_CHECK_FROM)
+        await state.sender.send(checked.accepted)
+        state.depth.add(len(checked.accepted))
+        metrics.accepted.inc(len(checked.accepted))
+        metrics.rejected.inc(len(checked.rejected))
+        return JSONResponse({"accepted": len(checked.accepted), "rejected": checked.rejected}, status_code=202)
+
+
+async def _run_check(env: Env, name: str, timeout: float) -> dict[str, Any]:
+    started = clock.monotonic()
+    try:
+        with anyio.fail_after(timeout):
+            detail = await to_thread.run_sync(probes.CHECKS[name], env, abandon_on_cancel=True)
+    except TimeoutError:
+        return {"ok": False, "detail": f"timed out after {timeout:g} s"}
+    except Exception as exc:
+        return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    out: dict[str, Any] = {"ok": True, "ms": round((clock.monotonic() - started) * 1000, 1)}
+    if detail is not None:
+        out["ok"] = detail == probes.NOT_CONFIGURED
+        out["detail"] = detail
+    return out
+
+
+def _add_ops_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """The process is up and serving."""
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=Checks, responses={503: {"model": ErrorBody, "description": "A part is failing"}})
+    async def ready(request: Request) -> Response:
+        """DB, queue, KV and archive reachable and a worker heartbeat fresh; else 503 naming
+        the failing parts."""
+        env: Env = request.app.state.env
+        timeout = env.config.http.ready_timeout
+        results: dict[str, dict[str, Any]] = {}
+
+        async def one(name: str) -> None:
+            results[name] = await _run_check(env, name, timeout)
+
+        async with anyio.create_task_group() as tg:
+            for name in probes.CHECKS:
+                tg.start_soon(one, name)
+        checks = {name: results[name] for name in probes.CHECKS}
+        failing = [n for n, r in checks.items() if not r["ok"]]
+        if failing:
+            detail = "; ".join(f"{n}: {checks[n]['detail']}" for n in failing)
+            return error_response(503, "not_ready", detail, status="not_ready", checks=checks, failing=failing)
+        return JSONResponse({"status": "ready", "checks": checks})
+
+    @app.get(
+        "/metrics",
+        dependencies=[Depends(check_token)],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {}}}, 401: ERRORS[401]},
+    )
+    def metrics(request: Request) -> Response:
+        """Prometheus exposition format."""
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,165 @@
+"""Reading and validating a `POST /v1/events` body.
+
+Limits are enforced while the body streams in, before anything is parsed: the raw size and,
+for `Content-Encoding: gzip`, the decompressed size (a small gzip bomb must not become a
+large allocation). Each event is validated with `pipeline.events.parse_event`, the same
+rules the consumer applies, so a bad event is reported to its sender instead of surfacing
+later in the DLQ.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pipeline.bindings.queue import MAX_MESSAGE_BYTES
+from pipeline.errors import ValidationError
+from pipeline.events import parse_event
+from pipeline.paths import PathNormalizer
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset(
+    {
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/jsonlines",
+        "application/x-jsonlines",
+    }
+)
+ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip"})
+
+
+class BodyError(Exception):
+    """A request body refused as a whole: nothing of it is enqueued."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def body_kind(content_type: str | None) -> str:
+    """`json` or `ndjson` from the Content-Type header; 415 for anything else."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media in JSON_TYPES:
+        return "json"
+    if media in NDJSON_TYPES:
+        return "ndjson"
+    shown = media or "none"
+    raise BodyError(
+        415, "unsupported_media_type", f"Content-Type {shown!r}: send application/json or application/x-ndjson"
+    )
+
+
+def check_encoding(content_encoding: str | None) -> bool:
+    """True when the body is gzip-compressed; 415 for an encoding other than gzip/identity."""
+    enc = (content_encoding or "").strip().lower()
+    if enc not in ENCODINGS:
+        raise BodyError(415, "unsupported_media_type", f"Content-Encoding {enc!r}: only gzip and identity are accepted")
+    return enc in ("gzip", "x-gzip")
+
+
+def _too_large(limit: int, what: str) -> BodyError:
+    return BodyError(413, "payload_too_large", f"{what} exceeds max_body_bytes ({limit} bytes)")
+
+
+class _Gunzip:
+    """Incremental gzip decoding (multi-member streams too) that never yields more than `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._d = zlib.decompressobj(wbits=31)
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            try:
+                data = self._d.decompress(chunk, self.limit + 1 - self.size)
+            except zlib.error as exc:
+                raise BodyError(400, "malformed_body", f"body: invalid gzip data: {exc}") from None
+            self.size += len(data)
+            if self.size > self.limit or self._d.unconsumed_tail:
+                raise _too_large(self.limit, "decompressed body")
+            out.append(data)
+            chunk = b""
+            if self._d.eof and self._d.unused_data:  # the next gzip member
+                chunk, self._d = self._d.unused_data, zlib.decompressobj(wbits=31)
+        return b"".join(out)
+
+    def finish(self) -> None:
+        if not self._d.eof:
+            raise BodyError(400, "malformed_body", "body: truncated gzip stream")
+
+
+async def read_body(stream: AsyncIterator[bytes], gzipped: bool, limit: int) -> bytes:
+    """The (decompressed) body, or BodyError 413 as soon as a limit is crossed."""
+    parts: list[bytes] = []
+    raw = 0
+    gunzip = _Gunzip(limit) if gzipped else None
+    async for chunk in stream:
+        raw += len(chunk)
+        if raw > limit:
+            raise _too_large(limit, "body")
+        parts.append(gunzip.feed(chunk) if gunzip else chunk)
+    if gunzip:
+        gunzip.finish()
+    return b"".join(parts)
+
+
+def decode(data: bytes, kind: str, max_events: int) -> list[Any]:
+    """Decoded records; an NDJSON line that is not JSON becomes a ValidationError in place."""
+    if kind == "json":
+        try:
+            values = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise BodyError(400, "malformed_body", f"body: malformed JSON: {exc}") from None
+        if not isinstance(values, list):
+            raise BodyError(400, "malformed_body", "body: must be a JSON array of events")
+    else:
+        lines = [line for line in data.split(b"\n") if line.strip()]
+        if len(lines) > max_events:
+            raise _too_many(len(lines), max_events)
+        values = []
+        for number, line in enumerate(lines):
+            try:
+                values.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                values.append(ValidationError("event", f"malformed JSON on non-empty line {number + 1}: {exc}"))
+    if len(values) > max_events:
+        raise _too_many(len(values), max_events)
+    return values
+
+
+def _too_many(n: int, limit: int) -> BodyError:
+    return BodyError(413, "payload_too_large", f"{n} events exceed max_events_per_request ({limit})")
+
+
+@dataclass
+class Checked:
+    accepted: list[Any] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def validate(values: list[Any], normalizer: PathNormalizer, now_ms: int, check_size: bool) -> Checked:
+    """Split records into accepted (forwarded unchanged, like `edgepipe ingest`) and rejected
+    ({index, field, error}). `check_size` also refuses events too large for one message."""
+    out = Checked()
+    for index, value in enumerate(values):
+        try:
+            if isinstance(value, ValidationError):
+                raise value
+            parse_event(value, normalizer, now_ms, fallback_id="-")
+            if check_size and len(orjson.dumps(value)) > MAX_MESSAGE_BYTES:
+                raise ValidationError("event", f"larger than the {MAX_MESSAGE_BYTES}-byte message limit")
+        except ValidationError as exc:
+            out.rejected.append({"index": index, "field": exc.field, "error": str(exc)})
+            continue
+        out.accepted.append(value)
+    return out

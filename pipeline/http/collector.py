@@ -1,0 +1,225 @@
+"""`TrafficCollector`: ASGI middleware that turns an app's own requests into edgepipe events.
+
+    app.add_middleware(TrafficCollector, queue=env.QUEUE)                  # local queue binding
+    app.add_middleware(TrafficCollector, endpoint="http://edgepipe:8787", token="ep_…")
+
+After each response is sent it records method, the route template when the framework
+knows it (Starlette/FastAPI put the matched route in `scope["route"]`: `/users/{id}`), else
+the normalised path, status, duration, host and response bytes. Recording is an append to
+a bounded in-memory buffer and nothing else: the request never waits on, and never fails
+because of, the collector. A background task sends the buffer in batches; when the buffer
+is full, new events are dropped and counted (`stats.dropped`), because slowing the app
+down to protect its statistics would be the wrong trade. The buffer is flushed on
+shutdown (ASGI lifespan) or by `await collector.flush()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import clock, log
+from pipeline.bindings.queue import Queue
+from pipeline.config import Paths
+from pipeline.http.client import HttpSink, QueueSink, Sink
+from pipeline.ids import uuid7
+from pipeline.paths import PathNormalizer
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_EXCLUDE = ("/health", "/ready", "/metrics")
+
+
+@dataclass
+class CollectorStats:
+    recorded: int = 0  # events put in the buffer
+    sent: int = 0  # events handed to the sink successfully
+    dropped: int = 0  # buffer full
+    failed: int = 0  # the sink gave up on them
+    errors: int = 0  # recording itself failed (never propagated to the request)
+
+
+class TrafficCollector:
+    def __init__(
+        self,
+        app: ASGIApp,
+        sink: Sink | None = None,
+        *,
+        queue: Queue | None = None,
+        endpoint: str | None = None,
+        token: str | None = None,
+        sample_rate: float = 1.0,
+        exclude: Iterable[str] = DEFAULT_EXCLUDE,
+        buffer_size: int = 10_000,
+        batch_size: int = 500,
+        flush_interval: float = 1.0,
+        host: str | None = None,
+        colo: str | None = None,
+        paths: Paths | None = None,
+        stats: CollectorStats | None = None,
+    ) -> None:
+        if sum(x is not None for x in (sink, queue, endpoint)) != 1:
+            raise ValueError("TrafficCollector needs exactly one of sink=, queue= or endpoint=")
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be between 0 and 1, got {sample_rate}")
+        if buffer_size < 1 or batch_size < 1:
+            raise ValueError("buffer_size and batch_size must be ≥ 1")
+        self.app = app
+        self.sink: Sink = sink or (QueueSink(queue) if queue is not None else HttpSink(endpoint or "", token))
+        self.sample_rate = sample_rate
+        self.exclude = tuple(exclude)
+        self.buffer_size = buffer_size
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.host = host
+        self.colo = colo
+        self.normalizer = PathNormalizer(paths or Paths())
+        self.stats = stats if stats is not None else CollectorStats()
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._send_lock: asyncio.Lock | None = None
+        self._closing = False
+
+    # -- the request path: cheap, never raises ---------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+            return
+        if kind != "http" or self._skip(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        started, ts = clock.monotonic(), clock.now_ms()
+        status, nbytes, ended = 500, 0, 0.0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, nbytes, ended
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                nbytes += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    ended = clock.monotonic()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            try:
+                self._record(scope, ts, status, nbytes, (ended or clock.monotonic()) - started)
+            except Exception:
+                self.stats.errors += 1
+
+    def _skip(self, path: str) -> bool:
+        for prefix in self.exclude:
+            if path == prefix or path.startswith(prefix + "/"):
+                return True
+        return self.sample_rate < 1.0 and random.random() >= self.sample_rate
+
+    def _record(self, scope: Scope, ts: int, status: int, nbytes: int, seconds: float) -> None:
+        if len(self._buffer) >= self.buffer_size:
+            self.stats.dropped += 1
+            return
+        route = getattr(scope.get("route"), "path_format", None)
+        if route:
+            path = scope.get("root_path", "") + route
+        else:
+            path = self.normalizer.normalize(scope.get("root_path", "") + scope["path"])
+        event = {
+            "id": uuid7(),
+            "ts": ts,
+            "method": scope["method"],
+            "path": path[: self.normalizer.cfg.max_length],
+            "status": status,
+            "response_time_ms": round(seconds * 1000, 3),
+            "host": self.host or _host(scope),
+            "bytes": nbytes,
+        }
+        if self.colo:
+            event["colo"] = self.colo
+        self._buffer.append(event)
+        self.stats.recorded += 1
+        self._ensure_task()
+        if len(self._buffer) >= self.batch_size and self._wake is not None:
+            self._wake.set()
+
+    # -- the background side ------------------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if (self._task is None or self._task.done()) and not self._closing:
+            self._wake = asyncio.Event()
+            self._send_lock = asyncio.Lock()
+            self._task = asyncio.get_running_loop().create_task(self._flusher())
+
+    async def _flusher(self) -> None:
+        assert self._wake is not None
+        while not self._closing:
+            if len(self._buffer) < self.batch_size:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            if not self._closing:
+                await self._send_one_batch()
+
+    async def _send_one_batch(self) -> int:
+        if self._send_lock is None:
+            self._send_lock = asyncio.Lock()
+        async with self._send_lock:
+            n = min(self.batch_size, len(self._buffer))
+            if not n:
+                return 0
+            batch = [self._buffer.popleft() for _ in range(n)]
+            try:
+                await self.sink.send(batch)
+            except Exception as exc:
+                self.stats.failed += n
+                log.event("collector_send_failed", logging.WARNING, events=n, error=f"{type(exc).__name__}: {exc}")
+            else:
+                self.stats.sent += n
+            return n
+
+    async def flush(self) -> None:
+        """Send everything buffered now (also what the background task has not taken yet)."""
+        while self._buffer:
+            await self._send_one_batch()
+
+    async def aclose(self) -> None:
+        """Stop the background task, flush the buffer, close the sink (on lifespan shutdown)."""
+        self._closing = True
+        if self._task is not None:
+            if self._wake is not None:
+                self._wake.set()
+            await self._task  # it finishes the batch in hand, then stops
+            self._task = None
+        await self.flush()
+        await self.sink.aclose()
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.aclose()
+            return message
+
+        return wrapped
+
+
+def _host(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            text = value.decode("latin-1").lower()
+            return text.split("]")[0] + "]" if text.startswith("[") else text.partition(":")[0]
+    server = scope.get("server")
+    return str(server[0]) if server else ""

@@ -1,0 +1,94 @@
+"""Prometheus metrics for `/metrics`, in a registry of the app's own (so two apps in one
+process, as in tests, never share counters).
+
+Counters and the batch-latency histogram are updated as things happen in this process;
+queue depth, DLQ depth, consumer lag and job runs by status are read from the bindings at
+scrape time by a custom collector. A binding that fails during a scrape is reported as
+`edgepipe_scrape_error{part=…} 1` instead of failing the whole scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline import log
+from pipeline.env import Env
+from pipeline.http import probes
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _BindingCollector(Collector):
+    def __init__(self, env: Env) -> None:
+        self.env = env
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        errors = GaugeMetricFamily("edgepipe_scrape_error", "1 when a part could not be read", labels=["part"])
+        try:
+            s = probes.queue_stats(self.env)
+            yield GaugeMetricFamily(
+                "edgepipe_queue_depth", "Messages pending or in flight", value=s["pending"] + s["in_flight"]
+            )
+            yield GaugeMetricFamily("edgepipe_queue_in_flight", "Messages leased by a consumer", value=s["in_flight"])
+            yield GaugeMetricFamily("edgepipe_dlq_depth", "Messages in the dead-letter queue", value=s["dlq"])
+        except Exception as exc:
+            self._failed(errors, "queue", exc)
+        try:
+            yield GaugeMetricFamily(
+                "edgepipe_consumer_lag_seconds",
+                "Age of the oldest message still in the queue",
+                value=probes.oldest_message_age(self.env),
+            )
+        except Exception as exc:
+            self._failed(errors, "consumer_lag", exc)
+        try:
+            runs = GaugeMetricFamily(
+                "edgepipe_job_runs", "Recorded job runs by job and status", labels=["job", "status"]
+            )
+            for job, status, n in probes.job_run_counts(self.env):
+                runs.add_metric([job, status], n)
+            yield runs
+        except Exception as exc:
+            self._failed(errors, "job_runs", exc)
+        yield errors
+
+    @staticmethod
+    def _failed(errors: GaugeMetricFamily, part: str, exc: Exception) -> None:
+        errors.add_metric([part], 1)
+        log.event("metrics_scrape_failed", logging.WARNING, part=part, error=f"{type(exc).__name__}: {exc}")
+
+
+class Metrics:
+    def __init__(self, env: Env) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter(
+            "edgepipe_events_accepted", "Events accepted and enqueued by POST /v1/events", registry=r
+        )
+        self.rejected = Counter("edgepipe_events_rejected", "Events rejected by POST /v1/events", registry=r)
+        self.refused = Counter(
+            "edgepipe_requests_refused", "POST /v1/events requests refused as a whole", ["code"], registry=r
+        )
+        self.batch_latency = Histogram(
+            "edgepipe_batch_latency_seconds",
+            "Consumer batch latency of workers running in this process",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batches = Counter("edgepipe_batches", "Consumer batches by outcome", ["outcome"], registry=r)
+        r.register(_BindingCollector(env))
+
+    def observe_batch(self, result: Any) -> None:
+        """A `Worker.on_batch` callback."""
+        self.batch_latency.observe(result.ms / 1000)
+        self.batches.labels("ok" if result.ok else "failed").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

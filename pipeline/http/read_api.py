@@ -1,0 +1,193 @@
+"""Read API: top paths, hourly rows, hot/cold/total counts, job runs, archive objects.
+
+Rows carry the field names of the CLI's `--json` (`pipeline.queries`). Handlers are plain
+functions, so FastAPI runs them in its thread pool and the event loop never waits on SQL.
+Long listings page with an opaque keyset cursor (`next`, passed back as `cursor`).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any
+
+import orjson
+import sqlalchemy as sa
+from fastapi import APIRouter, Query, Request
+
+from pipeline import clock, queries, totals
+from pipeline.env import Env
+from pipeline.errors import ValidationError
+from pipeline.http.models import ERRORS, PagedRows, Rows, TopPaths
+from pipeline.schema import archive_objects, job_runs
+
+router = APIRouter(prefix="/v1", responses={k: v for k, v in ERRORS.items() if k in (400, 401, 503)})
+HOURLY_LIMIT = 10_000
+
+
+def _env(request: Request) -> Env:
+    return request.app.state.env
+
+
+def _time(value: str | None, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return clock.parse_time(value)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise ValidationError(name, str(exc)) from None
+
+
+def encode_cursor(key: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(key)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, types: tuple[type, ...]) -> tuple[Any, ...] | None:
+    if not cursor:
+        return None
+    try:
+        key = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if len(key) != len(types) or not all(type(v) is t for v, t in zip(key, types, strict=True)):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ValidationError("cursor", "not a cursor returned by this endpoint") from None
+    return tuple(key)
+
+
+def _snapshot_rows(env: Env, hours: int, limit: int) -> dict[str, Any] | None:
+    """The KV snapshot's rows when it covers exactly this window, holds enough rows and is
+    younger than `[http] snapshot_max_age`; else None (compute from the aggregates)."""
+    try:
+        from snapshots import read_latest
+    except ImportError:
+        return None
+    doc = read_latest(env.KV)
+    if not doc or doc.get("window_hours") != hours:
+        return None
+    paths = doc.get("paths") or []
+    if limit > int(doc.get("top_n", 0)) and len(paths) >= int(doc.get("top_n", 0)):
+        return None
+    age = clock.now_s() - clock.parse_time(doc["generated_at"])
+    if not -60 <= age <= env.config.http.snapshot_max_age:
+        return None
+    return {"source": "snapshot", "hours": hours, "generated_at": doc["generated_at"], "rows": paths[:limit]}
+
+
+@router.get("/paths/top", response_model=TopPaths)
+def paths_top(
+    request: Request,
+    hours: Annotated[int, Query(ge=1, le=24 * 366)] = 24,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 20,
+) -> dict[str, Any]:
+    """The busiest paths over the last `hours` hours: from the KV snapshot when it is fresh
+    and covers the request, else from the hourly aggregates (`source` says which)."""
+    env = _env(request)
+    snap = _snapshot_rows(env, hours, limit)
+    if snap is not None:
+        return snap
+    now = clock.now_s()
+    rows = queries.top_paths(env.DB, hours, limit, now)
+    return {"source": "aggregates", "hours": hours, "generated_at": clock.iso(int(now)), "rows": rows}
+
+
+@router.get("/paths/hourly", response_model=PagedRows)
+def paths_hourly(
+    request: Request,
+    path: str | None = None,
+    method: str | None = None,
+    host: str | None = None,
+    start: Annotated[str | None, Query(alias="from", description="RFC 3339 or epoch seconds, inclusive")] = None,
+    end: Annotated[str | None, Query(alias="to", description="RFC 3339 or epoch seconds, exclusive")] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = HOURLY_LIMIT,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Hourly rows ordered by (hour, host, path, method); with no filter, every row."""
+    env = _env(request)
+    after = decode_cursor(cursor, (int, str, str, str))
+    rows = list(
+        queries.hourly(
+            env.DB,
+            path,
+            method,
+            _time(start, "from"),
+            _time(end, "to"),
+            host,
+            limit=limit + 1,
+            after=after,  # type: ignore[arg-type]
+        )
+    )
+    nxt = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        nxt = encode_cursor([int(clock.parse_time(last["hour"])), last["host"], last["path"], last["method"]])
+    return {"rows": rows, "next": nxt}
+
+
+@router.get("/stats")
+def stats(request: Request) -> dict[str, Any]:
+    """Hot (detail rows), cold (lifetime totals) and total (hourly aggregates), plus the queue."""
+    env = _env(request)
+    return {**totals.stats(env.DB), "queue": env.QUEUE.stats()}
+
+
+def _iso(v: float | None) -> str | None:
+    return clock.iso(v) if v is not None else None
+
+
+@router.get("/jobs", response_model=Rows)
+def jobs(
+    request: Request,
+    job: str | None = None,
+    status: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> dict[str, Any]:
+    """Recorded job runs, newest first."""
+    jr = job_runs
+    stmt = sa.select(jr).order_by(jr.c.started_at.desc(), jr.c.id.desc()).limit(limit)
+    if job:
+        stmt = stmt.where(jr.c.job == job)
+    if status:
+        stmt = stmt.where(jr.c.status == status)
+    with _env(request).DB.read() as conn:
+        rows = conn.execute(stmt).mappings().all()
+    out = []
+    for r in rows:
+        row = dict(r)
+        for k in ("scheduled_for", "started_at", "finished_at"):
+            row[k] = _iso(row[k])
+        row["result"] = orjson.loads(row["result"]) if row["result"] else None
+        out.append(row)
+    return {"rows": out}
+
+
+@router.get("/archive/objects", response_model=PagedRows)
+def archive_list(
+    request: Request,
+    start: Annotated[str | None, Query(alias="from", description="Event hour ≥ this (RFC 3339 or epoch s)")] = None,
+    end: Annotated[str | None, Query(alias="to", description="Event hour < this (RFC 3339 or epoch s)")] = None,
+    status: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Archive objects ordered by (hour, key): key, row_count, size_bytes, status, checksums."""
+    ao = archive_objects
+    stmt = sa.select(ao).order_by(ao.c.hour, ao.c.key).limit(limit + 1)
+    if (t := _time(start, "from")) is not None:
+        stmt = stmt.where(ao.c.hour >= int(t) // 3600 * 3600)
+    if (t := _time(end, "to")) is not None:
+        stmt = stmt.where(ao.c.hour < t)
+    if status:
+        stmt = stmt.where(ao.c.status == status)
+    if (after := decode_cursor(cursor, (int, str))) is not None:
+        stmt = stmt.where(sa.tuple_(ao.c.hour, ao.c.key) > sa.tuple_(*after))
+    with _env(request).DB.read() as conn:
+        rows = [dict(r) for r in conn.execute(stmt).mappings()]
+    nxt = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        nxt = encode_cursor([rows[-1]["hour"], rows[-1]["key"]])
+    for row in rows:
+        row["hour"] = clock.iso(row["hour"])
+        for k in ("created_at", "verified_at", "cleaned_at"):
+            row[k] = _iso(row[k])
+    return {"rows": rows, "next": nxt}
