@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg  # noqa: F401  (load its C module before freezegun patches datetime)
 import pytest
 
 from pipeline import migrate

@@ -30,7 +30,7 @@ from tests.traffic_truth import (
 )
 
 NOW = "2026-11-20T12:00:00Z"
-NOW_MS = 1_763_640_000_000
+NOW_MS = 1_795_176_000_000  # NOW in epoch milliseconds
 
 
 class Crash(BaseException):
