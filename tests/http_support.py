@@ -1,0 +1,71 @@
+"""Shared pieces of the HTTP tests: an in-process client over `create_app`, event makers,
+and driving an ASGI app's lifespan without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from consumers.traffic import TrafficConsumer
+from pipeline import clock
+from pipeline.env import Env
+from pipeline.worker import Worker
+
+
+def event(i: int, **over: Any) -> dict[str, Any]:
+    base = {
+        "id": f"ev-{i}",
+        "ts": clock.now_ms() - 60_000 - i,
+        "method": "GET",
+        "path": f"/items/{i % 7}",
+        "status": 200,
+        "response_time_ms": 12.5,
+        "host": "api.example.com",
+        "bytes": 100,
+    }
+    return base | over
+
+
+@contextlib.asynccontextmanager
+async def client_for(app: Any, token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=headers) as client:
+        yield client
+
+
+def consume_all(env: Env) -> None:
+    Worker(env, TrafficConsumer(env.config).queue).run(until_empty=True)
+
+
+def depth(env: Env) -> int:
+    return env.QUEUE.depth()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Any) -> AsyncIterator[None]:
+    """Run the ASGI lifespan protocol (startup, then shutdown on exit) like a server does."""
+    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def receive() -> dict[str, Any]:
+        return await to_app.get()
+
+    async def send(message: dict[str, Any]) -> None:
+        await from_app.put(message)
+
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send))
+    await to_app.put({"type": "lifespan.startup"})
+    started = await asyncio.wait_for(from_app.get(), 10)
+    assert started["type"] == "lifespan.startup.complete", started
+    try:
+        yield
+    finally:
+        await to_app.put({"type": "lifespan.shutdown"})
+        done = await asyncio.wait_for(from_app.get(), 30)
+        assert done["type"] == "lifespan.shutdown.complete", done
+        await asyncio.wait_for(task, 10)
