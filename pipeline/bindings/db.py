@@ -181,11 +181,36 @@ class Database:
             before = conn.exec_driver_sql(f"SELECT max({rowid.name}) FROM {table.name}").scalar() or 0
             count = self.executemany(conn, stmt, columns, rows) if rows else 0
             return count, {"inserted_after": before}
-        stmt = self.cached(
-            shape, lambda: self.insert(table).on_conflict_do_nothing(index_elements=list(key)).returning(rowid)
-        )
-        seqs = [r[0] for r in conn.execute(stmt, [dict(zip(columns, r, strict=True)) for r in rows])] if rows else []
+        if not rows:
+            return 0, {"inserted_seqs": []}
+
+        def build() -> Any:  # INSERT … SELECT unnest(array per column): one statement, one parse
+            arrays = sa.select(
+                *(sa.func.unnest(sa.bindparam(f"col_{c}", type_=ARRAY(table.c[c].type))) for c in columns)
+            )
+            stmt = self.insert(table).from_select(list(columns), arrays)
+            return stmt.on_conflict_do_nothing(index_elements=list(key)).returning(rowid)
+
+        stmt = self.cached((*shape, tuple(columns)), build)
+        params = {f"col_{c}": list(values) for c, values in zip(columns, zip(*rows, strict=True), strict=True)}
+        seqs = [r[0] for r in conn.execute(stmt, params)]
         return len(seqs), {"inserted_seqs": seqs}
+
+    def delete_keys(self, conn: Connection, table: sa.Table, column: str, values: Sequence[Any]) -> None:
+        """DELETE the rows whose `column` is one of `values` (executemany on SQLite, one
+        `= ANY(array)` statement on PostgreSQL)."""
+        col = table.c[column]
+        if self.dialect == "sqlite":
+            stmt = self.cached(
+                ("delete_keys", table.name, column), lambda: table.delete().where(col == sa.bindparam("k"))
+            )
+            self.executemany(conn, stmt, ("k",), [(v,) for v in values])
+        else:
+            stmt = self.cached(
+                ("delete_keys", table.name, column),
+                lambda: table.delete().where(col == sa.any_(sa.bindparam("k", type_=ARRAY(col.type)))),
+            )
+            conn.execute(stmt, {"k": list(values)})
 
     def inserted_filter(self, table: sa.Table) -> Any:
         """The WHERE clause matching the rows of one `insert_new` call (see there)."""

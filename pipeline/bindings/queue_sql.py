@@ -165,8 +165,7 @@ class SqlQueue(Queue):
             if acks and batch.lease and len(acks) == len(batch.messages):  # a range guarded by the lease
                 conn.execute(self._delete_range(), {"lo": min(acks), "hi": max(acks), "lease": batch.lease})
             elif acks and not batch.lease:  # taken in this transaction: exactly these rows
-                delete = self.db.cached(("queue_delete_one",), lambda: q.delete().where(q.c.seq == sa.bindparam("seq")))
-                self.db.executemany(conn, delete, ("seq",), [(seq,) for seq in acks])
+                self.db.delete_keys(conn, q, "seq", acks)
             elif acks:
                 conn.execute(q.delete().where(q.c.seq.in_(acks), q.c.lease == batch.lease))
             if not dead and not retries:
