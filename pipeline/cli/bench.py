@@ -43,5 +43,6 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, as_json: bool) ->
             "consumer ({db})   {consumer_events_per_s:>10,} events/s  ratio {ratio}",
             "batch latency         p50 {batch_p50_ms} ms  p99 {batch_p99_ms} ms",
             "duplicates            {duplicate_events_per_s:>10,} events/s  ratio {duplicate_ratio}",
+            "CPU-time ratios       consumer {cpu_ratio}  duplicates {cpu_duplicate_ratio}",
         ],
     )
