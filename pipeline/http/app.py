@@ -53,8 +53,10 @@ class ApiError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
-def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
-    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status, headers=headers)
+def error_response(
+    http_status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=http_status, headers=headers)
 
 
 def _status_of(exc: EdgepipeError) -> int:
