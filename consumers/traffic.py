@@ -12,7 +12,7 @@ returns nothing, so it contributes nothing to the aggregates.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ AGG_KEYS = ("hour", "host", "path", "method")
 _STATUS0, _BYTES, _RTSUM, _RTMIN, _RTMAX, _B0 = 1, 6, 7, 8, 9, 10
 AGG_COLUMNS = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", "rt_min_ms", "rt_max_ms", *BUCKET_COLUMNS)
 KNOWN_PATHS_HOURS = 48
+_PATHS_OF_HOUR = sa.select(psh.c.path).distinct().where(psh.c.hour == sa.bindparam("hour"), psh.c.path != OTHER_PATH)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TrafficConsumer:
         self.normalizer = PathNormalizer(config.paths)
         self.max_paths = config.paths.max_paths_per_hour
         # hour -> distinct paths admitted in that hour (see _overflow).
-        self._known: dict[int, set[str]] = {}
+        self._known: OrderedDict[int, set[str]] = OrderedDict()  # least recently used first
 
     def queue(self, batch: MessageBatch, env: Any, ctx: Any = None) -> BatchReport:
         report = BatchReport(received=len(batch))
@@ -136,14 +137,18 @@ class TrafficConsumer:
         over: set[tuple[int, str]] = set()
         for hour, evs in by_hour.items():
             known = self._known.get(hour)
-            if known is None:
+            if known is not None:
+                self._known.move_to_end(hour)
+            else:
                 known = self._known[hour] = self._paths_of_hour(conn, hour)
             new_paths = {ev.path for ev in evs} - known
             if not new_paths:
                 continue
             if len(known) + len(new_paths) > self.max_paths:
-                known |= self._paths_of_hour(conn, hour)  # refresh before refusing anything
-                new_paths -= known
+                # Refresh before refusing anything. Replace, not merge: paths admitted by a
+                # batch that rolled back were never stored and must not spend the budget.
+                known = self._known[hour] = self._paths_of_hour(conn, hour)
+                new_paths = {ev.path for ev in evs} - known
             budget = self.max_paths - len(known)
             for ev in evs:  # admit new paths in arrival order until the budget is spent
                 if ev.path in known:
@@ -153,15 +158,13 @@ class TrafficConsumer:
                     known.add(ev.path)
                 else:
                     over.add((ev.ts, ev.id))
-        if len(self._known) > KNOWN_PATHS_HOURS:
-            for hour in sorted(self._known)[: len(self._known) - KNOWN_PATHS_HOURS]:
-                del self._known[hour]
+        while len(self._known) > KNOWN_PATHS_HOURS:
+            self._known.popitem(last=False)
         return over
 
     @staticmethod
     def _paths_of_hour(conn: sa.Connection, hour: int) -> set[str]:
-        stmt = sa.select(psh.c.path).distinct().where(psh.c.hour == hour, psh.c.path != OTHER_PATH)
-        return {r[0] for r in conn.execute(stmt)}
+        return set(conn.execute(_PATHS_OF_HOUR, {"hour": hour}).scalars())
 
 
 def hourly_select(db: Any) -> sa.Select[Any]:
