@@ -1,0 +1,188 @@
+"""The ASGI traffic collector on a small FastAPI app: N requests → exactly N events with
+route templates (into a real queue, then through the consumer); a full buffer drops and
+counts instead of blocking; flush on lifespan shutdown; sampling and exclusions; delivery
+over HTTP to an edgepipe app, with retries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, HTTPException
+
+from pipeline import queries
+from pipeline.http import CollectorStats, HttpSink, TrafficCollector
+from pipeline.http.app import create_app
+from tests.http_support import client_for, consume_all, lifespan
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def small_app(**collector: Any) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/users/{user_id}")
+    async def user(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    @app.post("/orders/{order_id}/items")
+    async def add_item(order_id: str) -> dict[str, str]:
+        return {"order": order_id}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise HTTPException(503, "down")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.add_middleware(TrafficCollector, **collector)
+    return app
+
+
+async def test_n_requests_make_exactly_n_events_with_route_templates(make_env: Any, sqlite_url: str) -> None:
+    env = make_env(sqlite_url)
+    stats = CollectorStats()
+    app = small_app(queue=env.QUEUE, stats=stats, batch_size=7, host="shop.example")
+    async with lifespan(app), client_for(app) as c:
+        for i in range(40):
+            assert (await c.get(f"/users/{i}")).status_code == 200
+        for i in range(15):
+            assert (await c.post(f"/orders/A{i}/items")).status_code == 200
+        for _ in range(5):
+            assert (await c.get("/boom")).status_code == 503
+        for i in range(3):
+            assert (await c.get(f"/nowhere/{i}/")).status_code == 404
+        for _ in range(4):
+            await c.get("/health")  # excluded by default
+    # Shutdown flushed everything that was buffered.
+    assert stats.recorded == stats.sent == 63 and stats.dropped == stats.failed == 0
+    assert env.QUEUE.depth() == 63
+    consume_all(env)
+    assert env.QUEUE.stats()["dlq"] == 0
+    rows = Counter()
+    for r in queries.hourly(env.DB):
+        assert r["host"] == "shop.example"
+        rows[(r["method"], r["path"])] += r["requests"]
+        if r["path"] == "/boom":
+            assert r["status_5xx"] == r["requests"] == 5
+    assert rows == {
+        ("GET", "/users/{user_id}"): 40,
+        ("POST", "/orders/{order_id}/items"): 15,
+        ("GET", "/boom"): 5,
+        ("GET", "/nowhere/:id"): 3,  # no route: the normalised path
+    }
+
+
+class GatedSink:
+    """A sink that blocks until released: the collector's consumer side is stuck."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.received: list[dict[str, Any]] = []
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        await self.release.wait()
+        self.received.extend(events)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_full_buffer_drops_and_counts_instead_of_blocking() -> None:
+    sink = GatedSink()
+    stats = CollectorStats()
+    app = small_app(sink=sink, stats=stats, buffer_size=10, batch_size=4, flush_interval=0.01)
+    async with client_for(app) as c:
+        # The sink never returns, yet every request completes promptly.
+        async with asyncio.timeout(10):
+            for i in range(50):
+                assert (await c.get(f"/users/{i}")).status_code == 200
+        # The buffer holds 10; the flusher may hold one more batch of 4 in hand (when it got
+        # scheduled between requests). Everything else was dropped and counted.
+        assert stats.recorded + stats.dropped == 50
+        assert 10 <= stats.recorded <= 14 and stats.dropped >= 36
+        sink.release.set()
+        app_collector = _collector(app)
+        await app_collector.flush()
+    assert len(sink.received) == stats.sent == stats.recorded
+
+
+async def test_sampling_and_exclusions(make_env: Any, sqlite_url: str) -> None:
+    env = make_env(sqlite_url)
+    stats = CollectorStats()
+    none = small_app(queue=env.QUEUE, stats=stats, sample_rate=0.0)
+    async with lifespan(none), client_for(none) as c:
+        for i in range(20):
+            await c.get(f"/users/{i}")
+    assert stats.recorded == 0
+    stats = CollectorStats()
+    custom = small_app(queue=env.QUEUE, stats=stats, exclude=["/users"])
+    async with lifespan(custom), client_for(custom) as c:
+        await c.get("/users/1")
+        await c.get("/health")
+        await c.post("/orders/1/items")
+    assert stats.recorded == 2
+    with pytest.raises(ValueError, match="sample_rate"):
+        TrafficCollector(none, queue=env.QUEUE, sample_rate=1.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        TrafficCollector(none)
+
+
+async def test_collector_posts_to_edgepipe_over_http_with_retries(make_env: Any, sqlite_url: str) -> None:
+    env = make_env(sqlite_url)
+    server = create_app(env)
+    inner = httpx.ASGITransport(app=server)
+    failures = {"left": 2}
+
+    class Flaky(httpx.AsyncBaseTransport):
+        """The network drops the first two attempts, then behaves."""
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise httpx.ConnectError("connection refused")
+            return await inner.handle_async_request(request)
+
+    sink = HttpSink("http://edgepipe", backoff=0.001, transport=Flaky())
+    stats = CollectorStats()
+    app = small_app(sink=sink, stats=stats, batch_size=100)
+    async with lifespan(app), client_for(app) as c:
+        for i in range(25):
+            await c.get(f"/users/{i}")
+    assert failures["left"] == 0
+    assert stats.sent == 25 and stats.failed == 0
+    consume_all(env)
+    rows = list(queries.hourly(env.DB))
+    assert [(r["path"], r["requests"]) for r in rows] == [("/users/{user_id}", 25)]
+
+
+async def test_http_sink_gives_up_on_a_refusal(make_env: Any, sqlite_url: str) -> None:
+    from pipeline.errors import ValidationError
+    from pipeline.http.auth import create_token
+
+    env = make_env(sqlite_url)
+    create_token(env.DB)
+    sink = HttpSink("http://edgepipe", token="ep_not-the-token", transport=httpx.ASGITransport(app=create_app(env)))
+    with pytest.raises(ValidationError, match="HTTP 401"):
+        await sink.send([{"ts": 1}])
+    await sink.aclose()
+    assert env.QUEUE.depth() == 0
+
+
+def _collector(app: FastAPI) -> TrafficCollector:
+    """The middleware instance Starlette built for `app`."""
+    node = app.middleware_stack
+    while node is not None and not isinstance(node, TrafficCollector):
+        node = getattr(node, "app", None)
+    assert node is not None
+    return node
