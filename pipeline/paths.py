@@ -14,8 +14,10 @@ from functools import lru_cache
 from pipeline.config import Paths
 
 _SLASHES = re.compile(r"/{2,}")
+# A whole segment (between slashes) that is all digits, a UUID, or 16+ hex characters.
 _ID_SEGMENT = re.compile(
-    r"\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,}"
+    r"(?<=/)(?:\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,})"
+    r"(?=/|$)"
 )
 
 
@@ -34,9 +36,7 @@ class PathNormalizer:
         if cfg.strip_trailing_slash and len(path) > 1 and path.endswith("/"):
             path = path.rstrip("/") or "/"
         if cfg.replace_ids:
-            path = "/".join(
-                cfg.id_placeholder if seg and _ID_SEGMENT.fullmatch(seg) else seg for seg in path.split("/")
-            )
+            path = _ID_SEGMENT.sub(lambda _match: cfg.id_placeholder, path)
         for pattern, replacement in self._rules:
             path = pattern.sub(replacement, path)
         return path or "/"
