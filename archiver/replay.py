@@ -209,7 +209,7 @@ def restore(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s
     lo, hi = int(start_s * 1000), int(end_s * 1000)
     bad: list[dict[str, str]] = []
     inserted = seen = objects = 0
-    stmt = db.insert(te).on_conflict_do_nothing(index_elements=["ts", "id"])
+    stmt = db.insert(te).on_conflict_do_nothing(index_elements=["ts", "id"]).returning(te.c.seq)
     for _key, rows in iter_objects(store, prefix, start_s, end_s, bad):
         objects += 1
         values = [
@@ -218,7 +218,7 @@ def restore(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s
         seen += len(values)
         for i in range(0, len(values), FETCH):
             with db.transaction() as conn:
-                inserted += conn.execute(stmt, values[i : i + FETCH]).rowcount or 0
+                inserted += len(conn.execute(stmt, values[i : i + FETCH]).all())
     return {"ok": not bad, "objects": objects, "rows": seen, "inserted": inserted, "bad": bad}
 
 

@@ -1,0 +1,163 @@
+"""Replay from the bucket alone: list, verify, export, restore (idempotent, invariant
+kept, never re-archived), rebuild into a fresh database, and corrupt objects reported by
+name and skipped while the others are processed (through the CLI, exit code 6)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from click.testing import CliRunner
+from freezegun import freeze_time
+
+from archiver import replay
+from pipeline import clock, migrate, totals
+from pipeline.bindings.db import Database
+from pipeline.cli import main
+from pipeline.schema import OTHER_PATH, archive_objects, path_stats_hourly
+from tests import archive_support
+from tests.archive_support import consume, event, hot_ids, ms, run_job
+
+archive_url = archive_support.archive_url
+aws_credentials = archive_support.aws_credentials
+moto_server = archive_support.moto_server
+archive_env = archive_support.archive_env
+
+NOW = "2026-11-22T02:00:00Z"
+FROM, TO = clock.parse_time("2026-11-17T00:00:00Z"), clock.parse_time("2026-11-23T00:00:00Z")
+PATHS = ["/a", "/b", "/c", "/d", "/e"]
+
+
+def _load(env: Any) -> list[dict[str, Any]]:
+    """Two archived days plus hot rows; max_paths_per_hour=3 makes some rows overflow."""
+    events = []
+    for i in range(400):
+        ts = ms("2026-11-17T20:00:00Z") + i * 600_000  # every 10 minutes until 2026-11-20T10:40
+        events.append(event(i, ts, path=PATHS[i % 5], status=(200, 500, 404, 301)[i % 4]))
+    consume(env, events)
+    run_job(env, "archive", NOW)
+    run_job(env, "clean", NOW)
+    return events
+
+
+def _aggregates(db: Database, h0: float, h1: float) -> list[dict[str, Any]]:
+    psh = path_stats_hourly
+    with db.read() as conn:
+        stmt = sa.select(psh).where(psh.c.hour >= h0, psh.c.hour < h1).order_by(*psh.primary_key.columns)
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+@freeze_time(NOW)
+def test_list_verify_and_rebuild_equal_the_originals(make_env: Any, db_url: str, tmp_path: Path) -> None:
+    env = make_env(db_url, paths={"max_paths_per_hour": 3})
+    _load(env)
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    listed = replay.list_objects(store, prefix, FROM, TO)
+    assert len(listed) == 30 and sum(o["rows"] for o in listed) == 180
+    report = replay.verify(env.DB, store, prefix, FROM, TO)
+    assert report["ok"], report
+    assert report["archived_rows"] == 180 and report["hot_rows"] == 220
+    target = Database(f"sqlite:///{tmp_path / 'rebuilt.db'}")
+    migrate.upgrade(target)
+    h0, h1 = ms("2026-11-17T20:00:00Z") / 1000, ms("2026-11-19T02:00:00Z") / 1000  # fully archived hours
+    result = replay.rebuild(store, prefix, h0, h1, target)
+    assert result["ok"] and result["rows"] == 180
+    original = _aggregates(env.DB, h0, h1)
+    assert any(r["path"] == OTHER_PATH for r in original)
+    rebuilt = _aggregates(target, h0, h1)
+    for row in original + rebuilt:
+        row["rt_sum_ms"] = round(row["rt_sum_ms"], 6)
+    assert rebuilt == original
+    target.dispose()
+
+
+@freeze_time(NOW)
+def test_verify_catches_a_tampered_aggregate(make_env: Any, db_url: str) -> None:
+    env = make_env(db_url)
+    _load(env)
+    with env.DB.transaction() as conn:
+        psh = path_stats_hourly
+        hour = ms("2026-11-18T05:00:00Z") // 1000
+        conn.execute(sa.update(psh).where(psh.c.hour == hour, psh.c.path == "/a").values(requests=psh.c.requests + 1))
+    report = replay.verify(env.DB, env.ARCHIVE, env.config.archive.prefix, FROM, TO)
+    assert not report["ok"]
+    assert [(m["path"], m["column"], m["database"] - m["archive"]) for m in report["mismatches"]] == [
+        ("/a", "requests", 1)
+    ]
+
+
+@freeze_time(NOW)
+def test_restore_is_idempotent_keeps_the_invariant_and_is_never_rearchived(make_env: Any, db_url: str) -> None:
+    env = make_env(db_url)
+    _load(env)
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    before = totals.stats(env.DB)
+    first = replay.restore(env.DB, store, prefix, FROM, TO)
+    assert first["ok"] and first["rows"] == 180 and first["inserted"] == 180
+    assert replay.restore(env.DB, store, prefix, FROM, TO)["inserted"] == 0
+    assert totals.stats(env.DB) == before and totals.verify(env.DB)["ok"]
+    assert len(hot_ids(env, (2,))) == 180
+    assert run_job(env, "archive", "2026-11-23T02:00:00Z")["rows"] == 144  # only the hot rows, never the restored
+    assert replay.verify(env.DB, store, prefix, FROM, TO)["ok"]
+
+
+@freeze_time(NOW)
+def test_export_ndjson_and_csv_filtered(make_env: Any, db_url: str) -> None:
+    env = make_env(db_url)
+    events = _load(env)
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    lo, hi = ms("2026-11-18T00:00:00Z"), ms("2026-11-18T06:00:00Z")
+    out = io.StringIO()
+    result = replay.export(store, prefix, lo / 1000, hi / 1000, out, "ndjson", path="/b")
+    rows = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    expected = [e["id"] for e in events if lo <= e["ts"] < hi and e["path"] == "/b"]
+    assert [r["id"] for r in rows] == expected and result["rows"] == len(expected) > 0
+    out = io.StringIO()
+    replay.export(store, prefix, lo / 1000, hi / 1000, out, "csv")
+    parsed = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [r["id"] for r in parsed] == [e["id"] for e in events if lo <= e["ts"] < hi]
+
+
+def _cli(tmp_path: Path, env: Any, *args: str) -> Any:
+    cfg = tmp_path / "edgepipe.toml"
+    cfg.write_text(
+        f'[bindings]\ndb = "{env.config.bindings.db}"\narchive = "{env.config.bindings.archive}"\n'
+        f'[cleaner]\nstats_file = "{tmp_path / "stats.json"}"\n'
+    )
+    return CliRunner().invoke(main, ["--config", str(cfg), *args], catch_exceptions=False)
+
+
+@freeze_time(NOW)
+def test_corrupt_object_is_named_skipped_and_exit_nonzero(archive_env: Any, tmp_path: Path) -> None:
+    env = archive_env()
+    _load(env)
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    keys = [k for k, _h, _s in replay.objects_in(store, prefix, FROM, TO)]
+    truncated, garbled = keys[3], keys[10]
+    body = store.get_bytes(truncated)
+    store.put_bytes(truncated, body[:-20], store.head(truncated).metadata)
+    body = bytearray(store.get_bytes(garbled))
+    body[len(body) // 2] ^= 0xFF
+    store.put_bytes(garbled, bytes(body), store.head(garbled).metadata)
+    res = _cli(tmp_path, env, "replay", "verify", "--from", "2026-11-17", "--to", "2026-11-23", "--json")
+    assert res.exit_code == 6
+    report = json.loads(res.stdout)
+    assert sorted(b["key"] for b in report["bad"]) == sorted([truncated, garbled])
+    assert report["objects"] == len(keys) - 2 and report["mismatches"] == []
+    assert truncated in res.stderr and garbled in res.stderr
+    res = _cli(tmp_path, env, "replay", "export", "--from", "2026-11-17", "--to", "2026-11-23")
+    assert res.exit_code == 6 and truncated in res.stderr
+    assert len(res.stdout.splitlines()) == 180 - _rows(env, truncated, garbled)
+    res = _cli(tmp_path, env, "replay", "list", "--json")
+    assert res.exit_code == 0 and len(json.loads(res.stdout)) == len(keys)
+
+
+def _rows(env: Any, *keys: str) -> int:
+    ao = archive_objects
+    with env.DB.read() as conn:
+        return int(conn.execute(sa.select(sa.func.sum(ao.c.row_count)).where(ao.c.key.in_(keys))).scalar_one())
