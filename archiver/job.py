@@ -6,8 +6,8 @@ so late rows for an already-archived hour and rows committed out of seq order by
 concurrent PostgreSQL writers are picked up by the next run, in a new object of their own.
 
 Per object (rows of one hour, in seq order, at most `max_rows_per_object`):
-1. record it as `pending` in `archive_objects` (so a crash after the upload is visible);
-2. stream the rows through gzip into a spooled temp file, hashing the compressed bytes;
+1. stream the rows through gzip into a spooled temp file, hashing the compressed bytes;
+2. record it as `pending` in `archive_objects` (so a crash after the upload is visible);
 3. upload, then re-read (`verify = "full"`: size + sha256 of the body; `"head"`: size +
    the stored checksum);
 4. in one transaction, mark exactly those rows `archive_state = 1` (the count must match)
@@ -23,7 +23,6 @@ duplicate could no longer be detected.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -53,33 +52,11 @@ def _in_hour(hour_s: int) -> Any:
     return sa.and_(te.c.ts >= hour_s * 1000, te.c.ts < hour_s * 1000 + HOUR_MS)
 
 
-def pending_hours(conn: sa.Connection, cutoff: int) -> list[int]:
-    """Event hours (epoch s) holding unarchived rows older than the cutoff."""
+def hour_counts(conn: sa.Connection, cutoff: int) -> list[tuple[int, int]]:
+    """(event hour in epoch s, rows) of the unarchived rows older than the cutoff."""
     hour = te.c.ts // HOUR_MS
-    stmt = sa.select(hour).where(te.c.ts < cutoff, te.c.archive_state == 0).distinct().order_by(hour)
-    return [int(h) * 3600 for h in conn.execute(stmt).scalars()]
-
-
-def plan_hour(conn: sa.Connection, hour_s: int, cutoff: int, max_rows: int) -> Iterator[tuple[int, int, int]]:
-    """(first seq, last seq, rows) of each object of one hour, streaming only the seqs."""
-    stmt = (
-        sa.select(te.c.seq)
-        .where(_in_hour(hour_s), te.c.ts < cutoff, te.c.archive_state == 0)
-        .order_by(te.c.seq)
-        .execution_options(yield_per=FETCH)
-    )
-    first = last = None
-    n = 0
-    for seq in conn.execute(stmt).scalars():
-        if first is None:
-            first = seq
-        last = seq
-        n += 1
-        if n == max_rows:
-            yield first, last, n
-            first, n = None, 0
-    if first is not None and last is not None:
-        yield first, last, n
+    stmt = sa.select(hour, sa.func.count()).where(te.c.ts < cutoff, te.c.archive_state == 0).group_by(hour)
+    return [(int(h) * 3600, int(n)) for h, n in conn.execute(stmt.order_by(hour))]
 
 
 def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = 0) -> Any:
@@ -109,38 +86,40 @@ def _free_key(conn: sa.Connection, prefix: str, hour_s: int, first: int, last: i
         retry += 1
 
 
-def archive_object(env: Any, hour_s: int, cutoff: int, first: int, last: int, rows: int) -> dict[str, Any]:
-    """Archive the rows of one planned object; return its record. See the module doc."""
+def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int) -> dict[str, Any] | None:
+    """Archive the next object of one hour: its first `max_rows_per_object` unarchived
+    rows with seq > `after_seq`, in seq order. None when the hour has nothing left."""
     db, store, cfg = env.DB, env.ARCHIVE, env.config.archive
-    with db.transaction() as conn:
-        key = _free_key(conn, cfg.prefix, hour_s, first, last)
-        conn.execute(
-            sa.insert(ao).values(
-                key=key, hour=hour_s, status="pending", row_count=rows, min_seq=first, max_seq=last,
-                created_at=clock.now_s(),
-            )
-        )  # fmt: skip
-    try:
-        with db.read() as conn:
-            stmt = (
-                sa.select(*SELECT_COLUMNS)
-                .where(_object_rows(hour_s, cutoff, first, last))
-                .order_by(te.c.seq)
-                .execution_options(yield_per=FETCH)
-            )
-            enc = encode(tuple(r) for r in conn.execute(stmt))
-        with enc.body:
-            if enc.rows != rows:
-                raise IntegrityError(f"{key}: planned {rows} rows, read {enc.rows} (rows changed meanwhile)")
+    stmt = (
+        sa.select(*SELECT_COLUMNS)
+        .where(_in_hour(hour_s), te.c.ts < cutoff, te.c.archive_state == 0, te.c.seq > after_seq)
+        .order_by(te.c.seq + 0)  # sort the hour's rows found by the ts index, never walk the whole table by seq
+        .limit(cfg.max_rows_per_object)
+        .execution_options(yield_per=FETCH)
+    )
+    with db.read() as conn:
+        enc = encode(row for part in conn.execute(stmt).partitions(FETCH) for row in part)
+    with enc.body:
+        if enc.rows == 0:
+            return None
+        with db.transaction() as conn:
+            key = _free_key(conn, cfg.prefix, hour_s, enc.min_seq, enc.max_seq)  # type: ignore[arg-type]
+            conn.execute(
+                sa.insert(ao).values(
+                    key=key, hour=hour_s, status="pending", row_count=enc.rows, min_seq=enc.min_seq,
+                    max_seq=enc.max_seq, created_at=clock.now_s(),
+                )
+            )  # fmt: skip
+        try:
             store.put(key, enc.body, enc.metadata())
-        problem = check_stored(store, key, enc.size, enc.sha256, cfg.verify)
-        if problem:
-            raise IntegrityError(f"{key}: read-back check failed: {problem}")
-        _mark(env, key, hour_s, cutoff, enc)
-    except BaseException:
-        _abandon(env, key)
-        raise
-    return {"key": key, "rows": enc.rows, "bytes": enc.size, "raw_bytes": enc.raw_bytes}
+            problem = check_stored(store, key, enc.size, enc.sha256, cfg.verify)
+            if problem:
+                raise IntegrityError(f"{key}: read-back check failed: {problem}")
+            _mark(env, key, hour_s, cutoff, enc)
+        except BaseException:
+            _abandon(env, key)
+            raise
+    return {"key": key, "rows": enc.rows, "bytes": enc.size, "raw_bytes": enc.raw_bytes, "last_seq": enc.max_seq}
 
 
 def _mark(env: Any, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
@@ -191,18 +170,22 @@ def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
         result["recovered"] = recover_pending(env)
         result["watermark"] = clock.iso(raise_watermark(env, cutoff) / 1000)
     with env.DB.read() as conn:
-        hours = pending_hours(conn, cutoff)
-    for hour_s in hours:
-        with env.DB.read() as conn:
-            plan = list(plan_hour(conn, hour_s, cutoff, cfg.max_rows_per_object))
-        for first, last, rows in plan:
+        hours = hour_counts(conn, cutoff)
+    for hour_s, count in hours:
+        if dry_run:
+            planned = -(-count // cfg.max_rows_per_object)
+            result["objects"] += planned
+            result["rows"] += count
+            continue
+        after = -1
+        while True:
             if result["objects"] >= cfg.max_objects_per_run:
                 result["complete"] = False
                 break
-            if dry_run:
-                done = {"rows": rows, "bytes": 0, "raw_bytes": 0}
-            else:
-                done = archive_object(env, hour_s, cutoff, first, last, rows)
+            done = archive_next(env, hour_s, cutoff, after)
+            if done is None:
+                break
+            after = done["last_seq"]
             result["objects"] += 1
             for k in ("rows", "bytes", "raw_bytes"):
                 result[k] += done[k]

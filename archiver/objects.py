@@ -19,6 +19,7 @@ import re
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -93,15 +94,19 @@ class Encoded:
         }
 
 
-def encode(rows: Iterable[tuple[Any, ...]]) -> Encoded:
-    """Serialise rows (tuples in `ROW_FIELDS` order) into a gzip NDJSON temp file."""
+def encode(rows: Iterable[Any]) -> Encoded:
+    """Serialise rows (tuples in `ROW_FIELDS` order) into a gzip NDJSON temp file.
+    Compression runs in a second thread (zlib and hashlib release the GIL), overlapping
+    the fetch and JSON serialisation; at most two blocks are in flight (bounded memory)."""
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (returned to the caller)
     sink = _HashingSink(spool)  # type: ignore[arg-type]
     n = raw = 0
     min_ts = max_ts = min_seq = max_seq = None
     dumps = orjson.dumps
     fields = ROW_FIELDS
-    with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0) as gz:  # type: ignore[call-overload]
+    gz = gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0)  # type: ignore[call-overload]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-gzip") as pool:
+        inflight: Future[int] | None = None
         lines: list[bytes] = []
         for row in rows:
             lines.append(dumps(dict(zip(fields, row, strict=True))))
@@ -114,19 +119,20 @@ def encode(rows: Iterable[tuple[Any, ...]]) -> Encoded:
                 min_seq = row[0]
             max_seq = row[0]
             if len(lines) >= LINES_PER_WRITE:
-                n, raw = n + len(lines), raw + _write(gz, lines)
-                lines = []
-        n, raw = n + len(lines), raw + _write(gz, lines)
+                block = b"\n".join(lines) + b"\n"
+                n, raw, lines = n + len(lines), raw + len(block), []
+                if inflight is not None:
+                    inflight.result()
+                inflight = pool.submit(gz.write, block)
+        if inflight is not None:
+            inflight.result()
+    if lines:
+        block = b"\n".join(lines) + b"\n"
+        n, raw = n + len(lines), raw + len(block)
+        gz.write(block)
+    gz.close()
     spool.seek(0)
     return Encoded(spool, n, raw, sink.size, sink.sha.hexdigest(), min_ts, max_ts, min_seq, max_seq)  # type: ignore[arg-type]
-
-
-def _write(gz: gzip.GzipFile, lines: list[bytes]) -> int:
-    if not lines:
-        return 0
-    data = b"\n".join(lines) + b"\n"
-    gz.write(data)
-    return len(data)
 
 
 def iter_lines(chunks: Iterable[bytes], key: str, expect_sha: str | None) -> Iterator[bytes]:

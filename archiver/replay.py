@@ -29,6 +29,7 @@ from pipeline.schema import path_stats_hourly, traffic_events
 te, psh = traffic_events, path_stats_hourly
 HOUR_S = 3600
 FETCH = 5000
+MAX_DAY_LISTINGS = 31
 Acc = dict[tuple[Any, ...], dict[str, Any]]
 
 
@@ -44,13 +45,16 @@ def objects_in(store: ObjectStore, prefix: str, start_s: float, end_s: float) ->
     h0, h1 = hour_range(start_s, end_s)
     day = datetime.fromtimestamp(h0, UTC).date()
     last_day = datetime.fromtimestamp(h1 - 1, UTC).date()
+    if (last_day - day).days > MAX_DAY_LISTINGS:  # a long range: one listing of the whole prefix
+        prefixes = [f"{prefix}/"]
+    else:
+        prefixes = [f"{prefix}/dt={day + timedelta(days=d):%Y-%m-%d}/" for d in range((last_day - day).days + 1)]
     found = []
-    while day <= last_day:
-        for info in store.list(f"{prefix}/dt={day:%Y-%m-%d}/"):
+    for p in prefixes:
+        for info in store.list(p):
             hour = key_hour(info.key)
             if hour is not None and h0 <= hour < h1:
                 found.append((info.key, hour, info.size))
-        day += timedelta(days=1)
     return found
 
 

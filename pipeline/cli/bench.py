@@ -46,3 +46,37 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, as_json: bool) ->
             "CPU-time ratios       consumer {cpu_ratio}  duplicates {cpu_duplicate_ratio}",
         ],
     )
+
+
+def _archive_bench(kind: str, rows: int, as_json: bool) -> None:
+    from pipeline.bench_archive import bench as run
+
+    result = run(kind, rows, progress=lambda m: click.echo(f"… {m}", err=True))
+    _report(
+        result,
+        as_json,
+        [
+            f"{kind:<8} {{rows_per_s:>10,}} rows/s  {{mb_per_s}} MB/s (NDJSON)  compression {{compression_ratio}}x",
+            "reference {reference_rows_per_s:>9,} rows/s  ratio {ratio}",
+            "peak RSS  {peak_rss_mb} MB",
+        ],
+    )
+
+
+for _kind, _doc in (
+    ("archive", "Archive job vs serialising the same rows to NDJSON + gzip in memory."),
+    ("clean", "Clean job vs a bare DELETE … WHERE seq BETWEEN in 1000-row batches."),
+    ("replay", "Replay verify vs plain gunzip + JSON parse of the same objects."),
+):
+
+    def _make(kind: str) -> Any:
+        def command(rows: int, as_json: bool) -> None:
+            _archive_bench(kind, rows, as_json)
+
+        return command
+
+    bench.command(_kind, help=_doc)(
+        click.option("--rows", default=1_000_000, show_default=True, type=click.IntRange(min=1000))(
+            click.option("--json", "as_json", is_flag=True)(_make(_kind))
+        )
+    )

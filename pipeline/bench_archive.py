@@ -1,0 +1,246 @@
+"""Benchmarks of the archive side: `edgepipe bench archive|clean|replay`.
+
+Each phase and its reference run in a fresh child process (`python -m
+pipeline.bench_archive PHASE DIR`), so the peak RSS reported is that phase's own and not
+the generator's. References, measured in the same run on the same rows:
+* archive — serialise the rows to NDJSON and gzip them in memory (no DB, no I/O);
+* clean   — bare `DELETE … WHERE seq BETWEEN` in 1000-row transactions on a copy;
+* replay  — plain gunzip + JSON parse of the same objects (no checks, no aggregation).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import resource
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline import clock, sample
+
+SCHEDULED = "2026-11-30T02:00:00Z"  # every generated row is older than its cutoff
+END_MS = int(clock.parse_time("2026-11-25T00:00:00Z") * 1000)
+INSERT = (
+    "INSERT INTO traffic_events (ts, id, method, path, overflow, status, response_time_ms, host, colo, bytes)"
+    " VALUES (?,?,?,?,0,?,?,?,?,?)"
+)
+
+
+def _config(work: Path) -> Any:
+    from pipeline.config import Config
+
+    return Config().replace(
+        bindings={"db": f"sqlite:///{work / 'bench.db'}", "archive": f"file://{work / 'archive'}"},
+        archive={"max_objects_per_run": 1_000_000},
+        cleaner={"batch_size": 1000, "max_batches": 1_000_000, "stats_file": str(work / "stats.json")},
+    )
+
+
+def generate(work: Path, n: int) -> None:
+    """Detail rows (stdlib executemany) and their hourly aggregates (the consumer's fold)."""
+    from consumers.traffic import AGG_KEYS, aggregate
+    from pipeline import migrate
+    from pipeline.env import open_env
+    from pipeline.events import Event
+    from pipeline.schema import path_stats_hourly
+
+    env = open_env(_config(work), check_schema=False)
+    migrate.upgrade(env.DB)
+    con = sqlite3.connect(work / "bench.db", isolation_level=None)
+    batch: list[dict[str, Any]] = []
+    for e in sample.events(n, days=5, n_paths=2000, end_ms=END_MS, seed=7):
+        batch.append(e)
+        if len(batch) == 50_000:
+            _store(con, env, batch, Event, aggregate, AGG_KEYS, path_stats_hourly)
+            batch = []
+    _store(con, env, batch, Event, aggregate, AGG_KEYS, path_stats_hourly)
+    con.close()
+    env.close()
+
+
+def _store(con: Any, env: Any, batch: list[dict[str, Any]], Event: Any, aggregate: Any, keys: Any, psh: Any) -> None:
+    if not batch:
+        return
+    con.execute("BEGIN")
+    con.executemany(INSERT, [
+        (e["ts"], e["id"], e["method"], e["path"], e["status"], e["response_time_ms"], e["host"], e["colo"], e["bytes"])
+        for e in batch
+    ])  # fmt: skip
+    con.execute("COMMIT")
+    events = [Event(e["id"], e["ts"], e["method"], e["path"], e["status"], float(e["response_time_ms"]),
+                    e["host"], e["colo"], e["bytes"]) for e in batch]  # fmt: skip
+    with env.DB.transaction() as conn:
+        env.DB.upsert_add(conn, psh, aggregate(events), keys, ["rt_min_ms"], ["rt_max_ms"])
+
+
+def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    started = clock.monotonic()
+    out = fn()
+    out["seconds"] = clock.monotonic() - started
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def _env(work: Path) -> Any:
+    from pipeline.env import open_env
+
+    return open_env(_config(work))
+
+
+def phase_archive(work: Path) -> dict[str, Any]:
+    from archiver.job import run
+
+    env = _env(work)
+    when = datetime.fromtimestamp(clock.parse_time(SCHEDULED), UTC)
+    return _timed(lambda: run(env, when, False))
+
+
+def phase_archive_ref(work: Path) -> dict[str, Any]:
+    from archiver.objects import COMPRESS_LEVEL, ROW_FIELDS
+
+    con = sqlite3.connect(work / "bench.db")
+    rows = con.execute(f"SELECT {', '.join(ROW_FIELDS)} FROM traffic_events ORDER BY seq").fetchall()
+    con.close()
+
+    def serialise() -> dict[str, Any]:
+        out = io.BytesIO()
+        raw = 0
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0) as gz:
+            for i in range(0, len(rows), 2000):
+                data = b"\n".join(orjson.dumps(dict(zip(ROW_FIELDS, r, strict=True))) for r in rows[i : i + 2000])
+                gz.write(data + b"\n")
+                raw += len(data) + 1
+        return {"rows": len(rows), "raw_bytes": raw, "bytes": out.tell()}
+
+    return _timed(serialise)
+
+
+def phase_clean(work: Path) -> dict[str, Any]:
+    from cleaner.job import run
+
+    env = _env(work)
+    return _timed(lambda: run(env, clock.now(), False))
+
+
+def phase_clean_ref(work: Path) -> dict[str, Any]:
+    con = sqlite3.connect(work / "ref.db", isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    lo, hi = con.execute("SELECT min(seq), max(seq) FROM traffic_events").fetchone()
+
+    def delete() -> dict[str, Any]:
+        deleted = 0
+        for start in range(lo, hi + 1, 1000):
+            con.execute("BEGIN")
+            deleted += con.execute(
+                "DELETE FROM traffic_events WHERE seq BETWEEN ? AND ?", (start, start + 999)
+            ).rowcount
+            con.execute("COMMIT")
+        return {"rows": deleted}
+
+    return _timed(delete)
+
+
+def phase_replay(work: Path) -> dict[str, Any]:
+    from archiver import replay
+
+    env = _env(work)
+
+    def verify() -> dict[str, Any]:
+        r = replay.verify(env.DB, env.ARCHIVE, "events", 946_684_800, clock.parse_time(SCHEDULED))
+        return {"rows": r["archived_rows"], "ok": r["ok"], "mismatches": len(r["mismatches"]), "bad": len(r["bad"])}
+
+    return _timed(verify)
+
+
+def phase_replay_ref(work: Path) -> dict[str, Any]:
+    env = _env(work)
+    keys = [i.key for i in env.ARCHIVE.list("events/")]
+
+    def parse() -> dict[str, Any]:
+        n = 0
+        for key in keys:
+            for line in gzip.decompress(env.ARCHIVE.get_bytes(key)).splitlines():
+                orjson.loads(line)
+                n += 1
+        return {"rows": n}
+
+    return _timed(parse)
+
+
+PHASES = {name.removeprefix("phase_"): fn for name, fn in globals().items() if name.startswith("phase_")}
+
+
+def _child(phase: str, work: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench_archive", phase, str(work)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench phase {phase} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else 0.0
+
+
+def bench(kind: str, n: int, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Run `kind` (archive, clean or replay) on `n` generated rows; see the module doc."""
+    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
+        work = Path(tmp)
+        progress(f"generating {n:,} rows")
+        generate(work, n)
+        progress("archive")
+        arch = _child("archive", work)
+        if kind == "archive":
+            progress("reference: NDJSON + gzip in memory")
+            ref = _child("archive_ref", work)
+            mine_rps, ref_rps = arch["rows"] / arch["seconds"], ref["rows"] / ref["seconds"]
+            return {
+                "bench": "archive", "rows": arch["rows"], "objects": arch["objects"],
+                "rows_per_s": round(mine_rps), "mb_per_s": round(arch["raw_bytes"] / arch["seconds"] / 1e6, 1),
+                "compression_ratio": round(arch["raw_bytes"] / arch["bytes"], 2), "peak_rss_mb": arch["peak_rss_mb"],
+                "reference_rows_per_s": round(ref_rps), "ratio": _ratio(mine_rps, ref_rps),
+                "reference_peak_rss_mb": ref["peak_rss_mb"],
+            }  # fmt: skip
+        if kind == "clean":
+            con = sqlite3.connect(work / "bench.db")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            con.close()
+            shutil.copy(work / "bench.db", work / "ref.db")
+            progress("clean")
+            mine = _child("clean", work)
+            progress("reference: bare DELETE in 1000-row batches")
+            ref = _child("clean_ref", work)
+        else:
+            progress("replay verify")
+            mine = _child("replay", work)
+            progress("reference: gunzip + JSON parse")
+            ref = _child("replay_ref", work)
+        mine_rps, ref_rps = mine["rows"] / mine["seconds"], ref["rows"] / ref["seconds"]
+        return {
+            "bench": kind, "rows": mine["rows"], "rows_per_s": round(mine_rps),
+            "mb_per_s": round(arch["raw_bytes"] / mine["seconds"] / 1e6, 1),
+            "compression_ratio": round(arch["raw_bytes"] / arch["bytes"], 2), "peak_rss_mb": mine["peak_rss_mb"],
+            "reference_rows_per_s": round(ref_rps), "ratio": _ratio(mine_rps, ref_rps),
+            "reference_rows": ref["rows"], "archive_peak_rss_mb": arch["peak_rss_mb"],
+            **({"replay_ok": mine["ok"]} if kind == "replay" else {}),
+        }  # fmt: skip
+
+
+if __name__ == "__main__":
+    from pipeline import log
+
+    log.setup("WARNING")
+    result = PHASES[sys.argv[1]](Path(sys.argv[2]))
+    print(json.dumps(result, default=str))
