@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -94,7 +95,9 @@ def ingest(state: Any, source: Any, as_json: bool) -> None:
 
     env = state.env()
     normalizer = PathNormalizer(env.config.paths)
-    stream = source if hasattr(source, "peek") else source.buffer
+    stream = source
+    if not hasattr(stream, "peek"):  # a JSON array is recognised by peeking at its first bytes
+        stream = getattr(stream, "buffer", None) or io.BufferedReader(stream)
     if sys.stderr.isatty() and not as_json:
         from rich.progress import Progress, SpinnerColumn, TextColumn
 
