@@ -80,3 +80,28 @@ for _kind, _doc in (
             click.option("--json", "as_json", is_flag=True)(_make(_kind))
         )
     )
+
+
+@bench.command("http")
+@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(0.5, 120), help="Load per target.")
+@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 256), help="Connections.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1, 10), help="Alternations; best kept.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_http(seconds: float, concurrency: int, rounds: int, as_json: bool) -> None:
+    """POST /v1/events (100 events/request) vs a validate-and-discard endpoint; an app with
+    the traffic collector vs without it. Servers run as subprocesses on loopback."""
+    from pipeline.bench_http import bench_http as run
+
+    result = run(seconds, concurrency, rounds, progress=lambda m: click.echo(f"… {m}", err=True))
+    _report(
+        result,
+        as_json,
+        [
+            "POST /v1/events      {edgepipe_requests_per_s:>10,} req/s  {edgepipe_events_per_s:>10,} events/s",
+            "reference (discard)  {reference_requests_per_s:>10,} req/s  {reference_events_per_s:>10,} events/s",
+            "ingest ratio         {ingest_ratio} (target ≥ 0.5)",
+            "app with collector   {collector_requests_per_s:>10,} req/s",
+            "app without          {plain_requests_per_s:>10,} req/s",
+            "collector ratio      {collector_ratio} (target ≥ 0.9)",
+        ],
+    )
