@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from consumers.traffic import TrafficConsumer
 from pipeline import migrate
-from pipeline.bindings.queue import MessageBatch
 from pipeline.config import Config
-from pipeline.env import Env, open_env
+from pipeline.env import open_env
 from pipeline.worker import Worker
 from tests.conftest import MakeEnv
+from tests.faults import NOW, NOW_MS, Crash, FaultyHandler
 from tests.traffic_truth import (
     Truth,
     assert_aggregates_equal,
@@ -28,34 +28,6 @@ from tests.traffic_truth import (
     make_events,
     stored_event_keys,
 )
-
-NOW = "2026-11-20T12:00:00Z"
-NOW_MS = 1_795_176_000_000  # NOW in epoch milliseconds
-
-
-class Crash(BaseException):
-    """A consumer dying mid-batch: not an Exception, so the worker does not settle; the
-    transaction rolls back and the batch's leases are left to expire."""
-
-
-class FaultyHandler:
-    """The traffic consumer, with a failure after its writes (before the commit) on chosen
-    calls, or a crash that abandons the batch."""
-
-    def __init__(self, cfg: Config, fail: set[int], crash: set[int]) -> None:
-        self.inner = TrafficConsumer(cfg).queue
-        self.fail, self.crash = fail, crash
-        self.calls = 0
-
-    def __call__(self, batch: MessageBatch, env: Env, ctx: Any) -> Any:
-        call = self.calls
-        self.calls += 1
-        report = self.inner(batch, env, ctx)
-        if call in self.crash:
-            raise Crash(f"consumer killed in call {call}")
-        if call in self.fail:
-            raise RuntimeError(f"injected failure in call {call}")
-        return report
 
 
 def deliveries(pairs: list[tuple[dict[str, Any], Truth]], seed: int) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from pipeline.env import Env
 from pipeline.schema import OTHER_PATH, path_stats_hourly, queue_messages, traffic_events
 from pipeline.worker import Worker
 from tests.conftest import MakeEnv
-from tests.test_exactly_once import NOW, NOW_MS, FaultyHandler
+from tests.faults import NOW, NOW_MS, FaultyHandler
 from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
 
 HOUR_MS = 3_600_000
