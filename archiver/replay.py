@@ -121,31 +121,43 @@ def hot_rows(db: Database, h0: int, h1: int) -> Iterator[list[dict[str, Any]]]:
             yield [dict(zip(ROW_FIELDS, r, strict=True)) for r in part]
 
 
-def _differs(name: str, got: Any, want: Any) -> bool:
+def _differs(got: Any, want: Any) -> bool:
     if isinstance(want, float) or isinstance(got, float):
         return abs(float(got) - float(want)) > 1e-6 * max(1.0, abs(float(want)))
-    return got != want
+    return bool(got != want)
 
 
 def compare(acc: Acc, db: Database, h0: int, h1: int, skip_hours: set[int]) -> list[dict[str, Any]]:
-    """Differences between recomputed aggregates and `path_stats_hourly` for [h0, h1)."""
+    """Differences between recomputed aggregates (consumed from `acc`) and
+    `path_stats_hourly` for [h0, h1), streaming the stored rows. Integer columns and the
+    min/max must match exactly, the response-time sum within float rounding."""
+    exact = [c.name for c in psh.c if c.name not in AGG_KEYS and c.name != "rt_sum_ms"]
+    stmt = (
+        sa.select(*(psh.c[k] for k in AGG_KEYS), *(psh.c[c] for c in exact), psh.c.rt_sum_ms)
+        .where(psh.c.hour >= h0, psh.c.hour < h1)
+        .execution_options(yield_per=FETCH)
+    )
+    out: list[dict[str, Any]] = []
     with db.read() as conn:
-        stored = {
-            tuple(r[k] for k in AGG_KEYS): dict(r)
-            for r in conn.execute(sa.select(psh).where(psh.c.hour >= h0, psh.c.hour < h1)).mappings()
-        }
-    out = []
-    for key in sorted(set(stored) | set(acc), key=lambda k: tuple(map(str, k))):
-        if key[0] in skip_hours:
-            continue
-        want, got = stored.get(key), acc.get(key)
-        where = dict(zip(AGG_KEYS, key, strict=True))
-        if want is None or got is None:
-            out.append(where | {"column": "row", "archive": got is not None, "database": want is not None})
-            continue
-        for name in ("requests", *(c for c in want if c not in AGG_KEYS and c != "requests")):
-            if _differs(name, got[name], want[name]):
-                out.append(where | {"column": name, "archive": got[name], "database": want[name]})
+        for part in conn.execute(stmt).partitions(FETCH):
+            for row in part:
+                key = tuple(row[:4])
+                got = acc.pop(key, None)
+                if key[0] in skip_hours:
+                    continue
+                where = dict(zip(AGG_KEYS, key, strict=True))
+                if got is None:
+                    out.append(where | {"column": "row", "archive": False, "database": True})
+                    continue
+                stored = row[4:]
+                if tuple(got[c] for c in exact) == tuple(stored[:-1]) and not _differs(got["rt_sum_ms"], stored[-1]):
+                    continue
+                for name, want in zip([*exact, "rt_sum_ms"], stored, strict=True):
+                    if _differs(got[name], want):
+                        out.append(where | {"column": name, "archive": got[name], "database": want})
+    for key in acc:
+        if key[0] not in skip_hours:
+            out.append(dict(zip(AGG_KEYS, key, strict=True)) | {"column": "row", "archive": True, "database": False})
     return out
 
 
