@@ -3,7 +3,7 @@
 Each target runs as its own uvicorn subprocess on a loopback port; this process is the
 load generator (keep-alive connections over raw asyncio streams, so the generator is
 cheap next to the servers). Targets are measured in the same run and alternated over
-`rounds`, best round kept, because the machine is shared and absolute figures drift:
+`rounds` (median of the per-round ratios), because the machine is shared and absolute figures drift:
 
 * `POST /v1/events` with 100 events per request against edgepipe (validate, enqueue into
   the SQLite queue, answer after the commit) vs a reference FastAPI endpoint that reads,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,27 +169,29 @@ def _server(kind: str, db_url: str, tmp: str) -> Iterator[int]:
             proc.wait(timeout=10)
 
 
-def _measure(kind: str, requests: list[bytes], db_url: str, tmp: str, seconds: float, concurrency: int) -> float:
-    with _server(kind, db_url, tmp) as port:
-        asyncio.run(_load(port, requests, min(1.0, seconds / 4), concurrency))  # warm-up
-        result = asyncio.run(_load(port, requests, seconds, concurrency))
+def _measure(port: int, kind: str, requests: list[bytes], seconds: float, concurrency: int) -> float:
+    result = asyncio.run(_load(port, requests, seconds, concurrency))
     if result["failed"]:
         raise RuntimeError(f"{kind}: {int(result['failed'])} requests failed during the benchmark")
     return result["requests_per_s"]
 
 
 def bench_http(
-    seconds: float = 5.0,
+    seconds: float = 3.0,
     concurrency: int = 16,
-    rounds: int = 2,
+    rounds: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Requests/s and events/s of each target; ratios edgepipe/reference and collector/plain."""
+    """Requests/s and events/s of each target; ratios edgepipe/reference and collector/plain.
+
+    All four servers start first and idle between their turns. Each round loads every
+    target in turn; a round's ratio compares targets measured seconds apart, and the
+    median over rounds is reported, which resists the load drifting on a shared machine."""
     from pipeline import migrate
     from pipeline.bindings.db import Database
 
     say = progress or (lambda _m: None)
-    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-http-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-http-") as tmp, contextlib.ExitStack() as stack:
         db_url = f"sqlite:///{Path(tmp) / 'edgepipe.db'}"
         db = Database(db_url)
         migrate.upgrade(db)
@@ -199,26 +202,31 @@ def bench_http(
             for i in range(0, len(events), EVENTS_PER_REQUEST)
         ]
         gets = [_request("GET", f"/users/{i}") for i in range(BODIES)]
-        best: dict[str, float] = {}
-        plan = [("reference", posts), ("edgepipe", posts), ("plain", gets), ("collector", gets)]
+        plan = {"reference": posts, "edgepipe": posts, "plain": gets, "collector": gets}
+        ports = {kind: stack.enter_context(_server(kind, db_url, tmp)) for kind in plan}
+        for kind, requests in plan.items():  # warm-up
+            _measure(ports[kind], kind, requests, min(1.0, seconds / 3), concurrency)
+        runs: dict[str, list[float]] = {kind: [] for kind in plan}
         for r in range(rounds):
-            for kind, requests in plan:
-                say(f"round {r + 1}/{rounds}: {kind}")
-                rps = _measure(kind, requests, db_url, tmp, seconds, concurrency)
-                best[kind] = max(best.get(kind, 0.0), rps)
+            for kind, requests in plan.items():
+                runs[kind].append(_measure(ports[kind], kind, requests, seconds, concurrency))
+            say(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items()) + " requests/s")
+    med = {kind: statistics.median(v) for kind, v in runs.items()}
+    ingest = statistics.median(e / r for e, r in zip(runs["edgepipe"], runs["reference"], strict=True))
+    collector = statistics.median(c / p for c, p in zip(runs["collector"], runs["plain"], strict=True))
     return {
         "events_per_request": EVENTS_PER_REQUEST,
         "concurrency": concurrency,
         "seconds": seconds,
         "rounds": rounds,
-        "edgepipe_requests_per_s": round(best["edgepipe"], 1),
-        "edgepipe_events_per_s": round(best["edgepipe"] * EVENTS_PER_REQUEST),
-        "reference_requests_per_s": round(best["reference"], 1),
-        "reference_events_per_s": round(best["reference"] * EVENTS_PER_REQUEST),
-        "ingest_ratio": round(best["edgepipe"] / best["reference"], 3),
-        "plain_requests_per_s": round(best["plain"], 1),
-        "collector_requests_per_s": round(best["collector"], 1),
-        "collector_ratio": round(best["collector"] / best["plain"], 3),
+        "edgepipe_requests_per_s": round(med["edgepipe"], 1),
+        "edgepipe_events_per_s": round(med["edgepipe"] * EVENTS_PER_REQUEST),
+        "reference_requests_per_s": round(med["reference"], 1),
+        "reference_events_per_s": round(med["reference"] * EVENTS_PER_REQUEST),
+        "ingest_ratio": round(ingest, 3),
+        "plain_requests_per_s": round(med["plain"], 1),
+        "collector_requests_per_s": round(med["collector"], 1),
+        "collector_ratio": round(collector, 3),
     }
 
 

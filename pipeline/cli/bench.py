@@ -83,9 +83,9 @@ for _kind, _doc in (
 
 
 @bench.command("http")
-@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(0.5, 120), help="Load per target.")
+@click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(0.5, 120), help="Load per target.")
 @click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1, 256), help="Connections.")
-@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1, 10), help="Alternations; best kept.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 50), help="Alternations (median).")
 @click.option("--json", "as_json", is_flag=True)
 def bench_http(seconds: float, concurrency: int, rounds: int, as_json: bool) -> None:
     """POST /v1/events (100 events/request) vs a validate-and-discard endpoint; an app with

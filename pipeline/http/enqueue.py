@@ -86,13 +86,22 @@ class DepthGauge:
         self.interval = interval
         self._value = 0
         self._at: float | None = None
+        self._reading: asyncio.Future[int] | None = None
 
     async def depth(self) -> int:
-        now = clock.monotonic()
-        if self._at is None or now - self._at >= self.interval:
-            self._value = await to_thread.run_sync(self.queue.depth)
-            self._at = now
-        return self._value
+        """The cached depth, re-read when older than `interval`. One reading at a time:
+        requests arriving while the queue is being counted wait for that count."""
+        if self._at is not None and clock.monotonic() - self._at < self.interval:
+            return self._value
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(to_thread.run_sync(self.queue.depth))
+            try:
+                self._value = await asyncio.shield(self._reading)
+                self._at = clock.monotonic()
+            finally:
+                self._reading = None
+            return self._value
+        return await asyncio.shield(self._reading)
 
     def add(self, n: int) -> None:
         self._value += n
