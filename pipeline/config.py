@@ -18,9 +18,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ValidationError
 
 ENV_PREFIX = "EDGEPIPE_"
 DEFAULT_FILE = "edgepipe.toml"
@@ -126,6 +126,7 @@ class Schedule(Section):
     max_attempts: int = Field(3, ge=1, le=100)
     retry_backoff: float = Field(60, ge=0)
     lease_seconds: float = Field(300, ge=5)
+    tick_seconds: float = Field(30, ge=1, le=3600)  # how often a worker re-checks for due or retried runs
     jobs: dict[str, str] = Field(
         default_factory=lambda: {
             "archive": "0 2 * * *",
@@ -135,9 +136,23 @@ class Schedule(Section):
         }
     )
 
+    @model_validator(mode="after")
+    def _cron(self) -> Schedule:
+        from scheduler.cron import parse_table
+
+        try:
+            parse_table(self.jobs, self.timezone)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class Monitor(Section):
     capacity_bytes: int = Field(10 * 1000**3, ge=1)
+    warn_ratio: float = Field(0.8, gt=0, le=1)  # alert when the database fills this share of capacity
+    min_days_left: float = Field(30, ge=0)  # alert when projected days until capacity drop below this
+    max_queue_depth: int = Field(100_000, ge=0)
+    max_dlq_depth: int = Field(1000, ge=0)
 
 
 class Http(Section):

@@ -1,0 +1,180 @@
+"""Job runs and leases in the DB binding: the state that makes a job run once per slot.
+
+A lease row (job, holder, expires_at) is taken before a run, renewed while it runs and
+deleted afterwards. Taking it is one conditional UPDATE (free, expired or already ours),
+so on SQLite (one writer at a time) and on PostgreSQL (the row lock re-checks the WHERE)
+exactly one contender wins. `job_runs` has a unique (job, scheduled_for, attempt) as a
+second line of defence: an attempt can be recorded once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from pipeline import clock, log
+from pipeline.schema import job_leases, job_runs
+from scheduler.decide import ABANDONED, RUNNING, RunRecord
+
+jr = job_runs
+jl = job_leases
+
+
+def _record(r: Any) -> RunRecord:
+    return RunRecord(r.job, r.scheduled_for, r.attempt, r.status, r.started_at, r.finished_at)
+
+
+class JobStore:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    # -- leases ------------------------------------------------------------------------
+
+    def acquire(self, job: str, holder: str, ttl: float) -> bool:
+        now = clock.now_s()
+        with self.db.transaction() as conn:
+            conn.execute(
+                self.db.insert(jl)
+                .values(job=job, holder=holder, expires_at=now + ttl)
+                .on_conflict_do_nothing(index_elements=["job"])
+            )
+            conn.execute(
+                jl.update()
+                .where(jl.c.job == job, sa.or_(jl.c.holder == holder, jl.c.expires_at < now))
+                .values(holder=holder, expires_at=now + ttl)
+            )
+            return conn.execute(sa.select(jl.c.holder).where(jl.c.job == job)).scalar_one() == holder
+
+    def renew(self, job: str, holder: str, ttl: float) -> bool:
+        with self.db.transaction() as conn:
+            result = conn.execute(
+                jl.update().where(jl.c.job == job, jl.c.holder == holder).values(expires_at=clock.now_s() + ttl)
+            )
+        return bool(result.rowcount)
+
+    def release(self, job: str, holder: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(jl.delete().where(jl.c.job == job, jl.c.holder == holder))
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """Live leases: job -> {holder, expires_at}."""
+        with self.db.read() as conn:
+            rows = conn.execute(sa.select(jl).where(jl.c.expires_at >= clock.now_s())).all()
+        return {r.job: {"holder": r.holder, "expires_at": r.expires_at} for r in rows}
+
+    @contextmanager
+    def lease(self, job: str, holder: str, ttl: float) -> Iterator[bool]:
+        """Hold `job`'s lease for the block, renewing it every ttl/3 from a thread.
+        Yields False (and holds nothing) when another holder has it."""
+        if not self.acquire(job, holder, ttl):
+            yield False
+            return
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(ttl / 3):
+                try:
+                    if not self.renew(job, holder, ttl):
+                        log.event("lease_lost", job=job, holder=holder)
+                        return
+                except Exception as exc:  # a missed renewal is retried at the next interval
+                    log.event("lease_renew_failed", job=job, error=f"{type(exc).__name__}: {exc}")
+
+        thread = threading.Thread(target=renew, name=f"lease-{job}", daemon=True)
+        thread.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            thread.join()
+            self.release(job, holder)
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def runs(self, since: float, jobs: list[str] | None = None) -> dict[str, list[RunRecord]]:
+        """Recorded attempts of slots at or after `since`, per job (the decision's input)."""
+        stmt = sa.select(jr).where(jr.c.scheduled_for >= since)
+        if jobs is not None:
+            stmt = stmt.where(jr.c.job.in_(jobs))
+        out: dict[str, list[RunRecord]] = defaultdict(list)
+        with self.db.read() as conn:
+            for r in conn.execute(stmt):
+                out[r.job].append(_record(r))
+        return dict(out)
+
+    def next_attempt(self, job: str, slot: float) -> int:
+        with self.db.read() as conn:
+            n = conn.execute(sa.select(sa.func.max(jr.c.attempt)).where(jr.c.job == job, jr.c.scheduled_for == slot))
+            return int(n.scalar() or 0) + 1
+
+    def abandon_running(self, job: str) -> int:
+        """Mark `job`'s `running` rows abandoned; call only while holding its lease (then
+        no run of it is in progress anywhere, so those rows belong to dead workers)."""
+        with self.db.transaction() as conn:
+            result = conn.execute(
+                jr.update()
+                .where(jr.c.job == job, jr.c.status == RUNNING)
+                .values(status=ABANDONED, finished_at=clock.now_s(), error="worker lost while running")
+            )
+        return result.rowcount or 0
+
+    def start(self, job: str, slot: float, attempt: int, holder: str, status: str = RUNNING) -> int | None:
+        """Record an attempt as started; None when that attempt is already recorded."""
+        with self.db.transaction() as conn:
+            stmt = (
+                self.db.insert(jr)
+                .values(
+                    job=job, scheduled_for=slot, attempt=attempt, status=status, holder=holder, started_at=clock.now_s()
+                )
+                .on_conflict_do_nothing(index_elements=["job", "scheduled_for", "attempt"])
+                .returning(jr.c.id)
+            )
+            return conn.execute(stmt).scalar_one_or_none()
+
+    def finish(self, run_id: int, status: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+        text = None if result is None else orjson.dumps(result, default=str).decode()
+        with self.db.transaction() as conn:
+            conn.execute(
+                jr.update()
+                .where(jr.c.id == run_id)
+                .values(status=status, finished_at=clock.now_s(), result=text, error=error)
+            )
+
+    def history(self, job: str | None = None, limit: int = 50, status: str | None = None) -> list[dict[str, Any]]:
+        """Runs, newest first, as public dicts (times in RFC 3339)."""
+        stmt = sa.select(jr).order_by(jr.c.id.desc()).limit(limit)
+        if job is not None:
+            stmt = stmt.where(jr.c.job == job)
+        if status is not None:
+            stmt = stmt.where(jr.c.status == status)
+        with self.db.read() as conn:
+            rows = conn.execute(stmt).all()
+        return [public(r) for r in rows]
+
+    def last_runs(self) -> dict[str, dict[str, Any]]:
+        """The newest run of every job."""
+        newest = sa.select(sa.func.max(jr.c.id)).group_by(jr.c.job).scalar_subquery()
+        with self.db.read() as conn:
+            rows = conn.execute(sa.select(jr).where(jr.c.id.in_(newest))).all()
+        return {r.job: public(r) for r in rows}
+
+
+def public(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "job": r.job,
+        "scheduled_for": clock.iso(r.scheduled_for),
+        "attempt": r.attempt,
+        "status": r.status,
+        "holder": r.holder,
+        "started_at": clock.iso(r.started_at),
+        "finished_at": None if r.finished_at is None else clock.iso(r.finished_at),
+        "result": None if r.result is None else orjson.loads(r.result),
+        "error": r.error,
+    }
