@@ -4,6 +4,7 @@ content types, batches, ack / retry / dead-letter, leases, the DLQ and concurren
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -127,6 +128,17 @@ def test_receive_up_to_max(env: Env) -> None:
     assert stats(env) == {"pending": 0, "in_flight": 10, "dlq": 0}
     with pytest.raises(ValidationError):
         env.QUEUE.receive(0, 0)
+
+
+def test_full_batch_does_not_wait_and_partial_batch_waits_at_most_the_timeout(env: Env) -> None:
+    env.QUEUE.send_batch(list(range(5)))
+    started = time.monotonic()
+    assert len(env.QUEUE.receive(5, wait_seconds=30)) == 5  # full: returns at once
+    assert time.monotonic() - started < 10
+    env.QUEUE.send_batch(list(range(3)))
+    started = time.monotonic()
+    assert len(env.QUEUE.receive(10, wait_seconds=0.3)) == 3  # partial: after the timeout
+    assert 0.3 <= time.monotonic() - started < 10
 
 
 def test_empty_queue_returns_empty_batch(env: Env) -> None:
