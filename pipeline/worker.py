@@ -4,6 +4,15 @@
 repeats it until asked to stop. The loop owns the transaction; the handler (written
 against bindings only) joins it, and when the queue lives in the same database the acks
 are part of the same commit.
+
+Every `[consumer] snapshot_every_batches` committed batches the worker refreshes the KV
+snapshot. The batch counter lives in the `counters` table and is advanced inside the
+batch's own transaction, so it survives restarts and counts exactly the committed
+batches; the refresh itself runs in the background (`ctx.wait_until`) after the commit,
+and its failure is logged, never charged to the batch.
+
+`WorkerProcess` is `edgepipe worker`: this loop, a heartbeat row and the job scheduler in
+one process, with a graceful stop.
 """
 
 from __future__ import annotations
@@ -14,13 +23,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
+
 from pipeline import clock, log
 from pipeline.bindings.queue import MessageBatch
 from pipeline.env import Env
+from pipeline.heartbeat import Heartbeat, process_name
+from pipeline.schema import counters
 
 Handler = Callable[[MessageBatch, Env, "Context"], Any]
 IDLE_SLEEP_S = 0.2
 ERROR_BACKOFF_S = 1.0
+BATCH_COUNTER = "consumed_batches"
 
 
 class Context:
@@ -75,6 +89,47 @@ class Worker:
     stop_requested: bool = False
     batches: int = 0
     on_batch: list[Callable[[StepResult], None]] = field(default_factory=list)
+    heartbeat: Heartbeat | None = None
+    snapshot_every: int | None = None  # None: `[consumer] snapshot_every_batches`; 0: never
+    refresh: Callable[[Env], Any] | None = None  # None: `snapshots.refresh`
+    refreshes: int = 0
+    _refreshing: Future[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.snapshot_every is None:
+            self.snapshot_every = self.env.config.consumer.snapshot_every_batches
+        if self.snapshot_every and self.env.KV is None:
+            self.snapshot_every = 0  # no KV binding: nothing to publish to
+        if self.snapshot_every and self.refresh is None:
+            from snapshots import refresh
+
+            self.refresh = refresh
+
+    def request_stop(self) -> None:
+        """Take no new batch; the one in hand finishes."""
+        self.stop_requested = True
+
+    def _advance_counter(self, conn: sa.Connection) -> int:
+        """+1 on the durable batch counter, in the caller's (the batch's) transaction."""
+        db = self.env.DB
+        db.upsert_add(conn, counters, [{"name": BATCH_COUNTER, "value": 1}], ["name"])
+        return int(conn.execute(sa.select(counters.c.value).where(counters.c.name == BATCH_COUNTER)).scalar_one())
+
+    def _maybe_refresh(self, count: int | None) -> None:
+        if not count or not self.snapshot_every or count % self.snapshot_every:
+            return
+        if self._refreshing is not None and not self._refreshing.done():
+            log.event("snapshot_refresh_skipped", reason="previous refresh still running", batch=count)
+            return
+        self._refreshing = self.ctx.wait_until(self._refresh_quietly, count)
+
+    def _refresh_quietly(self, count: int) -> None:
+        assert self.refresh is not None
+        try:
+            self.refresh(self.env)
+            self.refreshes += 1
+        except Exception as exc:
+            log.event("snapshot_refresh_failed", logging.WARNING, batch=count, error=f"{type(exc).__name__}: {exc}")
 
     def step(self, wait: float | None = None) -> StepResult | None:
         """Process at most one batch. Returns None when no message was available.
@@ -94,8 +149,9 @@ class Worker:
             if not batch.messages:
                 return None
         started = clock.monotonic()
+        count = None
         try:
-            with self.env.DB.transaction():
+            with self.env.DB.transaction() as conn:
                 if shared:
                     batch = queue.receive(cfg.max_batch_size, 0.0)
                     if not batch.messages:
@@ -103,6 +159,8 @@ class Worker:
                 report = self.handler(batch, self.env, self.ctx)
                 if shared:
                     queue.settle(batch)
+                if self.snapshot_every:
+                    count = self._advance_counter(conn)  # last: the row lock is held only to the commit
             if not shared:
                 queue.settle(batch)
             result = StepResult(len(batch), True, report)
@@ -124,6 +182,10 @@ class Worker:
             **fields,
             **({"error": result.error} if result.error else {}),
         )
+        if result.ok:
+            if self.heartbeat is not None:
+                self.heartbeat.batch_done()
+            self._maybe_refresh(count)
         for callback in self.on_batch:
             callback(result)
         return result
@@ -133,6 +195,8 @@ class Worker:
         Returns the number of batches processed."""
         done = 0
         while not self.stop_requested and (max_batches is None or done < max_batches):
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             result = self.step(wait=0.0 if until_empty else None)
             if result is None:
                 if until_empty:
@@ -142,3 +206,46 @@ class Worker:
             done += 1
         self.ctx.drain()
         return done
+
+
+class WorkerProcess:
+    """`edgepipe worker`: the consumer loop in the main thread, the job scheduler in
+    APScheduler's thread, and a heartbeat row. `request_stop()` (the first SIGTERM or
+    SIGINT) stops taking batches and job runs; the batch and the job run in hand finish,
+    their leases are released, background refreshes drain, and `run()` returns."""
+
+    def __init__(self, env: Env, handler: Handler, with_scheduler: bool = True) -> None:
+        self.env = env
+        self.holder = process_name()
+        self.heartbeat = Heartbeat(env.DB, self.holder)
+        self.worker = Worker(env, handler, heartbeat=self.heartbeat)
+        self.scheduler: Any = None
+        if with_scheduler:
+            from scheduler.service import JobScheduler
+
+            self.scheduler = JobScheduler(env, self.holder, on_run=lambda _outcome: self.heartbeat.job_done())
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.worker.stop_requested
+
+    def request_stop(self) -> None:
+        self.worker.request_stop()
+        if self.scheduler is not None:
+            self.scheduler.stopping.set()
+
+    def run(self) -> int:
+        """Serve until stopped; returns the number of batches processed."""
+        self.heartbeat.beat(force=True)
+        log.event("worker_started", holder=self.holder, db=self.env.DB)
+        try:
+            if self.scheduler is not None:
+                self.scheduler.start()
+            return self.worker.run()
+        finally:
+            self.heartbeat.beat("stopping", force=True)
+            if self.scheduler is not None:
+                self.scheduler.stop(wait=True)
+            self.worker.ctx.close()
+            self.heartbeat.beat("stopped", force=True)
+            log.event("worker_stopped", holder=self.holder, batches=self.worker.batches)

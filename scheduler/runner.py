@@ -9,9 +9,6 @@ attempt is retried by the scheduler with backoff, up to `max_attempts`).
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +16,7 @@ from typing import Any
 
 from pipeline import clock, log
 from pipeline.errors import NotFound, TransientError
+from pipeline.heartbeat import process_name
 from pipeline.jobs import load_jobs
 from scheduler.cron import CronSpec
 from scheduler.decide import DRY_RUN, FAILED, SUCCEEDED, Due, Policy, decide_job
@@ -26,8 +24,7 @@ from scheduler.runs import JobStore
 
 
 def new_holder() -> str:
-    """A name for this process in leases and heartbeats: host, pid and a random tag."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return process_name()
 
 
 def policy_of(config: Any) -> Policy:

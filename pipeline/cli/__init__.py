@@ -80,6 +80,6 @@ def emit_json(data: Any) -> None:
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
 
-from pipeline.cli import archive, bench, core, http, jobs  # noqa: E402  (registers the commands)
+from pipeline.cli import archive, bench, core, http, jobs, ops  # noqa: E402  (registers the commands)
 
-__all__ = ["archive", "bench", "core", "emit_json", "http", "jobs", "main", "pass_state"]
+__all__ = ["archive", "bench", "core", "emit_json", "http", "jobs", "main", "ops", "pass_state"]

@@ -149,11 +149,14 @@ def consume(state: Any, until_empty: bool, max_batches: int | None, as_json: boo
         click.echo(f"processed {batches} batches; queue {stats}", err=True)
 
 
-def _install_signals(worker: Any) -> None:
+def _install_signals(target: Any) -> None:
+    """First SIGTERM/SIGINT: `target.request_stop()` (finish what is in hand, then exit 0).
+    A second one exits at once; leases held in the database simply expire."""
+
     def handle(signum: int, _frame: Any) -> None:
-        if worker.stop_requested:
-            os._exit(128 + signum)  # second signal: leave now, leases will expire
-        worker.stop_requested = True
+        if target.stop_requested:
+            os._exit(128 + signum)
+        target.request_stop()
         log.event("stopping", signal=signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, handle)
@@ -161,16 +164,19 @@ def _install_signals(worker: Any) -> None:
 
 
 @main.command()
+@click.option("--no-scheduler", is_flag=True, help="Only consume; run no scheduled jobs in this process.")
 @pass_state
-def worker(state: Any) -> None:
-    """The long-running process: consume until SIGTERM/SIGINT, finish the batch in hand,
-    exit 0. A second signal exits at once (nothing is lost: leases expire)."""
+def worker(state: Any, no_scheduler: bool) -> None:
+    """The long-running process: consume the queue, refresh the KV snapshot every
+    `[consumer] snapshot_every_batches` batches and run the scheduled jobs. SIGTERM/SIGINT:
+    finish the batch and job in hand, release leases, exit 0; a second signal exits at once."""
+    from consumers.traffic import TrafficConsumer
+    from pipeline.worker import WorkerProcess
+
     env = state.env()
-    w = _worker(env)
-    _install_signals(w)
-    log.event("worker_started", pid=os.getpid(), db=env.DB)
-    w.run()
-    log.event("worker_stopped", batches=w.batches)
+    process = WorkerProcess(env, TrafficConsumer(env.config).queue, with_scheduler=not no_scheduler)
+    _install_signals(process)
+    process.run()
 
 
 @main.group()

@@ -1,7 +1,12 @@
-"""`edgepipe jobs …`: run the scheduled jobs by hand."""
+"""`edgepipe jobs …`: the cron table, run history, and runs by hand.
+
+A run by hand goes through the scheduler's own path: it takes the job's lease (refusing
+while another process runs the job) and is recorded in `job_runs` like a scheduled run.
+"""
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,8 +14,7 @@ import click
 
 from pipeline import clock
 from pipeline.cli import emit_json, main, pass_state
-from pipeline.errors import NotFound, ValidationError
-from pipeline.jobs import load_jobs
+from pipeline.errors import ValidationError
 
 
 @main.group()
@@ -25,17 +29,91 @@ def jobs() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
 def jobs_run(state: Any, name: str, at: str | None, dry_run: bool, as_json: bool) -> None:
-    """Run job NAME once, now, as if scheduled at T."""
-    registry = load_jobs()
-    if name not in registry:
-        raise NotFound(f"unknown job {name!r} (known: {', '.join(sorted(registry)) or 'none'})")
+    """Run job NAME once, now, as if scheduled at T (recorded in the job history).
+    Exits 1 when the job fails, 4 while another process runs it."""
+    from scheduler.runner import run_by_hand
+
     try:
-        when = clock.now() if at is None else datetime.fromtimestamp(clock.parse_time(at), UTC)
+        when = None if at is None else datetime.fromtimestamp(clock.parse_time(at), UTC)
     except ValueError as exc:
         raise ValidationError("--at", str(exc)) from None
-    result = registry[name](state.env(), when, dry_run)
+    out = run_by_hand(state.env(), name, when, dry_run)
+    if out.status == "failed":
+        click.echo(f"edgepipe: job {name} failed (attempt {out.attempt}): {out.error}", err=True)
+        sys.exit(1)
+    result = out.result or {}
     if as_json:
         emit_json(result)
     else:
         for key, value in result.items():
             click.echo(f"{key:>24} {value}")
+
+
+def _job_rows(env: Any) -> list[dict[str, Any]]:
+    from scheduler.runs import JobStore
+    from scheduler.service import load_specs
+
+    now = clock.now()
+    last = JobStore(env.DB).last_runs()
+    rows = []
+    for spec in load_specs(env.config):
+        run = last.get(spec.name) or {}
+        nxt = spec.next_fire(now)
+        rows.append(
+            {
+                "job": spec.name,
+                "cron": spec.expr,
+                "timezone": spec.timezone,
+                "next_run": None if nxt is None else clock.iso(nxt.timestamp()),
+                "next_run_local": None if nxt is None else nxt.isoformat(),
+                "last_scheduled_for": run.get("scheduled_for"),
+                "last_status": run.get("status"),
+                "last_attempt": run.get("attempt"),
+                "last_finished_at": run.get("finished_at"),
+                "last_error": run.get("error"),
+            }
+        )
+    return rows
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r[c]) for c in columns))
+    Console().print(table)
+
+
+@jobs.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def jobs_list(state: Any, as_json: bool) -> None:
+    """The cron table: expression, time zone, next fire time, last run and its status."""
+    rows = _job_rows(state.env())
+    if as_json:
+        emit_json(rows)
+    else:
+        cols = ("job", "cron", "timezone", "next_run_local", "last_scheduled_for", "last_status", "last_attempt")
+        _table(rows, cols, "scheduled jobs")
+
+
+@jobs.command("history")
+@click.option("--job", "job_name", help="Only this job.")
+@click.option("--status", type=click.Choice(["running", "succeeded", "failed", "abandoned", "dry_run"]))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def jobs_history(state: Any, job_name: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """Recorded runs, newest first (scheduled and by hand, every attempt)."""
+    from scheduler.runs import JobStore
+
+    rows = JobStore(state.env().DB).history(job_name, limit, status)
+    if as_json:
+        emit_json(rows)
+    else:
+        cols = ("id", "job", "scheduled_for", "attempt", "status", "started_at", "finished_at", "error")
+        _table(rows, cols, "job runs")

@@ -1,0 +1,137 @@
+"""Operations: `edgepipe snapshot …`, `edgepipe monitor`, `edgepipe status`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from pipeline.cli import emit_json, main, pass_state
+from pipeline.errors import NotFound
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r[c]) for c in columns))
+    Console().print(table)
+
+
+@main.group()
+def snapshot() -> None:
+    """Hot-path snapshots in the KV binding."""
+
+
+@snapshot.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def snapshot_show(state: Any, as_json: bool) -> None:
+    """The latest published snapshot."""
+    import snapshots
+
+    snap = snapshots.read_latest(state.env().KV)
+    if snap is None:
+        raise NotFound("no snapshot published yet (run `edgepipe snapshot refresh`)")
+    if as_json:
+        emit_json(snap)
+        return
+    cols = ("path", "method", "requests", "errors", "error_rate", "rt_avg_ms", "p50_ms", "p95_ms", "p99_ms")
+    title = f"snapshot v{snap['version']} at {snap['generated_at']}, last {snap['window_hours']} h"
+    _table(snap["paths"], cols, title)
+
+
+@snapshot.command("refresh")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def snapshot_refresh(state: Any, as_json: bool) -> None:
+    """Build and publish a new snapshot version now."""
+    import snapshots
+
+    result = snapshots.refresh(state.env())
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"published {result['key']} ({result['paths']} paths, {result['ms']} ms)", err=True)
+
+
+@snapshot.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def snapshot_list(state: Any, as_json: bool) -> None:
+    """Stored snapshot versions, oldest first."""
+    import snapshots
+
+    rows = snapshots.list_versions(state.env().KV)
+    if as_json:
+        emit_json(rows)
+    else:
+        _table(rows, ("key", "version", "generated_at", "paths"), "snapshot versions")
+
+
+@snapshot.command("prune")
+@click.option("--keep", default=None, type=click.IntRange(min=1), help="Versions to keep [default: [snapshots] keep].")
+@click.option("--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def snapshot_prune(state: Any, keep: int | None, dry_run: bool, as_json: bool) -> None:
+    """Delete all but the newest KEEP versions (`snapshot:latest` is kept)."""
+    import snapshots
+
+    env = state.env()
+    result = snapshots.prune(env.KV, keep or env.config.snapshots.keep, dry_run=dry_run)
+    if as_json:
+        emit_json(result)
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        click.echo(f"{verb} {result['deleted']} versions, kept {result['kept_versions']}", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--check", is_flag=True, help="Exit 1 when any threshold is crossed (for cron and alerting).")
+@pass_state
+def monitor(state: Any, as_json: bool, check: bool) -> None:
+    """Capacity report: sizes, rows, growth, days until full, archive lag, queue and DLQ."""
+    from scheduler.monitor import report
+
+    r = report(state.env())
+    if as_json:
+        emit_json(r)
+    else:
+        _print_report(r)
+    if check and r["alerts"]:
+        sys.exit(1)
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    sizes = r["table_bytes"] or {}
+    rows = [{"table": t, "rows": n, "bytes": sizes.get(t)} for t, n in sorted(r["rows"].items())]
+    _table(rows, ("table", "rows", "bytes"), f"database {r['db_bytes']:,} bytes ({r['used_ratio']:.2%} of capacity)")
+    for key in ("growth_7d_bytes", "days_until_full", "oldest_unarchived_at", "queue_depth", "dlq_depth", "archive"):
+        click.echo(f"{key:>24} {r[key]}")
+    for alert in r["alerts"]:
+        click.echo(f"ALERT {alert}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def status(state: Any, as_json: bool) -> None:
+    """Workers from their heartbeats; exits 1 when none is running or one is stuck."""
+    from pipeline.heartbeat import status as worker_status
+
+    env = state.env()
+    s = worker_status(env.DB, env.QUEUE.depth())
+    if as_json:
+        emit_json(s)
+    else:
+        cols = ("holder", "state", "verdict", "reason", "last_seen_at", "last_batch_at", "last_job_at", "batches")
+        _table(s["workers"], cols, f"workers ({'healthy' if s['healthy'] else 'UNHEALTHY'}), queue {s['queue_depth']}")
+    if not s["healthy"]:
+        sys.exit(1)
