@@ -210,3 +210,22 @@ async def test_unknown_route_and_method_use_the_error_shape(app: Any) -> None:
         wrong = await c.get("/v1/events")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+
+
+def test_token_checker_records_last_use_and_sees_revocation(make_env: Any, sqlite_url: str) -> None:
+    from pipeline.http.auth import TokenChecker, is_loopback, list_tokens
+
+    env = make_env(sqlite_url)
+    token_id, token = create_token(env.DB, "ci")
+    checker = TokenChecker(env.DB, cache_seconds=0)
+    checker.refresh()
+    assert checker.required() and checker.check(f"Bearer {token}") and not checker.check(f"Bearer {token}x")
+    assert list_tokens(env.DB)[0]["last_used_at"] is None  # written on the next refresh, not per request
+    checker.refresh()
+    assert list_tokens(env.DB)[0]["last_used_at"] is not None
+    revoke_token(env.DB, token_id)
+    checker.refresh()
+    assert not checker.required() and not checker.check(f"Bearer {token}")
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.1", "::")] == [
+        True, True, True, True, False, False, False
+    ]  # fmt: skip
