@@ -149,5 +149,9 @@ def parse(name: str, expr: str, timezone: str = "UTC") -> CronSpec:
     return CronSpec(name, expr, timezone, trigger)
 
 
+DISABLED = ("", "off")
+
+
 def parse_table(jobs: dict[str, str], timezone: str) -> list[CronSpec]:
-    return [parse(name, expr, timezone) for name, expr in sorted(jobs.items())]
+    """The cron table; an entry set to `"off"` (or empty) is disabled."""
+    return [parse(name, expr, timezone) for name, expr in sorted(jobs.items()) if expr.strip().lower() not in DISABLED]
