@@ -121,7 +121,8 @@ queue_messages = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("lease", String(32)),
     Column("last_error", Text),
-    Index("ix_queue_messages_ready", "queue", "visible_at", "seq"),
+    # No secondary index: consumers scan the primary key in order and skip the few rows
+    # that are leased or delayed, so each message costs one B-tree insert and one delete.
 )
 
 queue_dlq = Table(

@@ -35,7 +35,7 @@ from pipeline.bindings.queue import (
     split_dead,
 )
 from pipeline.errors import ValidationError
-from pipeline.ids import uuid7
+from pipeline.ids import uuid7_batch
 from pipeline.schema import queue_dlq, queue_messages
 
 q = queue_messages
@@ -55,7 +55,9 @@ class SqlQueue(Queue):
 
     def send_batch(self, bodies: Iterable[Any]) -> list[str]:
         now = clock.now_s()
-        rows = [(self.name, uuid7(), *reversed(encode_body(body)), now, now, 0) for body in bodies]
+        encoded = [encode_body(body) for body in bodies]
+        ids = uuid7_batch(len(encoded))
+        rows = [(self.name, mid, kind, data, now, now, 0) for mid, (data, kind) in zip(ids, encoded, strict=True)]
         if rows:
             insert = self.db.cached(("queue_send",), q.insert)
             with self.db.transaction() as conn:
@@ -69,7 +71,7 @@ class SqlQueue(Queue):
         stmt = (
             sa.select(*columns)
             .where(q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
-            .order_by(q.c.visible_at, q.c.seq)
+            .order_by(q.c.seq)
             .limit(sa.bindparam("n"))
         )
         return stmt.with_for_update(skip_locked=True) if self.db.dialect == "postgresql" else stmt

@@ -82,7 +82,6 @@ def upgrade() -> None:
         sa.Column("lease", sa.String(32)),
         sa.Column("last_error", sa.Text),
     )
-    op.create_index("ix_queue_messages_ready", "queue_messages", ["queue", "visible_at", "seq"])
     op.create_table(
         "queue_dlq",
         sa.Column("seq", RowId, primary_key=True, autoincrement=True),
