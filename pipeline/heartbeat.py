@@ -89,7 +89,7 @@ def status(db: Any, queue_depth: int | None = None, now_s: float | None = None) 
             sa.select(wh).where(sa.or_(wh.c.state != "stopped", wh.c.last_seen_at > now - FORGET_STOPPED_AFTER_S))
         ).all()
     workers = []
-    for r in sorted(rows, key=lambda r: r.started_at):
+    for r in sorted(rows, key=lambda r: (r.started_at, r.holder)):
         verdict, reason = "ok", ""
         if r.state == "stopped":
             verdict = "stopped"
