@@ -90,6 +90,7 @@ def bench_consume(
     batch_size: int = 100,
     db_url: str | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
+    snapshots: bool = False,
 ) -> dict[str, Any]:
     from consumers.traffic import TrafficConsumer
     from pipeline import log, migrate
@@ -128,8 +129,24 @@ def bench_consume(
                 env.QUEUE.send_batch(events[i : i + SEND_CHUNK])
             dup_s, dup_cpu, _, dup_inserted = _drain(worker)
             env.close()
+        snap = None
+        if snapshots:
+            from pipeline.bench_snapshot import consume_with_snapshots
+
+            progress("consume again on a fresh database, refreshing the snapshot every 10 batches")
+            snap = consume_with_snapshots(events, batch_size, db_url, work / "snapshots", every=10)
     raw, consumer, dup = n / raw_s, n / consume_s, n / dup_s
-    return {
+    extra = {}
+    if snap is not None:
+        on = n / snap["seconds_with_tail"]
+        extra = {
+            "snapshot_events_per_s": round(on),
+            "snapshot_overhead": round(1 - on / consumer, 4),
+            "snapshot_cpu_overhead": round(snap["cpu"] / consume_cpu - 1, 4),
+            "snapshot_batch_p99_ms": _pct(snap["latencies"], 99),
+            "snapshot_refreshes": snap["refreshes"],
+        }
+    return extra | {
         "events": n,
         "batch_size": batch_size,
         "db": "sqlite" if db_url is None or db_url.startswith("sqlite") else "postgresql",

@@ -71,12 +71,11 @@ def hourly(
             yield _public(row)
 
 
-def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | None = None) -> list[dict[str, Any]]:
-    """The busiest (path, method) pairs over the last `hours` hours (the current hour
-    included), summed over hosts, with merged histograms. Reads only the window's rows."""
-    now_s = clock.now_s() if now_s is None else now_s
+def top_paths_statement(hours: int, limit: int, now_s: float) -> sa.Select[Any]:
+    """The SELECT behind `top_paths` (also what `edgepipe bench snapshot` explains): a
+    range on `hour`, the leading column of the primary key, so only the window is read."""
     first_hour = int(now_s) // 3600 * 3600 - (hours - 1) * 3600
-    stmt = (
+    return (
         sa.select(
             psh.c.path,
             psh.c.method,
@@ -89,6 +88,12 @@ def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | Non
         .order_by(sa.desc("requests"), psh.c.path, psh.c.method)
         .limit(limit)
     )
+
+
+def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | None = None) -> list[dict[str, Any]]:
+    """The busiest (path, method) pairs over the last `hours` hours (the current hour
+    included), summed over hosts, with merged histograms. Reads only the window's rows."""
+    stmt = top_paths_statement(hours, limit, clock.now_s() if now_s is None else now_s)
     with db.read() as conn:
         rows = [_plain(r) for r in conn.execute(stmt).mappings()]
     out = []

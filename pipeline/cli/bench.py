@@ -28,12 +28,15 @@ def _report(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 @click.option(
     "--db", "db_url", metavar="URL", help="Run edgepipe's side on this database (default: a temp SQLite file)."
 )
+@click.option(
+    "--snapshots", is_flag=True, help="Also consume with a snapshot refresh every 10 batches; report the overhead."
+)
 @click.option("--json", "as_json", is_flag=True)
-def bench_consume(n: int, batch_size: int, db_url: str | None, as_json: bool) -> None:
+def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, as_json: bool) -> None:
     """Consumer throughput vs the raw SQLite insert limit, then a pass of all duplicates."""
     from pipeline.bench import bench_consume as run
 
-    result = run(n, batch_size, db_url, progress=lambda m: click.echo(f"… {m}", err=True))
+    result = run(n, batch_size, db_url, progress=lambda m: click.echo(f"… {m}", err=True), snapshots=snapshots)
     _report(
         result,
         as_json,
@@ -44,6 +47,37 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, as_json: bool) ->
             "batch latency         p50 {batch_p50_ms} ms  p99 {batch_p99_ms} ms",
             "duplicates            {duplicate_events_per_s:>10,} events/s  ratio {duplicate_ratio}",
             "CPU-time ratios       consumer {cpu_ratio}  duplicates {cpu_duplicate_ratio}",
+            *(
+                [
+                    "with snapshots        {snapshot_events_per_s:>10,} events/s  overhead {snapshot_overhead}"
+                    "  (CPU {snapshot_cpu_overhead}, {snapshot_refreshes} refreshes)"
+                ]
+                if snapshots
+                else []
+            ),
+        ],
+    )
+
+
+@bench.command("snapshot")
+@click.option("--paths", default=2000, show_default=True, type=click.IntRange(10, 100_000))
+@click.option("--repeat", default=5, show_default=True, type=click.IntRange(1, 100), help="Refreshes timed (median).")
+@click.option("--db", "db_url", metavar="URL", help="Database (default: a temp SQLite file).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_snapshot(paths: int, repeat: int, db_url: str | None, as_json: bool) -> None:
+    """Snapshot refresh over 7 days of hourly aggregates vs over 90 days (ratio ≤ 1.3:
+    a refresh reads only its window)."""
+    from pipeline.bench_snapshot import bench_snapshot as run
+
+    result = run(paths, db_url, repeat, progress=lambda m: click.echo(f"… {m}", err=True))
+    _report(
+        result,
+        as_json,
+        [
+            "refresh over 7 days   {refresh_7d_ms:>10} ms  ({rows_7d:,} hourly rows)",
+            "refresh over 90 days  {refresh_90d_ms:>10} ms  ({rows_90d:,} hourly rows)",
+            "ratio 90 d / 7 d      {ratio} (target ≤ 1.3)",
+            "plan                  {plan}",
         ],
     )
 

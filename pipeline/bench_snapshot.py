@@ -1,0 +1,165 @@
+"""Snapshot benchmarks behind `edgepipe bench snapshot` and `edgepipe bench consume
+--snapshots`.
+
+`bench snapshot`: a refresh must read only its window's rows, so its cost must not grow
+with history. One database gets 7 days of hourly aggregates for `paths` paths; refreshes
+are timed; then 83 older days are added (90 in all) and the same refreshes are timed
+again, in the same run. The ratio 90 d / 7 d stays near 1 when the `hour` range drives
+the read, and the query plan is reported to show it.
+
+`consume_with_snapshots`: the consumer pass again on a fresh database with a refresh every
+N batches, for comparison with the same run's pass with refreshes off.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline import clock
+from pipeline.config import Config
+from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
+
+HOUR = 3600
+INSERT_CHUNK = 20_000
+
+
+def _rows(hours: range, paths: list[str], rng: random.Random) -> list[dict[str, Any]]:
+    out = []
+    zero = dict.fromkeys(BUCKET_COLUMNS, 0)
+    for hour in hours:
+        for rank, path in enumerate(paths):
+            n = max(1, int(5000 / (rank + 1)) + rng.randint(0, 3))
+            bucket = BUCKET_COLUMNS[rng.randint(3, 9)]
+            out.append(
+                {
+                    "hour": hour, "host": "", "path": path, "method": "GET", "requests": n,
+                    **dict.fromkeys(STATUS_COLUMNS, 0), "status_2xx": n, "bytes_sum": n * 512,
+                    "rt_sum_ms": n * 40.0, "rt_min_ms": 1.0, "rt_max_ms": 900.0, **zero, bucket: n,
+                }
+            )  # fmt: skip
+    return out
+
+
+def _fill(env: Any, hours: range, paths: list[str], rng: random.Random, progress: Callable[[str], None]) -> int:
+    """Insert one row per (hour, path); returns the number of rows."""
+    total = 0
+    step = max(1, INSERT_CHUNK // len(paths))
+    for i in range(0, len(hours), step):
+        rows = _rows(hours[i : i + step], paths, rng)
+        with env.DB.transaction() as conn:
+            conn.execute(path_stats_hourly.insert(), rows)
+        total += len(rows)
+    progress(f"{total:,} hourly rows written")
+    return total
+
+
+def _time_refresh(env: Any, now_s: float, repeat: int) -> float:
+    """Median seconds of `repeat` refreshes (after one warm-up)."""
+    import snapshots
+
+    snapshots.refresh(env, now_s)
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        snapshots.refresh(env, now_s)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def query_plan(env: Any, now_s: float) -> list[str]:
+    """The database's plan for the snapshot query, one line per step."""
+    from pipeline.queries import top_paths_statement
+
+    cfg = env.config.snapshots
+    stmt = top_paths_statement(cfg.window_hours, cfg.top_n, now_s)
+    sql = str(stmt.compile(env.DB.engine, compile_kwargs={"literal_binds": True}))
+    with env.DB.read() as conn:
+        if env.DB.dialect == "sqlite":
+            return [r[-1] for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+        return [r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}")]
+
+
+def bench_snapshot(
+    paths: int = 2000, db_url: str | None = None, repeat: int = 5, progress: Callable[[str], None] = lambda _m: None
+) -> dict[str, Any]:
+    from pipeline import log, migrate
+    from pipeline.bench import scratch_db
+    from pipeline.env import open_env
+
+    log.setup("WARNING")
+    rng = random.Random(11)
+    names = [f"/api/v1/resource{i}/items" for i in range(paths)]
+    now_s = float(clock.now_s() // HOUR * HOUR + 1800)
+    last = int(now_s) // HOUR * HOUR
+    recent = range(last - (7 * 24 - 1) * HOUR, last + HOUR, HOUR)
+    older = range(last - (90 * 24 - 1) * HOUR, recent.start, HOUR)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp, scratch_db(db_url, Path(tmp)) as url:
+        cfg = Config().replace(bindings={"db": url, "archive": f"file://{tmp}/archive"})
+        env = open_env(cfg, check_schema=False)
+        try:
+            migrate.upgrade(env.DB)
+            progress("7 days of aggregates")
+            rows_7 = _fill(env, recent, names, rng, progress)
+            t7 = _time_refresh(env, now_s, repeat)
+            progress("83 older days (90 in all)")
+            rows_90 = rows_7 + _fill(env, older, names, rng, progress)
+            if env.DB.dialect == "postgresql":
+                with env.DB.transaction() as conn:
+                    conn.exec_driver_sql("ANALYZE path_stats_hourly")
+            t90 = _time_refresh(env, now_s, repeat)
+            plan = query_plan(env, now_s)
+        finally:
+            env.close()
+    return {
+        "db": "sqlite" if url.startswith("sqlite") else "postgresql",
+        "paths": paths,
+        "window_hours": cfg.snapshots.window_hours,
+        "top_n": cfg.snapshots.top_n,
+        "rows_7d": rows_7,
+        "rows_90d": rows_90,
+        "refresh_7d_ms": round(t7 * 1000, 2),
+        "refresh_90d_ms": round(t90 * 1000, 2),
+        "ratio": round(t90 / t7, 3),
+        "plan": plan,
+        "plan_uses_hour_range": any(("hour>" in p.replace(" ", "") or "hour >=" in p) for p in plan),
+    }
+
+
+def consume_with_snapshots(
+    events: list[dict[str, Any]], batch_size: int, db_url: str | None, work: Path, every: int = 10
+) -> dict[str, Any]:
+    """Drain the same events through a fresh database with a refresh every `every` batches."""
+    from consumers.traffic import TrafficConsumer
+    from pipeline import migrate
+    from pipeline.bench import SEND_CHUNK, _drain, scratch_db
+    from pipeline.env import open_env
+    from pipeline.worker import Worker
+
+    work.mkdir(parents=True, exist_ok=True)
+    with scratch_db(db_url, work) as url:
+        cfg = Config().replace(
+            bindings={"db": url, "archive": f"file://{work / 'archive'}"},
+            consumer={"max_batch_size": batch_size, "max_batch_timeout": 0, "snapshot_every_batches": every},
+        )
+        env = open_env(cfg, check_schema=False)
+        try:
+            migrate.upgrade(env.DB)
+            for i in range(0, len(events), SEND_CHUNK):
+                env.QUEUE.send_batch(events[i : i + SEND_CHUNK])
+            worker = Worker(env, TrafficConsumer(cfg).queue)
+            cpu0 = time.process_time()
+            started = clock.monotonic()
+            secs, _cpu, latencies, _inserted = _drain(worker)
+            worker.ctx.drain()  # the last refresh's tail counts too
+            total_s = clock.monotonic() - started
+            cpu = time.process_time() - cpu0
+        finally:
+            env.close()
+    return {"seconds": secs, "seconds_with_tail": total_s, "cpu": cpu, "latencies": latencies,
+            "refreshes": worker.refreshes}  # fmt: skip
