@@ -5,11 +5,12 @@ again in the bucket (`[archive] verify`: `full` re-hashes the body, `head` compa
 and stored checksum); an object that fails is flagged `corrupt` and its rows stay.
 
 Each batch (`[cleaner] batch_size` rows of one object, at most `max_batches` per run) is
-ONE transaction that sums the rows, deletes them, adds the sums to `lifetime_totals` and
-advances the object's `cleaned_rows`, so hot + cold == total at every commit. Counts are
-checked against the object: before its first batch the rows still held must equal
-`row_count - cleaned_rows`, and every batch must delete exactly what it summed; any
-mismatch rolls the batch back and flags the object `mismatch`.
+ONE transaction that deletes the rows (`DELETE … RETURNING` what the totals need), adds
+their sums to `lifetime_totals` and advances the object's `cleaned_rows`, so hot + cold ==
+total at every commit. Counts are checked against the object: before its first batch the
+rows still held must equal `row_count - cleaned_rows`, no batch may take the object past
+its `row_count`, and an object with nothing left must be fully counted; any mismatch rolls
+the batch back and flags the object `mismatch`.
 """
 
 from __future__ import annotations
@@ -26,59 +27,82 @@ from pipeline import clock
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
 from pipeline.schema import archive_objects, lifetime_totals, traffic_events
-from pipeline.totals import FIELDS, SCOPE, event_sums
+from pipeline.totals import FIELDS, SCOPE
 
 log = logging.getLogger("edgepipe.cleaner")
 te, ao, lt = traffic_events, archive_objects, lifetime_totals
 HOUR_MS = 3_600_000
 
 
-def _held(obj: Any) -> Any:
-    """The rows an object holds: its hour, its seq range, archive_state 1."""
-    return sa.and_(
-        te.c.ts >= obj.hour * 1000,
-        te.c.ts < obj.hour * 1000 + HOUR_MS,
-        te.c.seq.between(obj.min_seq, obj.max_seq),
-        te.c.archive_state == 1,
-    )
+# Statements are built once; an object's rows are bound as parameters.
+_HELD = sa.and_(
+    te.c.ts >= sa.bindparam("ts_lo"),
+    te.c.ts < sa.bindparam("ts_hi"),
+    te.c.seq.between(sa.bindparam("seq_lo"), sa.bindparam("seq_hi")),
+    te.c.archive_state == 1,
+)
+_COUNT_HELD = sa.select(sa.func.count()).where(_HELD)
+_OBJECT_COUNTS = sa.select(ao.c.cleaned_rows, ao.c.row_count).where(ao.c.key == sa.bindparam("key"))
+# One statement per batch: delete the next `n` held rows and return what the totals need.
+_DELETE_BATCH = (
+    sa.delete(te)
+    .where(te.c.seq.in_(sa.select(te.c.seq).where(_HELD).order_by(te.c.seq).limit(sa.bindparam("n"))))
+    .returning(te.c.status, te.c.bytes, te.c.response_time_ms)
+)
+
+
+def _held(obj: Any) -> dict[str, Any]:
+    """Parameters selecting the rows an object holds: its hour, its seq range, state 1."""
+    lo = obj.hour * 1000
+    return {"ts_lo": lo, "ts_hi": lo + HOUR_MS, "seq_lo": obj.min_seq, "seq_hi": obj.max_seq}
+
+
+def sum_rows(rows: list[Any]) -> dict[str, Any]:
+    """`FIELDS` sums of deleted (status, bytes, response_time_ms) rows."""
+    classes = [0] * 5
+    nbytes, rt = 0, 0.0
+    for status, size, ms in rows:
+        classes[status // 100 - 1] += 1
+        nbytes += size or 0
+        rt += ms
+    return dict(zip(FIELDS, (len(rows), *classes, nbytes, rt), strict=True))
 
 
 def add_to_totals(db: Any, conn: sa.Connection, sums: dict[str, Any]) -> None:
-    stmt = db.insert(lt).values(scope=SCOPE, updated_at=clock.now_s(), **sums)
-    sets = {f: lt.c[f] + stmt.excluded[f] for f in FIELDS} | {"updated_at": stmt.excluded.updated_at}
-    conn.execute(stmt.on_conflict_do_update(index_elements=["scope"], set_=sets))
+    def build() -> Any:
+        stmt = db.insert(lt).values({c: sa.bindparam(c) for c in ("scope", "updated_at", *FIELDS)})
+        sets = {f: lt.c[f] + stmt.excluded[f] for f in FIELDS} | {"updated_at": stmt.excluded.updated_at}
+        return stmt.on_conflict_do_update(index_elements=["scope"], set_=sets)
+
+    conn.execute(db.cached(("add_to_totals",), build), {"scope": SCOPE, "updated_at": clock.now_s(), **sums})
 
 
-def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> int:
-    """Delete up to `batch_size` rows of `obj` into lifetime_totals; rows deleted."""
+def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> tuple[int, bool]:
+    """Delete up to `batch_size` rows of `obj` into lifetime_totals: (rows deleted, whether
+    the object is now fully cleaned)."""
     db = env.DB
+    held = _held(obj)
     with db.transaction() as conn:
-        cleaned, rows = conn.execute(sa.select(ao.c.cleaned_rows, ao.c.row_count).where(ao.c.key == obj.key)).one()
-        held = _held(obj)
+        cleaned, rows = conn.execute(_OBJECT_COUNTS, {"key": obj.key}).one()
         if first:
-            remaining = conn.execute(sa.select(sa.func.count()).where(held)).scalar_one()
+            remaining = conn.execute(_COUNT_HELD, held).scalar_one()
             if remaining != rows - cleaned:
                 raise IntegrityError(f"{obj.key}: {remaining} rows held, expected {rows - cleaned}")
-        stmt = sa.select(te.c.seq).where(held).order_by(te.c.seq).offset(batch_size - 1).limit(1)
-        hi = conn.execute(stmt).scalar_one_or_none()
-        batch = sa.and_(held, te.c.seq <= (obj.max_seq if hi is None else hi))
-        row = conn.execute(sa.select(*event_sums()).where(batch)).one()
-        sums = {f: (float(v) if f == "rt_sum_ms" else int(v)) for f, v in zip(FIELDS, row, strict=True)}
-        n = int(sums["events"])
+        deleted = conn.execute(_DELETE_BATCH, held | {"n": batch_size}).all()
+        n = len(deleted)
         if n == 0:
             if cleaned != rows:
                 raise IntegrityError(f"{obj.key}: no rows left but only {cleaned} of {rows} cleaned")
-            return 0
-        deleted = conn.execute(sa.delete(te).where(batch)).rowcount
-        if deleted != n or cleaned + n > rows:
-            raise IntegrityError(f"{obj.key}: batch deleted {deleted} rows (summed {n}; {cleaned}+{n} of {rows})")
-        add_to_totals(db, conn, sums)
+            return 0, True
+        if cleaned + n > rows:
+            raise IntegrityError(f"{obj.key}: batch deleted {n} rows, {cleaned}+{n} exceeds {rows}")
+        add_to_totals(db, conn, sum_rows(deleted))
         done = cleaned + n == rows
         values: dict[str, Any] = {"cleaned_rows": cleaned + n}
         if done:
             values |= {"status": "cleaned", "cleaned_at": clock.now_s()}
         conn.execute(sa.update(ao).where(ao.c.key == obj.key).values(**values))
-    return n
+    return n, done
 
 
 def flag(env: Any, key: str, status: str, error: str) -> None:
@@ -98,16 +122,17 @@ def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> in
     used = 0
     while used < budget:
         try:
-            n = clean_batch(env, obj, cfg.cleaner.batch_size, first=used == 0)
+            n, done = clean_batch(env, obj, cfg.cleaner.batch_size, first=used == 0)
         except IntegrityError as exc:
             flag(env, obj.key, "mismatch", str(exc))
             result["refused"].append(obj.key)
             return used
-        if n == 0:
+        if n:
+            used += 1
+            result["rows"] += n
+        if done:
             break
-        used += 1
-        result["rows"] += n
-    result["objects"] += 1
+    result["objects"] += 1 if used else 0  # objects this run cleaned rows from
     return used
 
 
