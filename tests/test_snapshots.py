@@ -42,7 +42,7 @@ def _events(now_s: float, n: int, seed: int = 3) -> list[dict[str, Any]]:
 
 def _consume(env: Any, events: list[dict[str, Any]]) -> None:
     env.QUEUE.send_batch(events)
-    Worker(env, TrafficConsumer(env.config).queue).run(until_empty=True)
+    Worker(env, TrafficConsumer(env.config).queue, snapshot_every=0).run(until_empty=True)
 
 
 def _bucket_bounds(ms: float) -> tuple[float, float]:
@@ -194,3 +194,34 @@ def test_reader_never_sees_a_partial_or_missing_snapshot(env: Any) -> None:
     assert seen, "the reader never completed a read"
     assert seen == sorted(seen), "latest moved backwards"
     assert snapshots.read_latest(env.KV)["version"] == 26
+
+
+def test_snapshot_commands(sqlite_url: str, make_env: Any) -> None:
+    import orjson
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    env = make_env(sqlite_url)
+    cfg = env.config
+    environ = {
+        "EDGEPIPE_BINDINGS__DB": cfg.bindings.db,
+        "EDGEPIPE_BINDINGS__ARCHIVE": cfg.bindings.archive,
+        "EDGEPIPE_CLEANER__STATS_FILE": cfg.cleaner.stats_file,
+    }
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(main, list(args), env=environ, catch_exceptions=False)
+
+    missing = cli("snapshot", "show")
+    assert missing.exit_code == 5 and "no snapshot" in missing.output
+    _consume(env, _events(clock.now_s(), 200, seed=8))
+    for _ in range(7):
+        assert cli("snapshot", "refresh").exit_code == 0
+    shown = orjson.loads(cli("snapshot", "show", "--json").stdout)
+    assert shown == snapshots.read_latest(env.KV) and shown["version"] == 7
+    assert [r["version"] for r in orjson.loads(cli("snapshot", "list", "--json").stdout)] == list(range(1, 8))
+    pruned = orjson.loads(cli("snapshot", "prune", "--keep", "3", "--json").stdout)
+    assert pruned["kept_versions"] == [5, 6, 7]
+    assert cli("snapshot", "prune", "--keep", "0").exit_code == 2
+    assert cli("snapshot", "show").exit_code == 0
