@@ -53,6 +53,7 @@ def drain(worker: Worker, frozen: Any, visibility: float) -> tuple[int, int]:
             continue
         if result is None:
             if worker.env.QUEUE.depth() == 0:
+                worker.ctx.close()  # wait for background work (snapshot refreshes) to finish
                 return ok, failed
             frozen.tick(visibility + 1)  # only leased messages left: wait out the lease
             continue

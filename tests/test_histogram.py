@@ -160,6 +160,7 @@ def test_stored_hourly_rows_merge_into_top_paths(env: Env) -> None:
     worker = Worker(env, TrafficConsumer(env.config).queue)
     while worker.step(wait=0) is not None:
         pass
+    worker.ctx.close()
 
     hourly = list(queries.hourly(env.DB, path="/api/items"))
     assert len(hourly) == 5

@@ -91,6 +91,7 @@ def drain(env: Env, handler: Any = None) -> None:
     worker = Worker(env, handler or TrafficConsumer(env.config).queue)
     while worker.step(wait=0) is not None:
         pass
+    worker.ctx.close()  # wait for background work (snapshot refreshes) to finish
 
 
 def test_poison_goes_to_dlq_and_valid_siblings_commit(big_env: Env) -> None:

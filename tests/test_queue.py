@@ -340,6 +340,27 @@ def test_max_retries_then_dlq(make_env: MakeEnv, db_url: str) -> None:
     assert dead["body"] == '{"n":1}'
 
 
+def test_failing_handler_exhausts_retries_through_the_worker(make_env: MakeEnv, db_url: str) -> None:
+    """A handler that always raises: the worker retries the batch, and after 1 + max_retries
+    deliveries the messages reach the DLQ with the handler's last error."""
+    env = make_env(db_url, consumer={"max_retries": 2})
+    env.QUEUE.send_batch(["x", "y"])
+    calls: list[list[int]] = []
+
+    def handler(batch: MessageBatch, env: Env, ctx: Any) -> None:
+        calls.append([m.attempts for m in batch])
+        raise RuntimeError(f"broken handler, call {len(calls)}")
+
+    worker = Worker(env, handler)
+    while worker.step(wait=0) is not None:
+        assert len(calls) <= 3, calls
+    assert calls == [[1, 1], [2, 2], [3, 3]]
+    assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 2}
+    dead = env.QUEUE.dlq_list()
+    assert {d["reason"] for d in dead} == {REASON_RETRIES}
+    assert all("broken handler, call 3" in d["error"] for d in dead)
+
+
 def test_explicit_retries_also_exhaust(make_env: MakeEnv, db_url: str) -> None:
     env = make_env(db_url, consumer={"max_retries": 0})
     env.QUEUE.send("x")
