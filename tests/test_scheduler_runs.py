@@ -212,3 +212,38 @@ def test_cli_jobs_run_list_and_history(sched_env: Any) -> None:
     assert rows["flaky"]["timezone"] == "Europe/Paris" and rows["flaky"]["cron"] == "0 5 * * 0"
     assert [(h["job"], h["status"]) for h in history] == [("flaky", "failed"), ("probe", "succeeded")]
     assert history[1]["scheduled_for"] == "2026-11-20T01:00:00Z"
+
+
+def test_stop_lets_the_run_in_hand_finish_releases_the_lease_and_starts_nothing_new(sched_env: Any) -> None:
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    @job("a_slow")
+    def slow(env: Any, scheduled_for: datetime, dry_run: bool) -> dict[str, Any]:
+        entered.set()
+        assert release.wait(timeout=30)
+        return {"finished": True}
+
+    env = sched_env.__class__(
+        sched_env.config.replace(schedule={"jobs": {"a_slow": "* * * * *", "probe": "* * * * *"}}),
+        sched_env.DB, sched_env.QUEUE, sched_env.KV, sched_env.ARCHIVE,
+    )  # fmt: skip
+    sched = JobScheduler(env, "w")
+    store = JobStore(env.DB)
+    try:
+        result: list[Any] = []
+        thread = threading.Thread(target=lambda: result.extend(sched.tick()))
+        thread.start()
+        assert entered.wait(timeout=30)
+        assert "a_slow" in store.leases()
+        sched.stopping.set()  # what the first SIGTERM does
+        release.set()
+        thread.join(timeout=30)
+    finally:
+        release.set()
+        JOBS.pop("a_slow", None)
+    assert [(o.job, o.status) for o in result] == [("a_slow", "succeeded")]  # probe (due next) was not started
+    assert store.leases() == {}
+    assert sched.tick() == []
+    assert [c[0] for c in calls] == []
