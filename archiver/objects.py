@@ -28,7 +28,6 @@ import orjson
 
 from pipeline.bindings.archive import ObjectStore
 from pipeline.errors import IntegrityError, NotFound
-from pipeline.events import Event
 
 ROW_FIELDS = ("seq", "ts", "id", "method", "path", "overflow", "status", "response_time_ms", "host", "colo", "bytes")
 COMPRESS_LEVEL = 6
@@ -178,20 +177,6 @@ def read_object(store: ObjectStore, key: str) -> list[dict[str, Any]]:
     if declared is not None and int(declared) != len(rows):
         raise IntegrityError(f"{key}: {len(rows)} rows, metadata says {declared}")
     return rows
-
-
-def to_event(row: dict[str, Any]) -> Event:
-    return Event(
-        row["id"],
-        row["ts"],
-        row["method"],
-        row["path"],
-        row["status"],
-        row["response_time_ms"],
-        row["host"],
-        row["colo"],
-        row["bytes"],
-    )
 
 
 def check_stored(store: ObjectStore, key: str, size: int, sha256: str, mode: str) -> str | None:

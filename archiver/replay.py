@@ -18,19 +18,17 @@ from typing import IO, Any
 import orjson
 import sqlalchemy as sa
 
-from archiver.objects import ROW_FIELDS, key_hour, read_object, to_event
-from consumers.traffic import AGG_KEYS, aggregate
+from archiver.objects import ROW_FIELDS, key_hour, read_object
+from consumers.traffic import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
 from pipeline.errors import IntegrityError, ValidationError
-from pipeline.events import Event
-from pipeline.schema import path_stats_hourly, traffic_events
+from pipeline.schema import OTHER_PATH, path_stats_hourly, traffic_events
 
 te, psh = traffic_events, path_stats_hourly
 HOUR_S = 3600
 FETCH = 5000
 MAX_DAY_LISTINGS = 31
-Acc = dict[tuple[Any, ...], dict[str, Any]]
 
 
 def hour_range(start_s: float, end_s: float) -> tuple[int, int]:
@@ -77,34 +75,13 @@ def iter_objects(
             bad.append({"key": key, "error": str(exc)})
 
 
-def merge(acc: Acc, rows: list[dict[str, Any]]) -> None:
-    """Add aggregate rows (from `consumers.traffic.aggregate`) into `acc`."""
-    for row in rows:
-        key = tuple(row[k] for k in AGG_KEYS)
-        cur = acc.get(key)
-        if cur is None:
-            acc[key] = row
-            continue
-        for name, value in row.items():
-            if name in AGG_KEYS:
-                continue
-            if name == "rt_min_ms":
-                cur[name] = min(cur[name], value)
-            elif name == "rt_max_ms":
-                cur[name] = max(cur[name], value)
-            else:
-                cur[name] += value
-
-
 def aggregate_rows(rows: list[dict[str, Any]], acc: Acc) -> None:
     """Aggregate archived/hot rows exactly like the consumer did (overflow → __other__)."""
-    events: list[Event] = []
-    overflow: set[tuple[int, str]] = set()
-    for r in rows:
-        events.append(to_event(r))
-        if r["overflow"]:
-            overflow.add((r["ts"], r["id"]))
-    merge(acc, aggregate(events, overflow))
+    fold(acc, (
+        (r["ts"], r["host"], OTHER_PATH if r["overflow"] else r["path"], r["method"], r["status"], r["bytes"],
+         r["response_time_ms"])
+        for r in rows
+    ))  # fmt: skip
 
 
 def hot_rows(db: Database, h0: int, h1: int) -> Iterator[list[dict[str, Any]]]:
@@ -132,6 +109,8 @@ def compare(acc: Acc, db: Database, h0: int, h1: int, skip_hours: set[int]) -> l
     `path_stats_hourly` for [h0, h1), streaming the stored rows. Integer columns and the
     min/max must match exactly, the response-time sum within float rounding."""
     exact = [c.name for c in psh.c if c.name not in AGG_KEYS and c.name != "rt_sum_ms"]
+    exact_at = [AGG_COLUMNS.index(c) for c in exact]
+    rt_sum_at = AGG_COLUMNS.index("rt_sum_ms")
     stmt = (
         sa.select(*(psh.c[k] for k in AGG_KEYS), *(psh.c[c] for c in exact), psh.c.rt_sum_ms)
         .where(psh.c.hour >= h0, psh.c.hour < h1)
@@ -150,11 +129,12 @@ def compare(acc: Acc, db: Database, h0: int, h1: int, skip_hours: set[int]) -> l
                     out.append(where | {"column": "row", "archive": False, "database": True})
                     continue
                 stored = row[4:]
-                if tuple(got[c] for c in exact) == tuple(stored[:-1]) and not _differs(got["rt_sum_ms"], stored[-1]):
+                if tuple(got[i] for i in exact_at) == tuple(stored[:-1]) and not _differs(got[rt_sum_at], stored[-1]):
                     continue
                 for name, want in zip([*exact, "rt_sum_ms"], stored, strict=True):
-                    if _differs(got[name], want):
-                        out.append(where | {"column": name, "archive": got[name], "database": want})
+                    value = got[AGG_COLUMNS.index(name)]
+                    if _differs(value, want):
+                        out.append(where | {"column": name, "archive": value, "database": want})
     for key in acc:
         if key[0] not in skip_hours:
             out.append(dict(zip(AGG_KEYS, key, strict=True)) | {"column": "row", "archive": True, "database": False})
@@ -255,7 +235,7 @@ def rebuild(store: ObjectStore, prefix: str, start_s: float, end_s: float, into:
         aggregate_rows(obj_rows, acc)
         objects += 1
         rows += len(obj_rows)
-    values = list(acc.values())
+    values = [dict(zip(AGG_KEYS, key, strict=True)) | dict(zip(AGG_COLUMNS, a, strict=True)) for key, a in acc.items()]
     with into.transaction() as conn:
         for i in range(0, len(values), FETCH):
             into.upsert_add(conn, psh, values[i : i + FETCH], AGG_KEYS, ["rt_min_ms"], ["rt_max_ms"])

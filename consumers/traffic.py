@@ -12,7 +12,9 @@ returns nothing, so it contributes nothing to the aggregates.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import OrderedDict, defaultdict
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, MessageBatc
 from pipeline.config import Config
 from pipeline.errors import ValidationError
 from pipeline.events import EVENT_COLUMNS, Event, parse_event
-from pipeline.histogram import N_BUCKETS, bucket_index
+from pipeline.histogram import N_BUCKETS
 from pipeline.paths import PathNormalizer
 from pipeline.schema import (
     BUCKET_COLUMNS,
@@ -37,8 +39,8 @@ from pipeline.schema import (
 te = traffic_events
 psh = path_stats_hourly
 AGG_KEYS = ("hour", "host", "path", "method")
-# Layout of an accumulator list: requests, 5 status classes, bytes, rt sum, min, max, buckets.
-_STATUS0, _BYTES, _RTSUM, _RTMIN, _RTMAX, _B0 = 1, 6, 7, 8, 9, 10
+# Layout of an accumulator list (AGG_COLUMNS): requests, status classes 1-5, bytes, rt sum, min, max, buckets.
+_BYTES, _RTSUM, _RTMIN, _RTMAX, _B0 = 6, 7, 8, 9, 10
 AGG_COLUMNS = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", "rt_min_ms", "rt_max_ms", *BUCKET_COLUMNS)
 KNOWN_PATHS_HOURS = 48
 _PATHS_OF_HOUR = sa.select(psh.c.path).distinct().where(psh.c.hour == sa.bindparam("hour"), psh.c.path != OTHER_PATH)
@@ -210,25 +212,38 @@ def hourly_select(db: Any) -> sa.Select[Any]:
     )
 
 
-def aggregate(events: list[Event], overflow: set[tuple[int, str]] = frozenset()) -> list[dict[str, Any]]:  # type: ignore[assignment]
-    """Fold events into one row per (hour, host, path, method) in Python: the same result as
-    `hourly_select`, for rebuilding aggregates from rows that are not in the database
-    (archive replay). Tests hold the two to each other."""
-    acc: dict[tuple[int, str, str, str], list[Any]] = {}
-    for ev in events:
-        path = OTHER_PATH if (ev.ts, ev.id) in overflow else ev.path
-        key = (clock.hour_of_ms(ev.ts), ev.host, path, ev.method)
+Acc = dict[tuple[int, str, str, str], list[Any]]
+
+
+def fold(acc: Acc, rows: Iterable[tuple[int, str, str, str, int, int | None, float]]) -> None:
+    """Add `(ts, host, aggregated path, method, status, bytes, response_time_ms)` rows into
+    `acc`: (hour, host, path, method) → values in `AGG_COLUMNS` order. The Python twin of
+    `hourly_select`, for rows that are not in the database (archive replay and rebuild);
+    tests hold the two to each other. Accumulators merge by addition (min/max aside)."""
+    buckets = LATENCY_BUCKETS_MS
+    for ts, host, path, method, status, nbytes, rt in rows:
+        key = (ts // 3_600_000 * 3600, host, path, method)
         a = acc.get(key)
-        rt = ev.response_time_ms
         if a is None:
             a = acc[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, rt, rt] + [0] * N_BUCKETS
         a[0] += 1
-        a[_STATUS0 + ev.status // 100 - 1] += 1
-        a[_BYTES] += ev.bytes or 0
+        a[status // 100] += 1  # status_1xx … status_5xx sit at 1 … 5
+        if nbytes:
+            a[_BYTES] += nbytes
         a[_RTSUM] += rt
         if rt < a[_RTMIN]:
             a[_RTMIN] = rt
-        if rt > a[_RTMAX]:
+        elif rt > a[_RTMAX]:
             a[_RTMAX] = rt
-        a[_B0 + bucket_index(rt)] += 1
+        a[_B0 + bisect_left(buckets, rt)] += 1
+
+
+def aggregate(events: list[Event], overflow: Collection[tuple[int, str]] = ()) -> list[dict[str, Any]]:
+    """Fold events (those keyed in `overflow` as `__other__`) into upsert-ready rows."""
+    acc: Acc = {}
+    fold(acc, (
+        (ev.ts, ev.host, OTHER_PATH if (ev.ts, ev.id) in overflow else ev.path, ev.method, ev.status, ev.bytes,
+         ev.response_time_ms)
+        for ev in events
+    ))  # fmt: skip
     return [dict(zip(AGG_KEYS, key, strict=True)) | dict(zip(AGG_COLUMNS, a, strict=True)) for key, a in acc.items()]
