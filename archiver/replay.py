@@ -107,12 +107,11 @@ def _differs(got: Any, want: Any) -> bool:
 def compare(acc: Acc, db: Database, h0: int, h1: int, skip_hours: set[int]) -> list[dict[str, Any]]:
     """Differences between recomputed aggregates (consumed from `acc`) and
     `path_stats_hourly` for [h0, h1), streaming the stored rows. Integer columns and the
-    min/max must match exactly, the response-time sum within float rounding."""
-    exact = [c.name for c in psh.c if c.name not in AGG_KEYS and c.name != "rt_sum_ms"]
-    exact_at = [AGG_COLUMNS.index(c) for c in exact]
+    min/max must match exactly, the response-time sum within float rounding (sums added
+    in another order differ in the last bits)."""
     rt_sum_at = AGG_COLUMNS.index("rt_sum_ms")
     stmt = (
-        sa.select(*(psh.c[k] for k in AGG_KEYS), *(psh.c[c] for c in exact), psh.c.rt_sum_ms)
+        sa.select(*(psh.c[k] for k in AGG_KEYS), *(psh.c[c] for c in AGG_COLUMNS))
         .where(psh.c.hour >= h0, psh.c.hour < h1)
         .execution_options(yield_per=FETCH)
     )
@@ -124,16 +123,17 @@ def compare(acc: Acc, db: Database, h0: int, h1: int, skip_hours: set[int]) -> l
                 got = acc.pop(key, None)
                 if key[0] in skip_hours:
                     continue
+                stored = list(row[4:])
+                if got is not None and got != stored and not _differs(got[rt_sum_at], stored[rt_sum_at]):
+                    got[rt_sum_at] = stored[rt_sum_at]  # equal within rounding
+                if got == stored:
+                    continue
                 where = dict(zip(AGG_KEYS, key, strict=True))
                 if got is None:
                     out.append(where | {"column": "row", "archive": False, "database": True})
                     continue
-                stored = row[4:]
-                if tuple(got[i] for i in exact_at) == tuple(stored[:-1]) and not _differs(got[rt_sum_at], stored[-1]):
-                    continue
-                for name, want in zip([*exact, "rt_sum_ms"], stored, strict=True):
-                    value = got[AGG_COLUMNS.index(name)]
-                    if _differs(value, want):
+                for name, value, want in zip(AGG_COLUMNS, got, stored, strict=True):
+                    if value != want:
                         out.append(where | {"column": name, "archive": value, "database": want})
     for key in acc:
         if key[0] not in skip_hours:

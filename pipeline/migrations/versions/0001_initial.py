@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column("rt_min_ms", sa.Float, nullable=False),
         sa.Column("rt_max_ms", sa.Float, nullable=False),
         *(sa.Column(c, sa.BigInteger, nullable=False) for c in BUCKET_COLUMNS),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "lifetime_totals",
