@@ -17,7 +17,10 @@ one process, with a graceful stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +50,9 @@ class Context:
 
     def wait_until(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-bg")
+            self._pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="edgepipe-bg", initializer=_background_priority
+            )
         fut = self._pool.submit(fn, *args)
         fut.add_done_callback(_log_failure)
         self._pending = [f for f in self._pending if not f.done()] + [fut]
@@ -64,6 +69,13 @@ class Context:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _background_priority() -> None:
+    """Run background work at the lowest CPU priority (Linux schedules threads as tasks):
+    on a busy machine it waits for spare cycles instead of taking them from batches."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _log_failure(fut: Future[Any]) -> None:
