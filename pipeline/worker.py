@@ -131,7 +131,7 @@ class Worker:
         if not count or not self.snapshot_every or count % self.snapshot_every:
             return
         if self._refreshing is not None and not self._refreshing.done():
-            log.event("snapshot_refresh_skipped", reason="previous refresh still running", batch=count)
+            log.event("snapshot_refresh_skipped", logging.DEBUG, reason="previous refresh still running", batch=count)
             return
         self._refreshing = self.ctx.wait_until(self._refresh_quietly, count)
 
