@@ -35,7 +35,11 @@ class SqlKV(KV):
         stmt = self.db.insert(kv).values(key=key, value=value, metadata=metadata, expiration=expiration)
         stmt = stmt.on_conflict_do_update(
             index_elements=["key"],
-            set_={"value": stmt.excluded.value, "metadata": stmt.excluded.metadata, "expiration": stmt.excluded.expiration},
+            set_={
+                "value": stmt.excluded.value,
+                "metadata": stmt.excluded.metadata,
+                "expiration": stmt.excluded.expiration,
+            },
         )
         with self.db.transaction() as conn:
             conn.execute(stmt)
