@@ -6,10 +6,13 @@ against bindings only) joins it, and when the queue lives in the same database t
 are part of the same commit.
 
 Every `[consumer] snapshot_every_batches` committed batches the worker refreshes the KV
-snapshot. The batch counter lives in the `counters` table and is advanced inside the
-batch's own transaction, so it survives restarts and counts exactly the committed
-batches; the refresh itself runs in the background (`ctx.wait_until`) after the commit,
-and its failure is logged, never charged to the batch.
+snapshot (skipping a refresh while the previous one runs, or within
+`[snapshots] min_interval_s` of it: at tens of thousands of events per second ten batches
+take milliseconds, and a snapshot per second is fresh enough). The batch counter lives
+in the `counters` table and is advanced inside the batch's own transaction, so it
+survives restarts and counts exactly the committed batches; the refresh itself runs in
+the background (`ctx.wait_until`) after the commit, and its failure is logged, never
+charged to the batch.
 
 `WorkerProcess` is `edgepipe worker`: this loop, a heartbeat row and the job scheduler in
 one process, with a graceful stop.
@@ -106,6 +109,7 @@ class Worker:
     refresh: Callable[[Env], Any] | None = None  # None: `snapshots.refresh`
     refreshes: int = 0
     _refreshing: Future[Any] | None = None
+    _last_refresh: float = float("-inf")
 
     def __post_init__(self) -> None:
         if self.snapshot_every is None:
@@ -133,6 +137,11 @@ class Worker:
         if self._refreshing is not None and not self._refreshing.done():
             log.event("snapshot_refresh_skipped", logging.DEBUG, reason="previous refresh still running", batch=count)
             return
+        now = clock.monotonic()
+        if now - self._last_refresh < self.env.config.snapshots.min_interval_s:
+            log.event("snapshot_refresh_skipped", logging.DEBUG, reason="min_interval_s", batch=count)
+            return
+        self._last_refresh = now
         self._refreshing = self.ctx.wait_until(self._refresh_quietly, count)
 
     def _refresh_quietly(self, count: int) -> None:

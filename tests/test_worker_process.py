@@ -29,6 +29,7 @@ from tests.conftest import MakeEnv
 from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
 
 DEADLINE_S = 90
+NO_FLOOR = {"min_interval_s": 0}
 
 
 def _counter(env: Env) -> int:
@@ -46,7 +47,7 @@ def _enqueue(env: Env, n: int, seed: int = 4) -> list[Any]:
 
 
 def test_counter_is_durable_and_refresh_runs_every_n_batches(db_url: str, make_env: MakeEnv) -> None:
-    env = make_env(db_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 3})
+    env = make_env(db_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 3}, snapshots=NO_FLOOR)
     _enqueue(env, 100)
     worker = Worker(env, TrafficConsumer(env.config).queue)
     for _ in range(7):
@@ -65,7 +66,7 @@ def test_counter_is_durable_and_refresh_runs_every_n_batches(db_url: str, make_e
 
 
 def test_failed_batch_does_not_advance_the_counter(sqlite_url: str, make_env: MakeEnv) -> None:
-    env = make_env(sqlite_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 1})
+    env = make_env(sqlite_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 1}, snapshots=NO_FLOOR)
     _enqueue(env, 20)
 
     def broken(batch: Any, env: Any, ctx: Any) -> None:
@@ -80,7 +81,7 @@ def test_failed_batch_does_not_advance_the_counter(sqlite_url: str, make_env: Ma
 
 
 def test_failing_refresh_never_fails_or_delays_the_batch(sqlite_url: str, make_env: MakeEnv) -> None:
-    env = make_env(sqlite_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 1})
+    env = make_env(sqlite_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 1}, snapshots=NO_FLOOR)
     truths = _enqueue(env, 50)
     calls: list[int] = []
 
@@ -101,7 +102,7 @@ def test_refresh_runs_off_the_critical_path(sqlite_url: str, make_env: MakeEnv) 
     due while one is running is skipped, not queued."""
     import threading
 
-    env = make_env(sqlite_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 1})
+    env = make_env(sqlite_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 1}, snapshots=NO_FLOOR)
     _enqueue(env, 30)
     release = threading.Event()
     started = threading.Event()
@@ -283,3 +284,23 @@ def test_sigterm_mid_batch_loses_nothing(
     Worker(env, TrafficConsumer(env.config).queue).run(until_empty=True)
     assert consumed() == len(truths)
     assert_aggregates_equal(env.DB, expected_aggregates(truths))
+
+
+def test_refreshes_are_at_least_min_interval_apart(sqlite_url: str, make_env: MakeEnv) -> None:
+    from freezegun import freeze_time
+
+    env = make_env(
+        sqlite_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 1}, snapshots={"min_interval_s": 5}
+    )
+    with freeze_time(clock.now()) as frozen:
+        _enqueue(env, 60)
+        worker = Worker(env, TrafficConsumer(env.config).queue)
+        for _ in range(3):
+            assert worker.step(wait=0).ok
+            worker.ctx.drain()
+        assert worker.refreshes == 1
+        frozen.tick(5)
+        assert worker.step(wait=0).ok
+        worker.ctx.drain()
+        assert worker.refreshes == 2
+    assert _counter(env) == 4
