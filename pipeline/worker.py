@@ -110,6 +110,7 @@ class Worker:
     refreshes: int = 0
     _refreshing: Future[Any] | None = None
     _last_refresh: float = float("-inf")
+    _counter_sql: str | None = None
 
     def __post_init__(self) -> None:
         if self.snapshot_every is None:
@@ -126,10 +127,15 @@ class Worker:
         self.stop_requested = True
 
     def _advance_counter(self, conn: sa.Connection) -> int:
-        """+1 on the durable batch counter, in the caller's (the batch's) transaction."""
-        db = self.env.DB
-        db.upsert_add(conn, counters, [{"name": BATCH_COUNTER, "value": 1}], ["name"])
-        return int(conn.execute(sa.select(counters.c.value).where(counters.c.name == BATCH_COUNTER)).scalar_one())
+        """+1 on the durable batch counter, in the caller's (the batch's) transaction: one
+        upsert with RETURNING, compiled once (it runs on every batch)."""
+        if self._counter_sql is None:
+            stmt = self.env.DB.insert(counters).values(name=BATCH_COUNTER, value=1)
+            stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"value": counters.c.value + 1})
+            stmt = stmt.returning(counters.c.value)
+            compiled = stmt.compile(dialect=self.env.DB.engine.dialect, compile_kwargs={"literal_binds": True})
+            self._counter_sql = str(compiled)
+        return int(conn.exec_driver_sql(self._counter_sql).scalar_one())
 
     def _maybe_refresh(self, count: int | None) -> None:
         if not count or not self.snapshot_every or count % self.snapshot_every:
