@@ -133,19 +133,12 @@ def bench_consume(
         if snapshots:
             from pipeline.bench_snapshot import consume_with_snapshots
 
-            progress("consume again on a fresh database, refreshing the snapshot every 10 batches")
+            progress("snapshot overhead: fresh databases, refresh off / every 10 batches, alternating")
             snap = consume_with_snapshots(events, batch_size, db_url, work / "snapshots", every=10)
     raw, consumer, dup = n / raw_s, n / consume_s, n / dup_s
     extra = {}
     if snap is not None:
-        on = n / snap["seconds_with_tail"]
-        extra = {
-            "snapshot_events_per_s": round(on),
-            "snapshot_overhead": round(1 - on / consumer, 4),
-            "snapshot_cpu_overhead": round(snap["cpu"] / consume_cpu - 1, 4),
-            "snapshot_batch_p99_ms": _pct(snap["latencies"], 99),
-            "snapshot_refreshes": snap["refreshes"],
-        }
+        extra = snap
     return extra | {
         "events": n,
         "batch_size": batch_size,

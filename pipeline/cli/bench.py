@@ -50,7 +50,7 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, 
             *(
                 [
                     "with snapshots        {snapshot_events_per_s:>10,} events/s  overhead {snapshot_overhead}"
-                    "  (CPU {snapshot_cpu_overhead}, {snapshot_refreshes} refreshes)"
+                    " (median of {snapshot_rounds} rounds {snapshot_overhead_per_round}; CPU {snapshot_cpu_overhead})"
                 ]
                 if snapshots
                 else []
