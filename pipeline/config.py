@@ -118,7 +118,7 @@ class Snapshots(Section):
     top_n: int = Field(100, ge=1, le=100_000)
     window_hours: int = Field(24, ge=1, le=24 * 366)
     keep: int = Field(5, ge=1, le=10_000)
-    min_interval_s: float = Field(0.0, ge=0, le=3600)  # a refresh due sooner after the last one is skipped
+    min_interval_s: float = Field(1.0, ge=0, le=3600)  # a refresh due sooner after the last one is skipped
 
 
 class Schedule(Section):

@@ -6,10 +6,9 @@ against bindings only) joins it, and when the queue lives in the same database t
 are part of the same commit.
 
 Every `[consumer] snapshot_every_batches` committed batches the worker refreshes the KV
-snapshot, skipping a refresh while the previous one still runs (and, if set, within
-`[snapshots] min_interval_s` of the last one: at tens of thousands of events per second
-ten batches take milliseconds, and an operator may decide a snapshot per second is fresh
-enough). The batch counter lives
+snapshot (skipping a refresh while the previous one runs, or within
+`[snapshots] min_interval_s` of it: at tens of thousands of events per second ten batches
+take milliseconds, and a snapshot per second is fresh enough). The batch counter lives
 in the `counters` table and is advanced inside the batch's own transaction, so it
 survives restarts and counts exactly the committed batches; the refresh itself runs in
 the background (`ctx.wait_until`) after the commit, and its failure is logged, never
