@@ -233,15 +233,27 @@ def paths() -> None:
 TABLE_COLUMNS = ("path", "method", "requests", "status_4xx", "status_5xx", "rt_avg_ms", "p50_ms", "p95_ms", "p99_ms")
 
 
+HEADERS = {"requests": "req", "status_4xx": "4xx", "status_5xx": "5xx", "rt_avg_ms": "avg ms",
+           "p50_ms": "p50", "p95_ms": "p95", "p99_ms": "p99"}  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> None:
+    """A terminal table; `--json` is the machine-readable form with every field."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="left" if c in ("hour", "host", "path", "method") else "right")
+        text = c in ("hour", "host", "path", "method")
+        table.add_column(HEADERS.get(c, c), justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for r in rows:
-        table.add_row(*("" if r.get(c) is None else str(r[c]) for c in columns))
+        table.add_row(*(_cell(r.get(c)) for c in columns))
     Console().print(table)
 
 
