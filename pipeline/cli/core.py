@@ -233,7 +233,7 @@ def paths() -> None:
 TABLE_COLUMNS = ("path", "method", "requests", "status_4xx", "status_5xx", "rt_avg_ms", "p50_ms", "p95_ms", "p99_ms")
 
 
-HEADERS = {"requests": "req", "status_4xx": "4xx", "status_5xx": "5xx", "rt_avg_ms": "avg ms",
+HEADERS = {"requests": "req", "status_4xx": "4xx", "status_5xx": "5xx", "rt_avg_ms": "avg",
            "p50_ms": "p50", "p95_ms": "p95", "p99_ms": "p99"}  # fmt: skip
 
 
@@ -250,8 +250,8 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> 
 
     table = Table(title=title)
     for c in columns:
-        text = c in ("hour", "host", "path", "method")
-        table.add_column(HEADERS.get(c, c), justify="left" if text else "right", overflow="fold", no_wrap=not text)
+        justify = "left" if c in ("hour", "host", "path", "method") else "right"
+        table.add_column(HEADERS.get(c, c), justify=justify, overflow="fold" if c == "path" else "ellipsis")
     for r in rows:
         table.add_row(*(_cell(r.get(c)) for c in columns))
     Console().print(table)
@@ -284,7 +284,8 @@ def paths_hourly(state: Any, path: str | None, method: str | None, host: str | N
     """Hourly rows; with no filter, every path and every hour in the database."""
     rows = queries.hourly(state.env().DB, path, method, _time(start, "--from"), _time(end, "--to"), host)
     if not as_json:
-        _table(list(rows), ("hour", "host", *TABLE_COLUMNS), "hourly")
+        shown = [r | {"hour": r["hour"][5:13].replace("T", " ") + "h"} for r in rows]  # 11-22 04h (UTC)
+        _table(shown, ("hour", *TABLE_COLUMNS), "hourly (UTC)")
         return
     out = sys.stdout.buffer
     out.write(b"[")
