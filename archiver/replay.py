@@ -84,6 +84,18 @@ def aggregate_rows(rows: list[dict[str, Any]], acc: Acc) -> None:
     ))  # fmt: skip
 
 
+def fold_archive(
+    store: ObjectStore, prefix: str, start_s: float, end_s: float, acc: Acc, bad: list[dict[str, str]]
+) -> tuple[int, int]:
+    """Aggregate every sound object of the range into `acc`: (objects, rows)."""
+    objects = rows = 0
+    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad):
+        aggregate_rows(obj_rows, acc)
+        objects += 1
+        rows += len(obj_rows)
+    return objects, rows
+
+
 def hot_rows(db: Database, h0: int, h1: int) -> Iterator[list[dict[str, Any]]]:
     """Unarchived rows of the hours [h0, h1), in chunks (archived and restored rows are
     already in the bucket)."""
@@ -147,11 +159,7 @@ def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s:
     h0, h1 = hour_range(start_s, end_s)
     bad: list[dict[str, str]] = []
     acc: Acc = {}
-    objects = rows = 0
-    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad):
-        aggregate_rows(obj_rows, acc)
-        objects += 1
-        rows += len(obj_rows)
+    objects, rows = fold_archive(store, prefix, start_s, end_s, acc, bad)
     hot = 0
     for chunk in hot_rows(db, h0, h1):
         aggregate_rows(chunk, acc)
@@ -230,11 +238,7 @@ def rebuild(store: ObjectStore, prefix: str, start_s: float, end_s: float, into:
         )
     bad: list[dict[str, str]] = []
     acc: Acc = {}
-    objects = rows = 0
-    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad):
-        aggregate_rows(obj_rows, acc)
-        objects += 1
-        rows += len(obj_rows)
+    objects, rows = fold_archive(store, prefix, start_s, end_s, acc, bad)
     values = [dict(zip(AGG_KEYS, key, strict=True)) | dict(zip(AGG_COLUMNS, a, strict=True)) for key, a in acc.items()]
     with into.transaction() as conn:
         for i in range(0, len(values), FETCH):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +16,13 @@ import sqlalchemy as sa
 
 from pipeline import clock, meta
 from pipeline.bindings.db import Database
+from pipeline.files import write_atomic
 from pipeline.schema import lifetime_totals
 from pipeline.totals import FIELDS, SCOPE
 
 VERSION = 1
 HISTORY_KEY = "cleanup_history"
 HISTORY_LEN = 10
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def history(conn: sa.Connection) -> list[dict[str, Any]]:

@@ -166,7 +166,7 @@ class TrafficConsumer:
 
     @staticmethod
     def _paths_of_hour(conn: sa.Connection, hour: int) -> set[str]:
-        return set(conn.execute(_PATHS_OF_HOUR, {"hour": hour}).scalars())
+        return set(conn.execute(_PATHS_OF_HOUR, {"hour": hour}).scalars().all())
 
 
 def hourly_select(db: Any) -> sa.Select[Any]:

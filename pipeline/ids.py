@@ -19,7 +19,3 @@ def uuid7_batch(n: int) -> list[str]:
         for r in (rand[i : i + 20] for i in range(0, 20 * n, 20))
     ]
 
-
-def uuid7() -> str:
-    """One RFC 9562 version-7 UUID string."""
-    return uuid7_batch(1)[0]

@@ -39,7 +39,6 @@ from pipeline.schema import counters
 
 Handler = Callable[[MessageBatch, Env, "Context"], Any]
 IDLE_SLEEP_S = 0.2
-ERROR_BACKOFF_S = 1.0
 BATCH_COUNTER = "consumed_batches"
 
 

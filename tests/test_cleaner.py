@@ -5,6 +5,7 @@ written atomically with the last 10 runs."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def test_atomic_writer_keeps_the_old_file_when_writing_fails(tmp_path: Path, mon
     def boom(*_a: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(stats_file.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         stats_file.write_atomic(path, b"new")
     assert path.read_bytes() == b"old"

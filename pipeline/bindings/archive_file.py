@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -19,17 +18,10 @@ from urllib.parse import urlsplit
 
 from pipeline.bindings.archive import CHUNK, ObjectInfo, ObjectStore
 from pipeline.errors import BindingError, NotFound, ValidationError
+from pipeline.files import write_atomic
 
 META_DIR = ".meta"
 TMP_DIR = ".tmp"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileStore(ObjectStore):
@@ -60,22 +52,7 @@ class FileStore(ObjectStore):
         return self.root / META_DIR / (key + ".json")
 
     def _atomic_write(self, target: Path, chunks: Iterator[bytes]) -> int:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root / TMP_DIR, prefix="put-")
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
-        return size
+        return write_atomic(target, chunks, tmp_dir=self.root / TMP_DIR)
 
     def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
         path = self._path(key)

@@ -74,6 +74,34 @@ def main(ctx: click.Context, config_path: str | None, env_name: str | None, log_
 pass_state = click.make_pass_decorator(State)
 
 
+HEADERS = {"requests": "req", "status_4xx": "4xx", "status_5xx": "5xx", "rt_avg_ms": "avg",
+           "p50_ms": "p50", "p95_ms": "p95", "p99_ms": "p99"}  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str], title: str) -> None:
+    """A terminal table of some fields; `--json` is the machine-readable form with all."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        numeric = any(type(r.get(c)) in (int, float) for r in rows)
+        table.add_column(
+            HEADERS.get(c, c), justify="right" if numeric else "left", overflow="fold" if c == "path" else "ellipsis"
+        )
+    for r in rows:
+        table.add_row(*(_cell(r.get(c)) for c in columns))
+    Console().print(table)
+
+
 def emit_json(data: Any) -> None:
     import orjson
 
@@ -82,4 +110,4 @@ def emit_json(data: Any) -> None:
 
 from pipeline.cli import archive, bench, core, http, jobs, ops  # noqa: E402  (registers the commands)
 
-__all__ = ["archive", "bench", "core", "emit_json", "http", "jobs", "main", "ops", "pass_state"]
+__all__ = ["archive", "bench", "core", "emit_json", "http", "jobs", "main", "ops", "pass_state", "print_table"]

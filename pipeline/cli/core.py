@@ -14,7 +14,7 @@ import orjson
 
 from pipeline import clock, log, migrate, queries, sample
 from pipeline.bindings.db import Database
-from pipeline.cli import emit_json, main, pass_state
+from pipeline.cli import emit_json, main, pass_state, print_table
 from pipeline.errors import ValidationError
 
 
@@ -233,30 +233,6 @@ def paths() -> None:
 TABLE_COLUMNS = ("path", "method", "requests", "status_4xx", "status_5xx", "rt_avg_ms", "p50_ms", "p95_ms", "p99_ms")
 
 
-HEADERS = {"requests": "req", "status_4xx": "4xx", "status_5xx": "5xx", "rt_avg_ms": "avg",
-           "p50_ms": "p50", "p95_ms": "p95", "p99_ms": "p99"}  # fmt: skip
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> None:
-    """A terminal table; `--json` is the machine-readable form with every field."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        justify = "left" if c in ("hour", "host", "path", "method") else "right"
-        table.add_column(HEADERS.get(c, c), justify=justify, overflow="fold" if c == "path" else "ellipsis")
-    for r in rows:
-        table.add_row(*(_cell(r.get(c)) for c in columns))
-    Console().print(table)
-
-
 @paths.command("top")
 @click.option("--hours", default=24, show_default=True, type=click.IntRange(1, 24 * 366))
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
@@ -268,7 +244,7 @@ def paths_top(state: Any, hours: int, limit: int, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
     else:
-        _table(rows, TABLE_COLUMNS, f"top {limit} paths, last {hours} h")
+        print_table(rows, TABLE_COLUMNS, f"top {limit} paths, last {hours} h")
 
 
 @paths.command("hourly")
@@ -285,7 +261,7 @@ def paths_hourly(state: Any, path: str | None, method: str | None, host: str | N
     rows = queries.hourly(state.env().DB, path, method, _time(start, "--from"), _time(end, "--to"), host)
     if not as_json:
         shown = [r | {"hour": r["hour"][5:13].replace("T", " ") + "h"} for r in rows]  # 11-22 04h (UTC)
-        _table(shown, ("hour", *TABLE_COLUMNS), "hourly (UTC)")
+        print_table(shown, ("hour", *TABLE_COLUMNS), "hourly (UTC)")
         return
     out = sys.stdout.buffer
     out.write(b"[")

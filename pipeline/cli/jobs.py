@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from pipeline import clock
-from pipeline.cli import emit_json, main, pass_state
+from pipeline.cli import emit_json, main, pass_state, print_table
 from pipeline.errors import ValidationError
 
 
@@ -76,18 +76,6 @@ def _job_rows(env: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*("" if r.get(c) is None else str(r[c]) for c in columns))
-    Console().print(table)
-
-
 @jobs.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
@@ -98,7 +86,7 @@ def jobs_list(state: Any, as_json: bool) -> None:
         emit_json(rows)
     else:
         cols = ("job", "cron", "timezone", "next_run_local", "last_scheduled_for", "last_status", "last_attempt")
-        _table(rows, cols, "scheduled jobs")
+        print_table(rows, cols, "scheduled jobs")
 
 
 @jobs.command("history")
@@ -116,4 +104,4 @@ def jobs_history(state: Any, job_name: str | None, status: str | None, limit: in
         emit_json(rows)
     else:
         cols = ("id", "job", "scheduled_for", "attempt", "status", "started_at", "finished_at", "error")
-        _table(rows, cols, "job runs")
+        print_table(rows, cols, "job runs")

@@ -7,20 +7,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli import emit_json, main, pass_state
+from pipeline.cli import emit_json, main, pass_state, print_table
 from pipeline.errors import NotFound
-
-
-def _table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*("" if r.get(c) is None else str(r[c]) for c in columns))
-    Console().print(table)
 
 
 @main.group()
@@ -43,7 +31,7 @@ def snapshot_show(state: Any, as_json: bool) -> None:
         return
     cols = ("path", "method", "requests", "errors", "error_rate", "rt_avg_ms", "p50_ms", "p95_ms", "p99_ms")
     title = f"snapshot v{snap['version']} at {snap['generated_at']}, last {snap['window_hours']} h"
-    _table(snap["paths"], cols, title)
+    print_table(snap["paths"], cols, title)
 
 
 @snapshot.command("refresh")
@@ -71,7 +59,7 @@ def snapshot_list(state: Any, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
     else:
-        _table(rows, ("key", "version", "generated_at", "paths"), "snapshot versions")
+        print_table(rows, ("key", "version", "generated_at", "paths"), "snapshot versions")
 
 
 @snapshot.command("prune")
@@ -112,7 +100,9 @@ def monitor(state: Any, as_json: bool, check: bool) -> None:
 def _print_report(r: dict[str, Any]) -> None:
     sizes = r["table_bytes"] or {}
     rows = [{"table": t, "rows": n, "bytes": sizes.get(t)} for t, n in sorted(r["rows"].items())]
-    _table(rows, ("table", "rows", "bytes"), f"database {r['db_bytes']:,} bytes ({r['used_ratio']:.2%} of capacity)")
+    print_table(
+        rows, ("table", "rows", "bytes"), f"database {r['db_bytes']:,} bytes ({r['used_ratio']:.2%} of capacity)"
+    )
     for key in ("growth_7d_bytes", "days_until_full", "oldest_unarchived_at", "queue_depth", "dlq_depth", "archive"):
         click.echo(f"{key:>24} {r[key]}")
     for alert in r["alerts"]:
@@ -132,6 +122,8 @@ def status(state: Any, as_json: bool) -> None:
         emit_json(s)
     else:
         cols = ("holder", "state", "verdict", "reason", "last_seen_at", "last_batch_at", "last_job_at", "batches")
-        _table(s["workers"], cols, f"workers ({'healthy' if s['healthy'] else 'UNHEALTHY'}), queue {s['queue_depth']}")
+        print_table(
+            s["workers"], cols, f"workers ({'healthy' if s['healthy'] else 'UNHEALTHY'}), queue {s['queue_depth']}"
+        )
     if not s["healthy"]:
         sys.exit(1)

@@ -28,7 +28,7 @@ from pipeline import clock, log
 from pipeline.bindings.queue import Queue
 from pipeline.config import Paths
 from pipeline.http.client import HttpSink, QueueSink, Sink
-from pipeline.ids import uuid7
+from pipeline.ids import uuid7_batch
 from pipeline.paths import PathNormalizer
 
 Scope = MutableMapping[str, Any]
@@ -137,8 +137,7 @@ class TrafficCollector:
             path = scope.get("root_path", "") + route
         else:
             path = self.normalizer.normalize(scope.get("root_path", "") + scope["path"])
-        event = {
-            "id": uuid7(),
+        event = {  # `id` is assigned per batch when it is sent (see _send_one_batch)
             "ts": ts,
             "method": scope["method"],
             "path": path[: self.normalizer.cfg.max_length],
@@ -181,6 +180,8 @@ class TrafficCollector:
             if not n:
                 return 0
             batch = [self._buffer.popleft() for _ in range(n)]
+            for event, event_id in zip(batch, uuid7_batch(n), strict=True):
+                event["id"] = event_id  # before the first try: retries of the batch keep it
             try:
                 await self.sink.send(batch)
             except Exception as exc:
