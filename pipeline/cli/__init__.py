@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
+from pipeline import clock, log
 from pipeline import config as config_mod
-from pipeline import log
 from pipeline.env import Env, open_env
-from pipeline.errors import EdgepipeError
+from pipeline.errors import EdgepipeError, ValidationError
 
 
 class State:
@@ -102,6 +102,17 @@ def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str]
     Console().print(table)
 
 
+def time_option(value: str | None, name: str) -> float | None:
+    """Epoch seconds of a `--from`/`--to`/`--at` value (RFC 3339, a date or epoch
+    seconds); None when the option was not given; a ValidationError naming it when bad."""
+    if value is None:
+        return None
+    try:
+        return clock.parse_time(value)
+    except ValueError as exc:
+        raise ValidationError(name, str(exc)) from None
+
+
 def emit_json(data: Any) -> None:
     import orjson
 
@@ -110,4 +121,16 @@ def emit_json(data: Any) -> None:
 
 from pipeline.cli import archive, bench, core, http, jobs, ops  # noqa: E402  (registers the commands)
 
-__all__ = ["archive", "bench", "core", "emit_json", "http", "jobs", "main", "ops", "pass_state", "print_table"]
+__all__ = [
+    "archive",
+    "bench",
+    "core",
+    "emit_json",
+    "http",
+    "jobs",
+    "main",
+    "ops",
+    "pass_state",
+    "print_table",
+    "time_option",
+]

@@ -12,23 +12,15 @@ from typing import Any
 import click
 
 from pipeline import clock, totals
-from pipeline.cli import emit_json, main, pass_state
+from pipeline.cli import emit_json, main, pass_state, time_option
 from pipeline.errors import IntegrityError, ValidationError
 
 INTEGRITY_EXIT = IntegrityError.exit_code
 
 
-def _when(value: str | None, name: str, default: float) -> float:
-    if value is None:
-        return default
-    try:
-        return clock.parse_time(value)
-    except ValueError as exc:
-        raise ValidationError(name, str(exc)) from None
-
-
 def _range(start: str | None, end: str | None) -> tuple[float, float]:
-    return _when(start, "--from", 946_684_800.0), _when(end, "--to", clock.now_s() + 3600)
+    lo, hi = time_option(start, "--from"), time_option(end, "--to")
+    return 946_684_800.0 if lo is None else lo, clock.now_s() + 3600 if hi is None else hi
 
 
 def _archive(state: Any) -> tuple[Any, Any, str]:

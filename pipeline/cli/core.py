@@ -12,19 +12,9 @@ from typing import Any
 import click
 import orjson
 
-from pipeline import clock, log, migrate, queries, sample
+from pipeline import log, migrate, queries, sample
 from pipeline.bindings.db import Database
-from pipeline.cli import emit_json, main, pass_state, print_table
-from pipeline.errors import ValidationError
-
-
-def _time(value: str | None, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        return clock.parse_time(value)
-    except ValueError as exc:
-        raise ValidationError(name, str(exc)) from None
+from pipeline.cli import emit_json, main, pass_state, print_table, time_option
 
 
 def _data_dirs(cfg: Any) -> list[Path]:
@@ -258,7 +248,7 @@ def paths_top(state: Any, hours: int, limit: int, as_json: bool) -> None:
 def paths_hourly(state: Any, path: str | None, method: str | None, host: str | None,
                  start: str | None, end: str | None, as_json: bool) -> None:  # fmt: skip
     """Hourly rows; with no filter, every path and every hour in the database."""
-    rows = queries.hourly(state.env().DB, path, method, _time(start, "--from"), _time(end, "--to"), host)
+    rows = queries.hourly(state.env().DB, path, method, time_option(start, "--from"), time_option(end, "--to"), host)
     if not as_json:
         shown = [r | {"hour": r["hour"][5:13].replace("T", " ") + "h"} for r in rows]  # 11-22 04h (UTC)
         print_table(shown, ("hour", *TABLE_COLUMNS), "hourly (UTC)")

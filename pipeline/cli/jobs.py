@@ -13,8 +13,7 @@ from typing import Any
 import click
 
 from pipeline import clock
-from pipeline.cli import emit_json, main, pass_state, print_table
-from pipeline.errors import ValidationError
+from pipeline.cli import emit_json, main, pass_state, print_table, time_option
 
 
 @main.group()
@@ -33,10 +32,8 @@ def jobs_run(state: Any, name: str, at: str | None, dry_run: bool, as_json: bool
     Exits 1 when the job fails, 4 while another process runs it."""
     from scheduler.runner import run_by_hand
 
-    try:
-        when = None if at is None else datetime.fromtimestamp(clock.parse_time(at), UTC)
-    except ValueError as exc:
-        raise ValidationError("--at", str(exc)) from None
+    at_s = time_option(at, "--at")
+    when = None if at_s is None else datetime.fromtimestamp(at_s, UTC)
     out = run_by_hand(state.env(), name, when, dry_run)
     if out.status == "failed":
         click.echo(f"edgepipe: job {name} failed (attempt {out.attempt}): {out.error}", err=True)
