@@ -18,4 +18,3 @@ def uuid7_batch(n: int) -> list[str]:
         f"{head}{r[0:3]}-{_VARIANT[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
         for r in (rand[i : i + 20] for i in range(0, 20 * n, 20))
     ]
-
