@@ -5,7 +5,8 @@ Per batch, in the one transaction the worker loop holds:
    (no retries for poison) and its valid siblings go on;
 2. insert the events with ON CONFLICT (ts, id) DO NOTHING … RETURNING, learning which rows
    this transaction actually inserted;
-3. add only those to `path_stats_hourly` with additive upserts.
+3. fold only those into hourly rows (`fold`) and add them to `path_stats_hourly` with
+   additive upserts.
 A redelivered, retried or re-ingested event is therefore never counted twice: its insert
 returns nothing, so it contributes nothing to the aggregates.
 """
@@ -24,7 +25,7 @@ from pipeline import clock, meta
 from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, MessageBatch
 from pipeline.config import Config
 from pipeline.errors import ValidationError
-from pipeline.events import EVENT_COLUMNS, Event, parse_event
+from pipeline.events import EVENT_COLUMNS, Event, decode_event, parse_event
 from pipeline.histogram import N_BUCKETS
 from pipeline.paths import PathNormalizer
 from pipeline.schema import (
@@ -85,11 +86,11 @@ class TrafficConsumer:
         events: list[Event] = []
         seen: set[tuple[int, str]] = set()
         for msg in batch:
-            if msg.decision is not None:  # already dead-lettered by the queue (undecodable)
-                report.invalid += 1
-                continue
             try:
-                ev = parse_event(msg.body, self.normalizer, now_ms, fallback_id=msg.id)
+                if msg.content_type == "json":
+                    ev = decode_event(msg.raw, self.normalizer, now_ms, fallback_id=msg.id)
+                else:
+                    ev = parse_event(msg.body, self.normalizer, now_ms, fallback_id=msg.id)
             except ValidationError as exc:
                 msg.dead_letter(REASON_INVALID, str(exc))
                 report.invalid += 1
@@ -110,21 +111,26 @@ class TrafficConsumer:
         return events
 
     def _store(self, env: Any, conn: sa.Connection, events: list[Event]) -> int:
-        """Insert the events; aggregate, in SQL, exactly the rows this call inserted."""
-        db = env.DB
+        """Insert the events; add exactly the rows this call inserted to the aggregates."""
         overflow = self._overflow(conn, events)
         rows = (
             [ev.values(1 if (ev.ts, ev.id) in overflow else 0) for ev in events]
             if overflow
             else [ev.values() for ev in events]
         )
-        inserted, params = db.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"))
-        if inserted:
-            db.upsert_add_select(
-                conn, "hourly_from_new_events", psh, lambda: hourly_select(db), AGG_KEYS,
-                minimum=["rt_min_ms"], maximum=["rt_max_ms"], params=params,
+        new = env.DB.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"))
+        if new:
+            # Aggregate from the row tuples: their path is already `__other__`-aware.
+            acc: Acc = {}
+            fold(acc, (
+                (r[0], r[7], OTHER_PATH if r[4] else r[3], r[2], r[5], r[9], r[6])
+                for r in (rows if len(new) == len(rows) else [rows[i] for i in new])
+            ))  # fmt: skip
+            env.DB.upsert_add_rows(
+                conn, psh, AGG_KEYS + AGG_COLUMNS, [(*key, *a) for key, a in acc.items()], AGG_KEYS,
+                minimum=["rt_min_ms"], maximum=["rt_max_ms"],
             )  # fmt: skip
-        return inserted
+        return len(new)
 
     def _overflow(self, conn: sa.Connection, events: list[Event]) -> set[tuple[int, str]]:
         """Keys of events whose (hour, path) is beyond the hour's distinct-path budget.
@@ -169,57 +175,14 @@ class TrafficConsumer:
         return set(conn.execute(_PATHS_OF_HOUR, {"hour": hour}).scalars().all())
 
 
-def hourly_select(db: Any) -> sa.Select[Any]:
-    """Hourly aggregate rows of the events `db.inserted_filter` selects, computed by the
-    database in one pass (status class counts, sums, extremes, histogram buckets)."""
-    rt = te.c.response_time_ms
-    src = (
-        sa.select(
-            (te.c.ts // 3_600_000 * 3600).label("hour"),
-            te.c.host,
-            sa.case((te.c.overflow == 1, OTHER_PATH), else_=te.c.path).label("path"),
-            te.c.method,
-            (te.c.status // 100).label("cls"),
-            te.c.bytes,
-            rt.label("rt"),
-            sa.case(*((rt <= b, i) for i, b in enumerate(LATENCY_BUCKETS_MS)), else_=len(LATENCY_BUCKETS_MS)).label(
-                "bucket"
-            ),
-        )
-        .where(db.inserted_filter(te))
-        .subquery()
-    )
-
-    def count_if(cond: Any, name: str) -> Any:
-        return sa.func.count().filter(cond).label(name)  # FILTER: SQLite ≥ 3.30 and PostgreSQL
-
-    return (
-        sa.select(
-            src.c.hour,
-            src.c.host,
-            src.c.path,
-            src.c.method,
-            sa.func.count().label("requests"),
-            *(count_if(src.c.cls == k, name) for k, name in enumerate(STATUS_COLUMNS, start=1)),
-            sa.func.coalesce(sa.func.sum(src.c.bytes), 0).label("bytes_sum"),
-            sa.func.sum(src.c.rt).label("rt_sum_ms"),
-            sa.func.min(src.c.rt).label("rt_min_ms"),
-            sa.func.max(src.c.rt).label("rt_max_ms"),
-            *(count_if(src.c.bucket == i, name) for i, name in enumerate(BUCKET_COLUMNS)),
-        )
-        .where(sa.true())  # SQLite needs a WHERE before an upsert's ON CONFLICT
-        .group_by(src.c.hour, src.c.host, src.c.path, src.c.method)
-    )
-
-
 Acc = dict[tuple[int, str, str, str], list[Any]]
 
 
 def fold(acc: Acc, rows: Iterable[tuple[int, str, str, str, int, int | None, float]]) -> None:
     """Add `(ts, host, aggregated path, method, status, bytes, response_time_ms)` rows into
-    `acc`: (hour, host, path, method) → values in `AGG_COLUMNS` order. The Python twin of
-    `hourly_select`, for rows that are not in the database (archive replay and rebuild);
-    tests hold the two to each other. Accumulators merge by addition (min/max aside)."""
+    `acc`: (hour, host, path, method) → values in `AGG_COLUMNS` order. The one definition
+    of an aggregate row: the consumer folds the events it inserted, archive replay and
+    rebuild fold archived rows. Accumulators merge by addition (min/max aside)."""
     buckets = LATENCY_BUCKETS_MS
     for ts, host, path, method, status, nbytes, rt in rows:
         key = (ts // 3_600_000 * 3600, host, path, method)

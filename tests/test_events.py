@@ -1,17 +1,21 @@
 """The event model: every field's rule, timestamps in each accepted form, and errors that
-name the field."""
+name the field. Every case runs through both validators, `parse_event` on the decoded value
+and `decode_event` on the same event as a stored JSON body, which must agree."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from freezegun import freeze_time
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import clock
 from pipeline.errors import ValidationError
-from pipeline.events import MIN_TS_MS, parse_event
+from pipeline.events import MIN_TS_MS, Event, decode_event, parse_event
 from pipeline.paths import PathNormalizer
 
 NOW = "2026-11-20T12:00:00Z"
@@ -35,8 +39,27 @@ def good(**over: Any) -> dict[str, Any]:
     return {k: v for k, v in base.items() if v is not ...}
 
 
-def parse(obj: Any, fallback_id: str | None = None) -> Any:
-    return parse_event(obj, NORM, NOW_MS, fallback_id=fallback_id)
+def outcome(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ValidationError as exc:
+        return exc
+
+
+def parse(obj: Any, fallback_id: str | None = None, now_ms: int = NOW_MS) -> Any:
+    """parse_event's verdict, after checking that decode_event reaches the same one on the
+    JSON document (when the value survives a JSON round trip: NaN, for one, does not)."""
+    expected = outcome(parse_event, obj, NORM, now_ms, fallback_id)
+    try:
+        doc = orjson.dumps(obj)
+    except TypeError:
+        doc = None
+    if doc is not None and orjson.loads(doc) == obj:
+        got = outcome(decode_event, doc, NORM, now_ms, fallback_id)
+        assert repr(got) == repr(expected) and type(got) is type(expected)
+    if isinstance(expected, ValidationError):
+        raise expected
+    return expected
 
 
 def rejects(obj: Any, field: str) -> ValidationError:
@@ -259,3 +282,45 @@ def test_row_carries_overflow_flag() -> None:
         "status": 200,
         "host": "api.example.com",
     }
+
+
+def test_decode_event_reports_malformed_json() -> None:
+    for doc in (b'{"id": "x", "ts": ', b'{"response_time_ms": NaN}', b"\xff\xfe", b""):
+        with pytest.raises(ValidationError) as err:
+            decode_event(doc, NORM, NOW_MS)
+        assert str(err.value).startswith("body: malformed JSON")
+
+
+EDGES = [
+    None, True, False, -1, 0, 1, 99, 100, 599, 600, 2**63, -0.0, 0.5, 1e308, MIN_TS_MS - 1, MIN_TS_MS,
+    NOW_MS + 300_000, NOW_MS + 300_001, float(NOW_MS), "", "GET", "get", "G3T", "/", "/a//b/", "x",
+    "2026-11-20T11:00:00Z", "a" * 16, "a" * 17, "a" * 128, "a" * 129, "a" * 255, "a" * 256, [], {}, [1], {"a": 1},
+]  # fmt: skip
+FIELDS = ("id", "ts", "method", "path", "status", "response_time_ms", "host", "colo", "bytes", "extra")
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_both_validators_agree_at_the_edges(field: str) -> None:
+    """Each field of an event of the common shape set to each edge value: decode_event on
+    the document reaches parse_event's verdict (the same Event or the same error)."""
+    verdicts = {type(outcome(parse, good(**{"method": "GET", "path": "/users/42", field: v}), "fb")) for v in EDGES}
+    assert verdicts <= {Event, ValidationError}
+    assert len(verdicts) == 2 or field == "extra"  # each field has edges on both sides
+
+
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.sampled_from(EDGES), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+    st.text(max_size=20), st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.integers(NOW_MS - 10**9, NOW_MS + 10**6), st.integers(99, 600), st.text(min_size=120, max_size=300),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), ODD_VALUES, max_size=3), st.booleans())
+def test_both_validators_agree_on_any_json_object(changes: dict[str, Any], drop_id: bool) -> None:
+    """Several fields of an event of the common shape replaced by arbitrary JSON values."""
+    obj = good(**({"method": "GET", "path": "/users/42"} | changes))
+    if drop_id:
+        obj.pop("id", None)
+    assert isinstance(outcome(parse, obj, "fallback-id"), ValidationError | Event)

@@ -192,7 +192,7 @@ def test_partial_ack_and_retry(env: Env, frozen: FrozenDateTimeFactory) -> None:
 
 def test_first_explicit_call_wins() -> None:
     def msg() -> Message:
-        return Message("m", datetime.now(), 1, {})
+        return Message("m", datetime.now().timestamp(), 1, b"{}")
 
     m = msg()
     m.ack()

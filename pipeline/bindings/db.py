@@ -135,27 +135,52 @@ class Database:
             hit = self._stmt_cache[key] = build()
         return hit
 
-    def executemany(self, conn: Connection, stmt: Any, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-        """Run an INSERT-shaped statement over row tuples (in `columns` order) with the
-        driver's executemany; returns the driver's row count."""
+    def _compiled(self, stmt: Any, columns: Sequence[str]) -> tuple[str, Any]:
+        """(SQL text, parameter shape) of a cached statement whose bind parameters are
+        `columns` (plus any constants bound in the statement itself). The shape is None
+        when the driver takes the values in `columns` order as they are (see `_shaped`)."""
         key = ("sql", id(stmt), tuple(columns))
         hit = self._stmt_cache.get(key)
         if hit is None:
             compiled = stmt.compile(dialect=self.engine.dialect, column_keys=list(columns))
-            if compiled.positional:
-                order = [columns.index(name) for name in compiled.positiontup]
-                hit = (str(compiled), None if order == list(range(len(columns))) else order)
+            consts = {n: v for n, v in compiled.params.items() if n not in columns}
+            if not compiled.positional:
+                shape: Any = (list(columns), consts)
+            elif list(compiled.positiontup) == list(columns):
+                shape = None
             else:
-                hit = (str(compiled), list(columns))
-            self._stmt_cache[key] = hit
-        sql, shape = hit
+                shape = [(columns.index(n), None) if n in columns else (-1, consts[n]) for n in compiled.positiontup]
+            hit = self._stmt_cache[key] = (str(compiled), shape)
+        return hit
+
+    @staticmethod
+    def _shaped(shape: Any, row: Sequence[Any]) -> Any:
         if shape is None:
-            params: list[Any] = list(rows)
-        elif isinstance(shape[0], int):
-            params = [tuple(r[i] for i in shape) for r in rows]
-        else:
-            params = [dict(zip(shape, r, strict=True)) for r in rows]
+            return row
+        if isinstance(shape, list):  # positional: reorder, fill in constants
+            return tuple(row[i] if i >= 0 else const for i, const in shape)
+        names, consts = shape
+        return dict(zip(names, row, strict=True)) | consts
+
+    def executemany(self, conn: Connection, stmt: Any, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Run an INSERT-shaped statement over row tuples (in `columns` order) with the
+        driver's executemany; returns the driver's row count."""
+        sql, shape = self._compiled(stmt, columns)
+        params = list(rows) if shape is None else [self._shaped(shape, r) for r in rows]
         return conn.exec_driver_sql(sql, params).rowcount
+
+    def fetchall(self, conn: Connection, stmt: Any, columns: Sequence[str], values: Sequence[Any]) -> list[Any]:
+        """Run a cached SELECT (or … RETURNING) whose bind parameters are `columns`, with
+        `values` in that order, on the driver's cursor: rows come back as the driver's
+        plain tuples, without SQLAlchemy's result processing (for hot paths whose column
+        types need none)."""
+        sql, shape = self._compiled(stmt, columns)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql, self._shaped(shape, values))
+            return cursor.fetchall()
+        finally:
+            cursor.close()
 
     def insert_new(
         self,
@@ -164,37 +189,42 @@ class Database:
         columns: Sequence[str],
         rows: Sequence[Sequence[Any]],
         key: Sequence[str],
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> list[int]:
         """Insert rows, skipping those whose `key` (a unique index) already exists. Returns
-        (rows inserted, parameters for `inserted_filter(table)`), which selects exactly the
-        rows this call inserted, so follow-up statements can work on them in SQL.
+        the positions in `rows` of the rows this call inserted. The keys within `rows`
+        must be distinct.
 
-        On PostgreSQL this is `ON CONFLICT DO NOTHING RETURNING` the new keys. On SQLite the
-        write transaction holds the database lock (BEGIN IMMEDIATE), and new rows of a table
-        keyed by an integer rowid get rowids above the current maximum, so the inserted rows
-        are exactly those above the maximum read just before — the insert itself runs as a
-        plain executemany."""
+        On PostgreSQL this is one `INSERT … SELECT unnest(…) ON CONFLICT DO NOTHING
+        RETURNING` the new keys. On SQLite it is a plain executemany, whose row count says
+        whether all or none of the rows were new (the common cases); only a mix asks which:
+        the write transaction holds the database lock (BEGIN IMMEDIATE) and new rows of a
+        table keyed by an integer rowid get rowids above the maximum read just before."""
+        if not rows:
+            return []
         (rowid,) = table.primary_key.columns
         shape = ("insert_new", table.name, tuple(key))
         if self.dialect == "sqlite":
             stmt = self.cached(shape, lambda: self.insert(table).on_conflict_do_nothing(index_elements=list(key)))
             before = conn.exec_driver_sql(f"SELECT max({rowid.name}) FROM {table.name}").scalar() or 0
-            count = self.executemany(conn, stmt, columns, rows) if rows else 0
-            return count, {"inserted_after": before}
-        if not rows:
-            return 0, {"inserted_seqs": []}
+            count = self.executemany(conn, stmt, columns, rows)
+            if count in (0, len(rows)):
+                return list(range(count))
+            sql = f"SELECT {', '.join(key)} FROM {table.name} WHERE {rowid.name} > ?"
+            new = {tuple(r) for r in conn.exec_driver_sql(sql, (before,))}
+        else:
 
-        def build() -> Any:  # INSERT … SELECT unnest(array per column): one statement, one parse
-            arrays = sa.select(
-                *(sa.func.unnest(sa.bindparam(f"col_{c}", type_=ARRAY(table.c[c].type))) for c in columns)
-            )
-            stmt = self.insert(table).from_select(list(columns), arrays)
-            return stmt.on_conflict_do_nothing(index_elements=list(key)).returning(rowid)
+            def build() -> Any:  # INSERT … SELECT unnest(array per column): one statement, one parse
+                arrays = sa.select(
+                    *(sa.func.unnest(sa.bindparam(f"col_{c}", type_=ARRAY(table.c[c].type))) for c in columns)
+                )
+                stmt = self.insert(table).from_select(list(columns), arrays)
+                return stmt.on_conflict_do_nothing(index_elements=list(key)).returning(*(table.c[k] for k in key))
 
-        stmt = self.cached((*shape, tuple(columns)), build)
-        params = {f"col_{c}": list(values) for c, values in zip(columns, zip(*rows, strict=True), strict=True)}
-        seqs = [r[0] for r in conn.execute(stmt, params)]
-        return len(seqs), {"inserted_seqs": seqs}
+            stmt = self.cached((*shape, tuple(columns)), build)
+            params = {f"col_{c}": list(values) for c, values in zip(columns, zip(*rows, strict=True), strict=True)}
+            new = {tuple(r) for r in conn.execute(stmt, params)}
+        at = [columns.index(k) for k in key]
+        return [i for i, r in enumerate(rows) if tuple(r[j] for j in at) in new]
 
     def delete_keys(self, conn: Connection, table: sa.Table, column: str, values: Sequence[Any]) -> None:
         """DELETE the rows whose `column` is one of `values` (executemany on SQLite, one
@@ -211,13 +241,6 @@ class Database:
                 lambda: table.delete().where(col == sa.any_(sa.bindparam("k", type_=ARRAY(col.type)))),
             )
             conn.execute(stmt, {"k": list(values)})
-
-    def inserted_filter(self, table: sa.Table) -> Any:
-        """The WHERE clause matching the rows of one `insert_new` call (see there)."""
-        (rowid,) = table.primary_key.columns
-        if self.dialect == "sqlite":
-            return rowid > sa.bindparam("inserted_after")
-        return rowid == sa.any_(sa.bindparam("inserted_seqs", type_=ARRAY(sa.BigInteger)))
 
     def _additive(self, stmt: Any, table: sa.Table, columns: Sequence[str], keys: Sequence[str],
                   minimum: Sequence[str], maximum: Sequence[str]) -> Any:  # fmt: skip
@@ -248,36 +271,30 @@ class Database:
     ) -> None:
         """Insert rows (dicts with the same keys); on a key conflict add them to the stored
         row (see `_additive`)."""
+        if rows:
+            columns = tuple(rows[0])
+            values = [tuple(r[c] for c in columns) for r in rows]
+            self.upsert_add_rows(conn, table, columns, values, keys, minimum, maximum)
+
+    def upsert_add_rows(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        keys: Sequence[str],
+        minimum: Sequence[str] = (),
+        maximum: Sequence[str] = (),
+    ) -> None:
+        """`upsert_add` for row tuples in `columns` order."""
         if not rows:
             return
-        columns = tuple(rows[0])
+        columns = tuple(columns)
         stmt = self.cached(
             ("upsert_add", table.name, columns, tuple(keys), tuple(minimum), tuple(maximum)),
             lambda: self._additive(self.insert(table), table, columns, keys, minimum, maximum),
         )
-        self.executemany(conn, stmt, columns, [tuple(r[c] for c in columns) for r in rows])
-
-    def upsert_add_select(
-        self,
-        conn: Connection,
-        name: str,
-        table: sa.Table,
-        build_select: Callable[[], sa.Select[Any]],
-        keys: Sequence[str],
-        minimum: Sequence[str] = (),
-        maximum: Sequence[str] = (),
-        params: dict[str, Any] | None = None,
-    ) -> None:
-        """INSERT INTO table SELECT … ON CONFLICT DO UPDATE (additive), the statement built
-        once under `name`. The SELECT's column labels must be `table`'s column names."""
-
-        def build() -> Any:
-            select = build_select()
-            columns = [c.name for c in select.selected_columns]
-            stmt = self.insert(table).from_select(columns, select)
-            return self._additive(stmt, table, columns, keys, minimum, maximum)
-
-        conn.execute(self.cached(("upsert_add_select", name), build), params or {})
+        self.executemany(conn, stmt, columns, rows)
 
     def dispose(self) -> None:
         self.engine.dispose()

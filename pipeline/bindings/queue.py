@@ -59,10 +59,16 @@ def encode_body(body: Any) -> tuple[bytes, str]:
 
 def decode_body(data: bytes, kind: str) -> Any:
     if kind == "json":
-        return orjson.loads(data)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError("body", f"malformed JSON: {exc}") from None
     if kind == "text":
         return data.decode("utf-8", errors="replace")
     return data
+
+
+_UNDECODED: Any = object()
 
 
 @dataclass(slots=True)
@@ -70,11 +76,23 @@ class Message:
     id: str
     enqueued_at: float  # epoch seconds
     attempts: int  # this delivery's number, 1 on the first
-    body: Any
+    raw: bytes  # the body as stored; `body` decodes it
+    content_type: str = "json"  # "json" | "text" | "bytes"
     handle: Any = None  # backend-specific (row key, stream id)
     decision: str | None = None  # "ack" | "retry" | "dead"
     delay: float | None = None
     error: str | None = None
+    _body: Any = field(default=_UNDECODED, repr=False)
+
+    @property
+    def body(self) -> Any:
+        """The body, decoded on first read: a JSON value, a str or bytes, as sent. A stored
+        JSON body that does not parse (written by a foreign or corrupt producer) raises
+        ValidationError("body", "malformed JSON: …"); a handler dead-letters it. Handlers
+        with a typed decoder of their own may read `raw` instead and skip this step."""
+        if self._body is _UNDECODED:
+            self._body = decode_body(self.raw, self.content_type)
+        return self._body
 
     @property
     def timestamp(self) -> datetime:
@@ -99,6 +117,7 @@ class MessageBatch:
     queue: str
     messages: list[Message] = field(default_factory=list)
     lease: str = ""
+    taken_at: float | None = None  # when taken inside a transaction (the take's "now")
 
     def __len__(self) -> int:
         return len(self.messages)

@@ -18,19 +18,16 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 
 from pipeline import clock
 from pipeline.bindings.db import Database
 from pipeline.bindings.queue import (
-    REASON_INVALID,
     REASON_RETRIES,
     Message,
     MessageBatch,
     Queue,
     QueueSettings,
-    decode_body,
     encode_body,
     split_dead,
 )
@@ -84,8 +81,8 @@ class SqlQueue(Queue):
             .returning(*RETURNED)
         )
 
-    def _claim(self, n: int, lease: str) -> list[Message]:
-        now = clock.now_s()
+    def _claim(self, n: int, lease: str, now: float | None = None) -> list[Message]:
+        now = clock.now_s() if now is None else now
         if lease:
             stmt = self.db.cached(("queue_lease", self.name), self._lease_statement)
             params = {"now": now, "n": n, "until": now + self.settings.visibility_timeout, "lease": lease}
@@ -95,25 +92,9 @@ class SqlQueue(Queue):
         else:  # inside the caller's transaction: the transaction is the lease
             stmt = self.db.cached(("queue_take", self.name), lambda: self._ready(RETURNED))
             with self.db.transaction() as conn:
-                rows = conn.execute(stmt, {"now": now, "n": n}).all()
+                rows = self.db.fetchall(conn, stmt, ("now", "n"), (now, n))
         bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
-        try:  # the common case, in one pass
-            return [
-                Message(mid, at, n + bump, orjson.loads(data) if kind == "json" else decode_body(data, kind), seq)
-                for seq, mid, at, n, kind, data in rows
-            ]
-        except ValueError:
-            pass
-        out = []
-        for seq, mid, at, n, kind, data in rows:
-            msg = Message(mid, at, n + bump, None, seq)
-            try:
-                msg.body = decode_body(data, kind)
-            except ValueError as exc:  # json that does not parse: poison
-                msg.body = bytes(data)
-                msg.dead_letter(REASON_INVALID, f"body: malformed JSON: {exc}")
-            out.append(msg)
-        return out
+        return [Message(mid, at, n + bump, data, kind, seq) for seq, mid, at, n, kind, data in rows]
 
     def wait(self, max_messages: int, wait_seconds: float) -> None:
         deadline = clock.monotonic() + wait_seconds
@@ -134,7 +115,8 @@ class SqlQueue(Queue):
             raise ValidationError("max_messages", "must be ≥ 1")
         if self.db.in_transaction():
             self.wait(max_messages, wait_seconds)
-            return MessageBatch(self.name, self._claim(max_messages, ""), "")
+            now = clock.now_s()
+            return MessageBatch(self.name, self._claim(max_messages, "", now), "", taken_at=now)
         lease = secrets.token_hex(8)
         batch = MessageBatch(self.name, [], lease)
         deadline = clock.monotonic() + wait_seconds
@@ -166,6 +148,11 @@ class SqlQueue(Queue):
         with self.db.transaction() as conn:
             if acks and batch.lease and len(acks) == len(batch.messages):  # a range guarded by the lease
                 conn.execute(self._delete_range(), {"lo": min(acks), "hi": max(acks), "lease": batch.lease})
+            elif acks and not batch.lease and len(acks) == len(batch.messages) and self.db.dialect == "sqlite":
+                # Taken in this transaction under SQLite's write lock: the rows of the range
+                # that the take's own condition selects are exactly the batch.
+                params = {"lo": acks[0], "hi": acks[-1], "now": batch.taken_at}
+                conn.execute(self._delete_taken_range(), params)
             elif acks and not batch.lease:  # taken in this transaction: exactly these rows
                 self.db.delete_keys(conn, q, "seq", acks)
             elif acks:
@@ -188,6 +175,13 @@ class SqlQueue(Queue):
             return q.delete().where(span, q.c.lease == sa.bindparam("lease"))
 
         return self.db.cached(("queue_delete_range",), build)
+
+    def _delete_taken_range(self) -> sa.Delete:
+        def build() -> sa.Delete:
+            span = q.c.seq.between(sa.bindparam("lo"), sa.bindparam("hi"))
+            return q.delete().where(span, q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
+
+        return self.db.cached(("queue_delete_taken_range", self.name), build)
 
     def _move_to_dlq(self, conn: sa.Connection, mine: Any, dead: list, now: float) -> None:
         seqs = [m.handle for m, _, _ in dead]
