@@ -137,7 +137,7 @@ def test_each_poison_alone(sqlite_url: str, make_env: MakeEnv, label: str, body:
 
 def test_malformed_json_body(env: Env) -> None:
     """A stored JSON body that does not parse (a foreign or corrupt producer) is poison too:
-    the queue hands it over already dead-lettered, and its siblings commit."""
+    the consumer dead-letters it, and its siblings commit."""
     env.QUEUE.send(base(id="before"))
     with env.DB.transaction() as conn:
         for i, raw in enumerate((b'{"id": "x", "ts": ', b'{"response_time_ms": NaN}', b"\xff\xfe")):
