@@ -153,7 +153,7 @@ def _abandon(env: Any, key: str) -> None:
 
 def raise_watermark(env: Any, cutoff: int) -> int:
     with env.DB.transaction() as conn:
-        current = meta.archive_watermark_ms(conn)
+        current = meta.archive_watermark_ms(env.DB, conn)
         if cutoff > current:
             meta.put(env.DB, conn, meta.ARCHIVE_WATERMARK_MS, str(cutoff))
             return cutoff

@@ -73,7 +73,7 @@ class TrafficConsumer:
         report = BatchReport(received=len(batch))
         now_ms = clock.now_ms()
         with env.DB.transaction() as conn:
-            watermark = meta.archive_watermark_ms(conn)
+            watermark = meta.archive_watermark_ms(env.DB, conn)
             events = self._validate(batch, now_ms, watermark, report)
             if events:
                 report.inserted = self._store(env, conn, events)

@@ -26,9 +26,10 @@ def put(db: Database, conn: sa.Connection, key: str, value: str) -> None:
     conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value}))
 
 
-def archive_watermark_ms(conn: sa.Connection) -> int:
-    value = get(conn, ARCHIVE_WATERMARK_MS)
-    return int(value) if value is not None else 0
+def archive_watermark_ms(db: Database, conn: sa.Connection) -> int:
+    """Read on every consumer batch: through the DB binding's fast path."""
+    rows = db.fetchall(conn, _GET, ("key",), (ARCHIVE_WATERMARK_MS,))
+    return int(rows[0][0]) if rows else 0
 
 
 def ensure_deployment_start(db: Database) -> str:

@@ -109,7 +109,6 @@ class Worker:
     refreshes: int = 0
     _refreshing: Future[Any] | None = None
     _last_refresh: float = float("-inf")
-    _counter_sql: str | None = None
 
     def __post_init__(self) -> None:
         if self.snapshot_every is None:
@@ -127,14 +126,15 @@ class Worker:
 
     def _advance_counter(self, conn: sa.Connection) -> int:
         """+1 on the durable batch counter, in the caller's (the batch's) transaction: one
-        upsert with RETURNING, compiled once (it runs on every batch)."""
-        if self._counter_sql is None:
-            stmt = self.env.DB.insert(counters).values(name=BATCH_COUNTER, value=1)
+        upsert with RETURNING, on the DB binding's fast path (it runs on every batch)."""
+        db = self.env.DB
+
+        def build() -> Any:
+            stmt = db.insert(counters).values(name=BATCH_COUNTER, value=1)
             stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"value": counters.c.value + 1})
-            stmt = stmt.returning(counters.c.value)
-            compiled = stmt.compile(dialect=self.env.DB.engine.dialect, compile_kwargs={"literal_binds": True})
-            self._counter_sql = str(compiled)
-        return int(conn.exec_driver_sql(self._counter_sql).scalar_one())
+            return stmt.returning(counters.c.value)
+
+        return int(db.fetchall(conn, db.cached(("advance", BATCH_COUNTER), build))[0][0])
 
     def _maybe_refresh(self, count: int | None) -> None:
         if not count or not self.snapshot_every or count % self.snapshot_every:

@@ -104,7 +104,7 @@ def _oldest_unarchived_ms(db: Any) -> int | None:
         if "archive_state" in te.c:
             stmt = stmt.where(te.c.archive_state == 0)
         else:
-            stmt = stmt.where(te.c.ts >= meta.archive_watermark_ms(conn))
+            stmt = stmt.where(te.c.ts >= meta.archive_watermark_ms(db, conn))
         return conn.execute(stmt).scalar()
 
 

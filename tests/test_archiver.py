@@ -53,7 +53,7 @@ def test_cutoff_boundary_row_at_cutoff_stays_hot(archive_env: Any) -> None:
     assert sorted(bucket_ids(env)) == ["ev-1", "ev-4"]
     assert sorted(hot_ids(env, (0,))) == ["ev-2", "ev-3"]
     with env.DB.read() as conn:
-        assert meta.archive_watermark_ms(conn) == c
+        assert meta.archive_watermark_ms(env.DB, conn) == c
     # The consumer now refuses what it could no longer deduplicate, and accepts the cutoff itself.
     late = consume(env, [event(1, c - 1000), event(9, c - 1), event(10, c)])
     assert late == {"inserted": 1, "too_late": 2}
@@ -124,7 +124,7 @@ def test_dry_run_changes_nothing(archive_env: Any) -> None:
     assert (result["objects"], result["rows"]) == (1, 5)
     assert _objects(env) == [] and list(env.ARCHIVE.list("")) == []
     with env.DB.read() as conn:
-        assert meta.archive_watermark_ms(conn) == 0
+        assert meta.archive_watermark_ms(env.DB, conn) == 0
     assert sorted(hot_ids(env, (0,))) == sorted(f"ev-{i}" for i in range(5))
 
 

@@ -123,10 +123,9 @@ class Database:
     def greatest(self, a: Any, b: Any) -> Any:
         return sa.func.max(a, b) if self.dialect == "sqlite" else sa.func.greatest(a, b)
 
-    # -- bulk writes on the hot path ---------------------------------------------------
+    # -- the hot path ------------------------------------------------------------------
     # Statements are built once per shape and cached: building SQLAlchemy expressions per
-    # batch costs more than the rows they write. Row data goes to the driver's
-    # executemany as tuples.
+    # batch costs more than the rows they write.
 
     def cached(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         """A statement (or anything) built once per key for this database."""
@@ -162,25 +161,38 @@ class Database:
         names, consts = shape
         return dict(zip(names, row, strict=True)) | consts
 
-    def executemany(self, conn: Connection, stmt: Any, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-        """Run an INSERT-shaped statement over row tuples (in `columns` order) with the
-        driver's executemany; returns the driver's row count."""
-        sql, shape = self._compiled(stmt, columns)
-        params = list(rows) if shape is None else [self._shaped(shape, r) for r in rows]
-        return conn.exec_driver_sql(sql, params).rowcount
-
-    def fetchall(self, conn: Connection, stmt: Any, columns: Sequence[str], values: Sequence[Any]) -> list[Any]:
-        """Run a cached SELECT (or … RETURNING) whose bind parameters are `columns`, with
-        `values` in that order, on the driver's cursor: rows come back as the driver's
-        plain tuples, without SQLAlchemy's result processing (for hot paths whose column
-        types need none)."""
+    def _run(self, conn: Connection, stmt: Any, columns: Sequence[str], values: Any, many: bool, fetch: bool) -> Any:
         sql, shape = self._compiled(stmt, columns)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(sql, self._shaped(shape, values))
-            return cursor.fetchall()
+            if many:
+                cursor.executemany(sql, list(values) if shape is None else [self._shaped(shape, r) for r in values])
+            else:
+                cursor.execute(sql, self._shaped(shape, values))
+            return cursor.fetchall() if fetch else cursor.rowcount
+        except self.engine.dialect.loaded_dbapi.Error as exc:  # as if SQLAlchemy had run it
+            raise sa.exc.DBAPIError.instance(sql, None, exc, self.engine.dialect.loaded_dbapi.Error) from exc
         finally:
             cursor.close()
+
+    # The three below run a cached statement on the driver's cursor, skipping SQLAlchemy's
+    # per-statement work (tens of µs, more than a small batch's rows cost). Bind parameters
+    # are `columns`, given as tuples in that order; rows come back as the driver's plain
+    # tuples, without result processing: for hot paths whose column types need none.
+
+    def executemany(self, conn: Connection, stmt: Any, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Run an INSERT-shaped statement over rows; returns the driver's row count."""
+        return self._run(conn, stmt, columns, rows, many=True, fetch=False)
+
+    def execute(self, conn: Connection, stmt: Any, columns: Sequence[str] = (), values: Sequence[Any] = ()) -> int:
+        """Run a statement once; returns the driver's row count."""
+        return self._run(conn, stmt, columns, values, many=False, fetch=False)
+
+    def fetchall(
+        self, conn: Connection, stmt: Any, columns: Sequence[str] = (), values: Sequence[Any] = ()
+    ) -> list[Any]:
+        """Run a SELECT (or … RETURNING) once; returns its rows."""
+        return self._run(conn, stmt, columns, values, many=False, fetch=True)
 
     def insert_new(
         self,
@@ -205,12 +217,15 @@ class Database:
         shape = ("insert_new", table.name, tuple(key))
         if self.dialect == "sqlite":
             stmt = self.cached(shape, lambda: self.insert(table).on_conflict_do_nothing(index_elements=list(key)))
-            before = conn.exec_driver_sql(f"SELECT max({rowid.name}) FROM {table.name}").scalar() or 0
+            top = self.cached(("max", table.name), lambda: sa.select(sa.func.max(rowid)))
+            before = self.fetchall(conn, top)[0][0] or 0
             count = self.executemany(conn, stmt, columns, rows)
             if count in (0, len(rows)):
                 return list(range(count))
-            sql = f"SELECT {', '.join(key)} FROM {table.name} WHERE {rowid.name} > ?"
-            new = {tuple(r) for r in conn.exec_driver_sql(sql, (before,))}
+            since = self.cached(
+                (*shape, "since"), lambda: sa.select(*(table.c[k] for k in key)).where(rowid > sa.bindparam("after"))
+            )
+            new = set(self.fetchall(conn, since, ("after",), (before,)))
         else:
 
             def build() -> Any:  # INSERT … SELECT unnest(array per column): one statement, one parse

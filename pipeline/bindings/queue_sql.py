@@ -151,8 +151,9 @@ class SqlQueue(Queue):
             elif acks and not batch.lease and len(acks) == len(batch.messages) and self.db.dialect == "sqlite":
                 # Taken in this transaction under SQLite's write lock: the rows of the range
                 # that the take's own condition selects are exactly the batch.
-                params = {"lo": acks[0], "hi": acks[-1], "now": batch.taken_at}
-                conn.execute(self._delete_taken_range(), params)
+                self.db.execute(
+                    conn, self._delete_taken_range(), ("lo", "hi", "now"), (acks[0], acks[-1], batch.taken_at)
+                )
             elif acks and not batch.lease:  # taken in this transaction: exactly these rows
                 self.db.delete_keys(conn, q, "seq", acks)
             elif acks:
