@@ -5,9 +5,11 @@
 
 After each response is sent it records method, the route template when the framework
 knows it (Starlette/FastAPI put the matched route in `scope["route"]`: `/users/{id}`), else
-the normalised path, status, duration, host and response bytes. Recording is an append to
-a bounded in-memory buffer and nothing else: the request never waits on, and never fails
-because of, the collector. A background task sends the buffer in batches; when the buffer
+the normalised path, status, duration, host and response bytes. Recording is an append of
+a tuple (values the request's scope already holds) to a bounded in-memory buffer and nothing
+else: the request never waits on, and never fails because of, the collector. A background
+task turns the tuples into events (route template or normalised path, host, ids) and sends
+them in batches, the blocking enqueue on a worker thread; when the buffer
 is full, new events are dropped and counted (`stats.dropped`), because slowing the app
 down to protect its statistics would be the wrong trade. The buffer is flushed on
 shutdown (ASGI lifespan) or by `await collector.flush()`.
@@ -85,7 +87,7 @@ class TrafficCollector:
         self.colo = colo
         self.normalizer = PathNormalizer(paths or Paths())
         self.stats = stats if stats is not None else CollectorStats()
-        self._buffer: deque[dict[str, Any]] = deque()
+        self._buffer: deque[tuple[Any, ...]] = deque()  # see _record
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._send_lock: asyncio.Lock | None = None
@@ -95,30 +97,18 @@ class TrafficCollector:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), send)
-            return
         if kind != "http" or self._skip(scope["path"]):
+            if kind == "lifespan":
+                receive = self._lifespan_receive(receive)
             await self.app(scope, receive, send)
             return
+        response = _Response(send)
         started, ts = clock.monotonic(), clock.now_ms()
-        status, nbytes, ended = 500, 0, 0.0
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, nbytes, ended
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                nbytes += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    ended = clock.monotonic()
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, response.send)
         finally:
             try:
-                self._record(scope, ts, status, nbytes, (ended or clock.monotonic()) - started)
+                self._record(scope, ts, response, started)
             except Exception:
                 self.stats.errors += 1
 
@@ -128,29 +118,20 @@ class TrafficCollector:
                 return True
         return self.sample_rate < 1.0 and random.random() >= self.sample_rate
 
-    def _record(self, scope: Scope, ts: int, status: int, nbytes: int, seconds: float) -> None:
+    def _record(self, scope: Scope, ts: int, response: _Response, started: float) -> None:
+        """Append what the event needs to the buffer; the flusher builds the event."""
         if len(self._buffer) >= self.buffer_size:
             self.stats.dropped += 1
             return
-        route = getattr(scope.get("route"), "path_format", None)
-        if route:
-            path = scope.get("root_path", "") + route
-        else:
-            path = self.normalizer.normalize(scope.get("root_path", "") + scope["path"])
-        event = {  # `id` is assigned per batch when it is sent (see _send_one_batch)
-            "ts": ts,
-            "method": scope["method"],
-            "path": path[: self.normalizer.cfg.max_length],
-            "status": status,
-            "response_time_ms": round(seconds * 1000, 3),
-            "host": self.host or _host(scope),
-            "bytes": nbytes,
-        }
-        if self.colo:
-            event["colo"] = self.colo
-        self._buffer.append(event)
+        seconds = (response.ended or clock.monotonic()) - started
+        scope_get = scope.get
+        self._buffer.append(
+            (ts, scope["method"], scope_get("route"), scope_get("root_path", ""), scope["path"], scope_get("headers"),
+             scope_get("server"), response.status, response.nbytes, seconds)
+        )  # fmt: skip
         self.stats.recorded += 1
-        self._ensure_task()
+        if self._task is None or self._task.done():
+            self._ensure_task()
         if len(self._buffer) >= self.batch_size and self._wake is not None:
             self._wake.set()
 
@@ -179,9 +160,13 @@ class TrafficCollector:
             n = min(self.batch_size, len(self._buffer))
             if not n:
                 return 0
-            batch = [self._buffer.popleft() for _ in range(n)]
-            for event, event_id in zip(batch, uuid7_batch(n), strict=True):
-                event["id"] = event_id  # before the first try: retries of the batch keep it
+            batch = []
+            for record, event_id in zip([self._buffer.popleft() for _ in range(n)], uuid7_batch(n), strict=True):
+                try:
+                    batch.append(self._event(record, event_id))  # the id before the first try: retries keep it
+                except Exception:
+                    self.stats.errors += 1
+            n = len(batch)
             try:
                 await self.sink.send(batch)
             except Exception as exc:
@@ -190,6 +175,24 @@ class TrafficCollector:
             else:
                 self.stats.sent += n
             return n
+
+    def _event(self, record: tuple[Any, ...], event_id: str) -> dict[str, Any]:
+        ts, method, route, root_path, path, headers, server, status, nbytes, seconds = record
+        template = getattr(route, "path_format", None)
+        path = root_path + template if template else self.normalizer.normalize(root_path + path)
+        event = {
+            "id": event_id,
+            "ts": ts,
+            "method": method,
+            "path": path[: self.normalizer.cfg.max_length],
+            "status": status,
+            "response_time_ms": round(seconds * 1000, 3),
+            "host": self.host or _host(headers, server),
+            "bytes": nbytes,
+        }
+        if self.colo:
+            event["colo"] = self.colo
+        return event
 
     async def flush(self) -> None:
         """Send everything buffered now (also what the background task has not taken yet)."""
@@ -217,10 +220,28 @@ class TrafficCollector:
         return wrapped
 
 
-def _host(scope: Scope) -> str:
-    for name, value in scope.get("headers", ()):
+class _Response:
+    """Wraps `send` to note the status, the body bytes and when the last byte went out."""
+
+    __slots__ = ("_send", "ended", "nbytes", "status")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status, self.nbytes, self.ended = 500, 0, 0.0
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.nbytes += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.ended = clock.monotonic()
+        await self._send(message)
+
+
+def _host(headers: Iterable[tuple[bytes, bytes]] | None, server: tuple[str, int] | None) -> str:
+    for name, value in headers or ():
         if name == b"host":
             text = value.decode("latin-1").lower()
             return text.split("]")[0] + "]" if text.startswith("[") else text.partition(":")[0]
-    server = scope.get("server")
     return str(server[0]) if server else ""
