@@ -151,6 +151,29 @@ async def test_backpressure_503_with_retry_after(make_env: Any, sqlite_url: str)
     assert depth(env) == 1
 
 
+async def test_backpressure_counts_the_queue_when_its_span_has_gaps(make_env: Any, sqlite_url: str) -> None:
+    """Messages held back by a retry leave a span of sequence numbers wider than the queue:
+    the cheap upper bound says "over the limit", the count says otherwise, and wins."""
+    env = make_env(sqlite_url, http={"max_queue_depth": 3, "depth_check_interval": 0})
+    env.QUEUE.send_batch([event(i) for i in range(5)])
+    batch = env.QUEUE.receive(5)
+    for i, message in enumerate(batch):
+        if i in (0, 4):
+            message.retry(600)
+        else:
+            message.ack()
+    env.QUEUE.settle(batch)
+    assert depth(env) == 2
+    app = create_app(env)
+    async with client_for(app) as c:
+        fits = await c.post("/v1/events", json=[event(10)])
+        full = await c.post("/v1/events", json=[event(11)])
+        refused = await c.post("/v1/events", json=[event(12)])
+    assert fits.status_code == full.status_code == 202
+    assert refused.status_code == 503 and refused.json()["error"] == "queue_full"
+    assert depth(env) == 4
+
+
 async def test_auth_tokens(env: Any, caplog: pytest.LogCaptureFixture) -> None:
     open_app = create_app(env)
     async with client_for(open_app) as c:

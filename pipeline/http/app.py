@@ -144,7 +144,7 @@ def create_app(env: Env, require_token: bool = False, worker: Any = None) -> Fas
     app.state.tokens = TokenChecker(env.DB, always_required=require_token)
     app.state.metrics = Metrics(env)
     app.state.sender = GroupSender(env.QUEUE)
-    app.state.depth = DepthGauge(env.QUEUE, env.config.http.depth_check_interval)
+    app.state.depth = DepthGauge(env.QUEUE, env.config.http.max_queue_depth, env.config.http.depth_check_interval)
     app.state.normalizer = PathNormalizer(env.config.paths)
     _install_error_handlers(app)
     app.include_router(read_api.router, dependencies=[Depends(check_token)])
@@ -197,7 +197,7 @@ def _add_events_route(app: FastAPI) -> None:
         try:
             kind = body.body_kind(request.headers.get("content-type"))
             gzipped = body.check_encoding(request.headers.get("content-encoding"))
-            if await state.depth.depth() > cfg.max_queue_depth:
+            if await state.depth.over_limit():
                 metrics.refused.labels("queue_full").inc()
                 raise ApiError(503, "queue_full", f"the queue holds more than {cfg.max_queue_depth} messages",
                                {"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip

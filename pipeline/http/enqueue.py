@@ -6,19 +6,24 @@ SQLite) instead of N transactions fighting over the write lock. Every request st
 its answer only after the transaction holding its events has committed. Sends run in a
 worker thread so the event loop never blocks on the database.
 
-`DepthGauge` caches the queue depth for `interval` seconds (counting what was accepted in
-between), because counting the queue on every request would cost more than the request.
+`DepthGauge` answers "is the queue over its limit?" for backpressure from a reading reused
+for `interval` seconds (counting what was accepted in between), because counting the queue
+on every request would cost more than the request; a reading is usually an upper bound
+found in two index lookups rather than a count.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
 from anyio import to_thread
 
 from pipeline import clock
 from pipeline.bindings.queue import Queue
+from pipeline.schema import queue_messages
 
 MAX_GROUP_EVENTS = 10_000
 
@@ -81,27 +86,67 @@ def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
 
 
 class DepthGauge:
-    def __init__(self, queue: Queue, interval: float) -> None:
+    """Whether the queue holds more than `limit` messages, from a reading that is reused
+    for `interval` seconds (plus what this process accepted since).
+
+    A reading is cheap on the SQL queue: the span of the queue's sequence numbers (max -
+    min + 1, two primary-key lookups) bounds its depth from above, so the queue is counted
+    (a scan of the table: ~70 ms at 500k messages) only when that bound exceeds the limit,
+    i.e. when the queue is nearly full or has wide gaps (messages held back by retries).
+    Other backends are counted every time. One reading at a time: requests arriving while
+    the queue is being read wait for that reading."""
+
+    def __init__(self, queue: Queue, limit: int, interval: float) -> None:
         self.queue = queue
+        self.limit = limit
         self.interval = interval
         self._value = 0
+        self._exact = True  # whether _value is a count (else an upper bound)
         self._at: float | None = None
-        self._reading: asyncio.Future[int] | None = None
+        self._reading: asyncio.Future[None] | None = None
+        self._span = _span_reader(queue)
 
-    async def depth(self) -> int:
-        """The cached depth, re-read when older than `interval`. One reading at a time:
-        requests arriving while the queue is being counted wait for that count."""
-        if self._at is not None and clock.monotonic() - self._at < self.interval:
-            return self._value
-        if self._reading is None:
-            self._reading = asyncio.ensure_future(to_thread.run_sync(self.queue.depth))
-            try:
-                self._value = await asyncio.shield(self._reading)
-                self._at = clock.monotonic()
-            finally:
-                self._reading = None
-            return self._value
-        return await asyncio.shield(self._reading)
+    async def over_limit(self) -> bool:
+        stale = self._at is None or clock.monotonic() - self._at >= self.interval
+        if stale or (self._value > self.limit and not self._exact):
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._refresh())
+            await asyncio.shield(self._reading)
+        return self._value > self.limit
+
+    async def _refresh(self) -> None:
+        try:
+            self._value, self._exact = await to_thread.run_sync(self._read)
+            self._at = clock.monotonic()
+        finally:
+            self._reading = None
+
+    def _read(self) -> tuple[int, bool]:
+        """(depth or an upper bound of it, whether that is the depth itself)"""
+        bound = self._span() if self._span is not None else None
+        if bound is not None and bound <= self.limit:
+            return bound, False
+        return self.queue.depth(), True
 
     def add(self, n: int) -> None:
         self._value += n
+
+
+def _span_reader(queue: Queue) -> Callable[[], int] | None:
+    """For the SQL queue, a function reading max(seq) - min(seq) + 1 over its messages
+    (0 when empty); None for other backends."""
+    from pipeline.bindings.queue_sql import SqlQueue
+
+    if not isinstance(queue, SqlQueue):
+        return None
+    q = queue_messages
+    ends = [sa.select(q.c.seq).where(q.c.queue == queue.name).order_by(order).limit(1).scalar_subquery()
+            for order in (q.c.seq, q.c.seq.desc())]  # fmt: skip
+    stmt = sa.select(*ends)
+
+    def span() -> int:
+        with queue.db.read() as conn:
+            first, last = conn.execute(stmt).one()
+        return 0 if first is None else int(last) - int(first) + 1
+
+    return span
