@@ -238,6 +238,9 @@ async def test_openapi_documents_every_route_and_the_error_shape(env: Any) -> No
     assert {"202", "400", "401", "413", "415", "503"} <= set(post["responses"])
     assert all("422" not in op["responses"] for item in paths.values() for op in item.values())
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    bearer = [{"HTTPBearer": []}]
+    secured = {route for route, item in paths.items() if all(op.get("security") == bearer for op in item.values())}
+    assert secured == set(paths) - {"/health", "/ready"}
 
 
 def test_tokens_cli_create_list_revoke(tmp_path: Path) -> None:

@@ -95,11 +95,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API token from `edgepipe tokens create`")
+BEARER = {"security": [{_bearer.scheme_name: []}]}  # OpenAPI, for routes that call `authorize` themselves
 
 
-async def check_token(
-    request: Request, _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
+async def authorize(request: Request) -> None:
     """401 unless the request carries an active token (when tokens are required at all).
     The token itself is never logged."""
     checker: TokenChecker = request.app.state.tokens
@@ -107,6 +106,13 @@ async def check_token(
         await to_thread.run_sync(checker.refresh)
     if checker.required() and not checker.check(request.headers.get("authorization")):
         raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+async def check_token(
+    request: Request, _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """`authorize` as a dependency, which also documents the bearer scheme in OpenAPI."""
+    await authorize(request)
 
 
 def _lifespan(worker: Any) -> Any:
@@ -185,12 +191,12 @@ def _add_events_route(app: FastAPI) -> None:
         status_code=202,
         response_model=Accepted,
         responses=ERRORS,
-        openapi_extra=event_request_body(),
-        dependencies=[Depends(check_token)],
+        openapi_extra=event_request_body() | BEARER,
     )
     async def post_events(request: Request) -> Response:
         """Enqueue traffic events. 202 once the accepted ones are durably in the queue;
         `rejected` lists the others with the field at fault."""
+        await authorize(request)  # not a dependency: FastAPI's resolution costs more than the check
         state = request.app.state
         metrics: Metrics = state.metrics
         cfg = state.env.config.http
