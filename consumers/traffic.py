@@ -40,8 +40,8 @@ from pipeline.schema import (
 te = traffic_events
 psh = path_stats_hourly
 AGG_KEYS = ("hour", "host", "path", "method")
-# Layout of an accumulator list (AGG_COLUMNS): requests, status classes 1-5, bytes, rt sum, min, max, buckets.
-_BYTES, _RTSUM, _RTMIN, _RTMAX, _B0 = 6, 7, 8, 9, 10
+# An accumulator list in `fold` holds AGG_COLUMNS in order: requests (0), status classes
+# 1xx-5xx (1-5), bytes (6), rt sum (7), min (8), max (9), then the latency buckets (10-).
 AGG_COLUMNS = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", "rt_min_ms", "rt_max_ms", *BUCKET_COLUMNS)
 KNOWN_PATHS_HOURS = 48
 _PATHS_OF_HOUR = sa.select(psh.c.path).distinct().where(psh.c.hour == sa.bindparam("hour"), psh.c.path != OTHER_PATH)
@@ -103,10 +103,11 @@ class TrafficConsumer:
                 )
                 report.too_late += 1
                 continue
-            if (ev.ts, ev.id) in seen:
+            key = (ev.ts, ev.id)
+            if key in seen:
                 report.duplicates += 1
                 continue
-            seen.add((ev.ts, ev.id))
+            seen.add(key)
             events.append(ev)
         return events
 
@@ -183,22 +184,22 @@ def fold(acc: Acc, rows: Iterable[tuple[int, str, str, str, int, int | None, flo
     `acc`: (hour, host, path, method) → values in `AGG_COLUMNS` order. The one definition
     of an aggregate row: the consumer folds the events it inserted, archive replay and
     rebuild fold archived rows. Accumulators merge by addition (min/max aside)."""
-    buckets = LATENCY_BUCKETS_MS
-    for ts, host, path, method, status, nbytes, rt in rows:
+    buckets, get, zeros = LATENCY_BUCKETS_MS, acc.get, [0] * N_BUCKETS
+    for ts, host, path, method, status, nbytes, rt in rows:  # indices: see AGG_COLUMNS
         key = (ts // 3_600_000 * 3600, host, path, method)
-        a = acc.get(key)
+        a = get(key)
         if a is None:
-            a = acc[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, rt, rt] + [0] * N_BUCKETS
+            a = acc[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, rt, rt, *zeros]
         a[0] += 1
         a[status // 100] += 1  # status_1xx … status_5xx sit at 1 … 5
         if nbytes:
-            a[_BYTES] += nbytes
-        a[_RTSUM] += rt
-        if rt < a[_RTMIN]:
-            a[_RTMIN] = rt
-        elif rt > a[_RTMAX]:
-            a[_RTMAX] = rt
-        a[_B0 + bisect_left(buckets, rt)] += 1
+            a[6] += nbytes
+        a[7] += rt
+        if rt < a[8]:
+            a[8] = rt
+        elif rt > a[9]:
+            a[9] = rt
+        a[10 + bisect_left(buckets, rt)] += 1
 
 
 def aggregate(events: list[Event], overflow: Collection[tuple[int, str]] = ()) -> list[dict[str, Any]]:
