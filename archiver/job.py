@@ -28,7 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from archiver.objects import check_stored, encode, object_key
+from archiver.objects import ROW_FIELDS, check_stored, encode, object_key
 from pipeline import clock, meta
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
@@ -38,9 +38,7 @@ log = logging.getLogger("edgepipe.archiver")
 te = traffic_events
 ao = archive_objects
 HOUR_MS = 3_600_000
-SELECT_COLUMNS = [te.c[c] for c in ("seq", "ts", "id", "method", "path", "overflow")] + [
-    te.c[c] for c in ("status", "response_time_ms", "host", "colo", "bytes")
-]
+SELECT_COLUMNS = [te.c[c] for c in ROW_FIELDS]
 FETCH = 5000
 
 
@@ -98,7 +96,7 @@ def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int) -> dict[str
         .execution_options(yield_per=FETCH)
     )
     with db.read() as conn:
-        enc = encode(row for part in conn.execute(stmt).partitions(FETCH) for row in part)
+        enc = encode(conn.execute(stmt).partitions(FETCH))
     with enc.body:
         if enc.rows == 0:
             return None

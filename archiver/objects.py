@@ -18,7 +18,7 @@ import hashlib
 import re
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +32,7 @@ from pipeline.errors import IntegrityError, NotFound
 ROW_FIELDS = ("seq", "ts", "id", "method", "path", "overflow", "status", "response_time_ms", "host", "colo", "bytes")
 COMPRESS_LEVEL = 6
 SPOOL_BYTES = 8 * 1024 * 1024
-LINES_PER_WRITE = 2000
+_ROW_SEP, _ROW_NL = b'},{"seq":', b'}\n{"seq":'  # between two rows, whose first field is seq
 KEY_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/part-(\d+)-(\d+)(?:-r(\d+))?\.ndjson\.gz$")
 
 
@@ -93,42 +93,45 @@ class Encoded:
         }
 
 
-def encode(rows: Iterable[Any]) -> Encoded:
-    """Serialise rows (tuples in `ROW_FIELDS` order) into a gzip NDJSON temp file.
-    Compression runs in a second thread (zlib and hashlib release the GIL), overlapping
-    the fetch and JSON serialisation; at most two blocks are in flight (bounded memory)."""
+def encode_block(rows: Sequence[Sequence[Any]]) -> bytes:
+    """NDJSON lines of rows (tuples in `ROW_FIELDS` order), each ending in a newline.
+    One `orjson.dumps` of the whole list, then each `},{"seq":` becomes `}\n{"seq":`:
+    inside a JSON string every quote is escaped, so that sequence only occurs between two
+    rows. The bytes are the same as one `dumps` per row, for a fraction of the calls."""
+    if not rows:
+        return b""
+    fields = ROW_FIELDS
+    return orjson.dumps([dict(zip(fields, r, strict=True)) for r in rows])[1:-1].replace(_ROW_SEP, _ROW_NL) + b"\n"
+
+
+def encode(chunks: Iterable[Sequence[Sequence[Any]]]) -> Encoded:
+    """Serialise chunks of rows (tuples in `ROW_FIELDS` order, in seq order) into a gzip
+    NDJSON temp file. Compression runs in a second thread (zlib and hashlib release the
+    GIL), overlapping the fetch and JSON serialisation of the next chunk; at most two
+    chunks are in flight (bounded memory)."""
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (returned to the caller)
     sink = _HashingSink(spool)  # type: ignore[arg-type]
     n = raw = 0
     min_ts = max_ts = min_seq = max_seq = None
-    dumps = orjson.dumps
-    fields = ROW_FIELDS
     gz = gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0)  # type: ignore[call-overload]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-gzip") as pool:
         inflight: Future[int] | None = None
-        lines: list[bytes] = []
-        for row in rows:
-            lines.append(dumps(dict(zip(fields, row, strict=True))))
-            ts = row[1]
-            if min_ts is None or ts < min_ts:
-                min_ts = ts
-            if max_ts is None or ts > max_ts:
-                max_ts = ts
+        for rows in chunks:
+            if not rows:
+                continue
+            block = encode_block(rows)
+            lo, hi = min(r[1] for r in rows), max(r[1] for r in rows)
+            min_ts = lo if min_ts is None else min(min_ts, lo)
+            max_ts = hi if max_ts is None else max(max_ts, hi)
             if min_seq is None:
-                min_seq = row[0]
-            max_seq = row[0]
-            if len(lines) >= LINES_PER_WRITE:
-                block = b"\n".join(lines) + b"\n"
-                n, raw, lines = n + len(lines), raw + len(block), []
-                if inflight is not None:
-                    inflight.result()
-                inflight = pool.submit(gz.write, block)
+                min_seq = rows[0][0]
+            max_seq = rows[-1][0]
+            n, raw = n + len(rows), raw + len(block)
+            if inflight is not None:
+                inflight.result()
+            inflight = pool.submit(gz.write, block)
         if inflight is not None:
             inflight.result()
-    if lines:
-        block = b"\n".join(lines) + b"\n"
-        n, raw = n + len(lines), raw + len(block)
-        gz.write(block)
     gz.close()
     spool.seek(0)
     return Encoded(spool, n, raw, sink.size, sink.sha.hexdigest(), min_ts, max_ts, min_seq, max_seq)  # type: ignore[arg-type]

@@ -8,12 +8,13 @@ import io
 from collections import Counter
 from typing import Any, BinaryIO
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
 from archiver import job as archive_job
-from archiver.objects import KEY_RE, read_object
+from archiver.objects import KEY_RE, ROW_FIELDS, encode_block, read_object
 from pipeline import meta, totals
 from pipeline.bindings.archive import ObjectInfo, ObjectStore
 from pipeline.errors import BindingError
@@ -229,3 +230,17 @@ def test_head_verify_mode(archive_env: Any) -> None:
     consume(env, [event(i, ms("2026-11-18T06:00:00Z") + i) for i in range(3)])
     assert run_job(env, "archive", NOW)["rows"] == 3
     assert [o["status"] for o in _objects(env)] == ["verified"]
+
+
+def test_encoded_lines_equal_one_dumps_per_row_whatever_the_strings() -> None:
+    """A block is one `orjson.dumps` split at `},{"seq":`: strings holding that very text
+    (or quotes, braces, newlines) must neither split a row nor change a byte."""
+    tricky = ['},{"seq":7', '"},{"seq":', "a\nb", '{"seq":1}', "\\", "é\u2028"]
+    rows = [
+        (i, 1_000 + i, f"ev-{i}", "GET", s, i % 2, 200 + i, 0.1 + i / 3, s, None if i % 3 else s, None if i % 2 else i)
+        for i, s in enumerate(tricky * 3)
+    ]
+    block = encode_block(rows)
+    assert block == b"".join(orjson.dumps(dict(zip(ROW_FIELDS, r, strict=True))) + b"\n" for r in rows)
+    assert [tuple(orjson.loads(line).values()) for line in block.splitlines()] == rows
+    assert encode_block([]) == b""
