@@ -16,6 +16,7 @@ the batch back and flags the object `mismatch`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,14 +28,16 @@ from pipeline import clock
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
 from pipeline.schema import archive_objects, lifetime_totals, traffic_events
-from pipeline.totals import FIELDS, SCOPE
+from pipeline.totals import FIELDS, SCOPE, event_sums
 
 log = logging.getLogger("edgepipe.cleaner")
 te, ao, lt = traffic_events, archive_objects, lifetime_totals
 HOUR_MS = 3_600_000
 
 
-# Statements are built once; an object's rows are bound as parameters.
+# Statements are built once and run on the driver's cursor (`Database.fetchall` /
+# `execute`); an object's rows are bound as parameters, in `HELD` order.
+HELD = ("ts_lo", "ts_hi", "seq_lo", "seq_hi")
 _HELD = sa.and_(
     te.c.ts >= sa.bindparam("ts_lo"),
     te.c.ts < sa.bindparam("ts_hi"),
@@ -42,39 +45,37 @@ _HELD = sa.and_(
     te.c.archive_state == 1,
 )
 _COUNT_HELD = sa.select(sa.func.count()).where(_HELD)
-_OBJECT_COUNTS = sa.select(ao.c.cleaned_rows, ao.c.row_count).where(ao.c.key == sa.bindparam("key"))
-# One statement per batch: delete the next `n` held rows and return what the totals need.
-_DELETE_BATCH = (
-    sa.delete(te)
-    .where(te.c.seq.in_(sa.select(te.c.seq).where(_HELD).order_by(te.c.seq).limit(sa.bindparam("n"))))
-    .returning(te.c.status, te.c.bytes, te.c.response_time_ms)
+_OBJECT_COUNTS = sa.select(ao.c.cleaned_rows, ao.c.row_count).where(ao.c.key == sa.bindparam("obj_key"))
+# The next `n` held rows in seq order: their `FIELDS` sums, computed in SQL, and their
+# last seq; deleting the held rows up to that seq then takes exactly those rows.
+_batch = (
+    sa.select(te.c.seq, te.c.status, te.c.bytes, te.c.response_time_ms)
+    .where(_HELD)
+    .order_by(te.c.seq)
+    .limit(sa.bindparam("n"))
+    .subquery()
 )
+_SUM_BATCH = sa.select(*event_sums(_batch.c), sa.func.max(_batch.c.seq))
+_DELETE_HELD = sa.delete(te).where(_HELD)
+_SET_CLEANED = sa.update(ao).where(ao.c.key == sa.bindparam("obj_key")).values(cleaned_rows=sa.bindparam("cleaned"))
 
 
-def _held(obj: Any) -> dict[str, Any]:
+def _held(obj: Any) -> tuple[int, int, int, int]:
     """Parameters selecting the rows an object holds: its hour, its seq range, state 1."""
     lo = obj.hour * 1000
-    return {"ts_lo": lo, "ts_hi": lo + HOUR_MS, "seq_lo": obj.min_seq, "seq_hi": obj.max_seq}
+    return lo, lo + HOUR_MS, obj.min_seq, obj.max_seq
 
 
-def sum_rows(rows: list[Any]) -> dict[str, Any]:
-    """`FIELDS` sums of deleted (status, bytes, response_time_ms) rows."""
-    classes = [0] * 5
-    nbytes, rt = 0, 0.0
-    for status, size, ms in rows:
-        classes[status // 100 - 1] += 1
-        nbytes += size or 0
-        rt += ms
-    return dict(zip(FIELDS, (len(rows), *classes, nbytes, rt), strict=True))
+def add_to_totals(db: Any, conn: sa.Connection, sums: Sequence[Any]) -> None:
+    """Add `FIELDS` sums to the lifetime totals."""
+    cols = ("scope", "updated_at", *FIELDS)
 
-
-def add_to_totals(db: Any, conn: sa.Connection, sums: dict[str, Any]) -> None:
     def build() -> Any:
-        stmt = db.insert(lt).values({c: sa.bindparam(c) for c in ("scope", "updated_at", *FIELDS)})
+        stmt = db.insert(lt).values({c: sa.bindparam(c) for c in cols})
         sets = {f: lt.c[f] + stmt.excluded[f] for f in FIELDS} | {"updated_at": stmt.excluded.updated_at}
         return stmt.on_conflict_do_update(index_elements=["scope"], set_=sets)
 
-    conn.execute(db.cached(("add_to_totals",), build), {"scope": SCOPE, "updated_at": clock.now_s(), **sums})
+    db.execute(conn, db.cached(("add_to_totals",), build), cols, (SCOPE, clock.now_s(), *sums))
 
 
 def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> tuple[int, bool]:
@@ -83,25 +84,27 @@ def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> tuple[int, 
     db = env.DB
     held = _held(obj)
     with db.transaction() as conn:
-        cleaned, rows = conn.execute(_OBJECT_COUNTS, {"key": obj.key}).one()
+        ((cleaned, rows),) = db.fetchall(conn, _OBJECT_COUNTS, ("obj_key",), (obj.key,))
         if first:
-            remaining = conn.execute(_COUNT_HELD, held).scalar_one()
+            ((remaining,),) = db.fetchall(conn, _COUNT_HELD, HELD, held)
             if remaining != rows - cleaned:
                 raise IntegrityError(f"{obj.key}: {remaining} rows held, expected {rows - cleaned}")
-        deleted = conn.execute(_DELETE_BATCH, held | {"n": batch_size}).all()
-        n = len(deleted)
+        ((*sums, last),) = db.fetchall(conn, _SUM_BATCH, (*HELD, "n"), (*held, batch_size))
+        n = sums[0]
         if n == 0:
             if cleaned != rows:
                 raise IntegrityError(f"{obj.key}: no rows left but only {cleaned} of {rows} cleaned")
             return 0, True
         if cleaned + n > rows:
-            raise IntegrityError(f"{obj.key}: batch deleted {n} rows, {cleaned}+{n} exceeds {rows}")
-        add_to_totals(db, conn, sum_rows(deleted))
+            raise IntegrityError(f"{obj.key}: batch of {n} rows, {cleaned}+{n} exceeds {rows}")
+        deleted = db.execute(conn, _DELETE_HELD, HELD, (*held[:3], last))
+        if deleted != n:
+            raise IntegrityError(f"{obj.key}: deleted {deleted} rows, the batch summed {n}")
+        add_to_totals(db, conn, sums)
+        db.execute(conn, _SET_CLEANED, ("obj_key", "cleaned"), (obj.key, cleaned + n))
         done = cleaned + n == rows
-        values: dict[str, Any] = {"cleaned_rows": cleaned + n}
         if done:
-            values |= {"status": "cleaned", "cleaned_at": clock.now_s()}
-        conn.execute(sa.update(ao).where(ao.c.key == obj.key).values(**values))
+            conn.execute(sa.update(ao).where(ao.c.key == obj.key).values(status="cleaned", cleaned_at=clock.now_s()))
     return n, done
 
 

@@ -32,13 +32,14 @@ SCOPE = "all"
 FIELDS = ("events", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms")
 
 
-def event_sums(where: Any = None) -> list[Any]:
-    """SUM expressions over `traffic_events` in `FIELDS` order (the cleaner uses them too)."""
+def event_sums(c: Any = te.c) -> list[Any]:
+    """SUM expressions in `FIELDS` order over the columns `c` of `traffic_events` rows (or
+    of a subquery of them: the cleaner sums each batch with these)."""
     sums = [sa.func.count()]
-    for c in range(1, 6):
-        sums.append(sa.func.coalesce(sa.func.sum(sa.case((te.c.status.between(c * 100, c * 100 + 99), 1), else_=0)), 0))
-    sums.append(sa.func.coalesce(sa.func.sum(sa.func.coalesce(te.c.bytes, 0)), 0))
-    sums.append(sa.func.coalesce(sa.func.sum(te.c.response_time_ms), 0.0))
+    for k in range(1, 6):
+        sums.append(sa.func.coalesce(sa.func.sum(sa.case((c.status.between(k * 100, k * 100 + 99), 1), else_=0)), 0))
+    sums.append(sa.func.coalesce(sa.func.sum(sa.func.coalesce(c.bytes, 0)), 0))
+    sums.append(sa.func.coalesce(sa.func.sum(c.response_time_ms), 0.0))
     return sums
 
 
