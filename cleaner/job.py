@@ -5,12 +5,12 @@ again in the bucket (`[archive] verify`: `full` re-hashes the body, `head` compa
 and stored checksum); an object that fails is flagged `corrupt` and its rows stay.
 
 Each batch (`[cleaner] batch_size` rows of one object, at most `max_batches` per run) is
-ONE transaction that deletes the rows (`DELETE … RETURNING` what the totals need), adds
-their sums to `lifetime_totals` and advances the object's `cleaned_rows`, so hot + cold ==
-total at every commit. Counts are checked against the object: before its first batch the
-rows still held must equal `row_count - cleaned_rows`, no batch may take the object past
-its `row_count`, and an object with nothing left must be fully counted; any mismatch rolls
-the batch back and flags the object `mismatch`.
+ONE transaction that sums the rows in SQL, deletes exactly those rows (the deleted count
+must equal the summed one), adds the sums to `lifetime_totals` and advances the object's
+`cleaned_rows`, so hot + cold == total at every commit. Counts are checked against the
+object: before its first batch the rows still held must equal `row_count - cleaned_rows`,
+no batch may take the object past its `row_count`, and an object with nothing left must be
+fully counted; any mismatch rolls the batch back and flags the object `mismatch`.
 """
 
 from __future__ import annotations
