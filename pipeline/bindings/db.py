@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -206,8 +207,8 @@ class Database:
         the positions in `rows` of the rows this call inserted. The keys within `rows`
         must be distinct.
 
-        On PostgreSQL this is one `INSERT … SELECT unnest(…) ON CONFLICT DO NOTHING
-        RETURNING` the new keys. On SQLite it is a plain executemany, whose row count says
+        On PostgreSQL this is one `INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING` the
+        new keys (see `_insert_json`). On SQLite it is a plain executemany, whose row count says
         whether all or none of the rows were new (the common cases); only a mix asks which:
         the write transaction holds the database lock (BEGIN IMMEDIATE) and new rows of a
         table keyed by an integer rowid get rowids above the maximum read just before."""
@@ -227,17 +228,15 @@ class Database:
             )
             new = set(self.fetchall(conn, since, ("after",), (before,)))
         else:
-
-            def build() -> Any:  # INSERT … SELECT unnest(array per column): one statement, one parse
-                arrays = sa.select(
-                    *(sa.func.unnest(sa.bindparam(f"col_{c}", type_=ARRAY(table.c[c].type))) for c in columns)
-                )
-                stmt = self.insert(table).from_select(list(columns), arrays)
-                return stmt.on_conflict_do_nothing(index_elements=list(key)).returning(*(table.c[k] for k in key))
-
-            stmt = self.cached((*shape, tuple(columns)), build)
-            params = {f"col_{c}": list(values) for c, values in zip(columns, zip(*rows, strict=True), strict=True)}
-            new = {tuple(r) for r in conn.execute(stmt, params)}
+            stmt = self.cached(
+                (*shape, tuple(columns)),
+                lambda: (
+                    self._insert_json(table, columns)
+                    .on_conflict_do_nothing(index_elements=list(key))
+                    .returning(*(table.c[k] for k in key))
+                ),
+            )
+            new = {tuple(r) for r in conn.execute(stmt, _json_rows(rows))}
         at = [columns.index(k) for k in key]
         return [i for i, r in enumerate(rows) if tuple(r[j] for j in at) in new]
 
@@ -301,18 +300,40 @@ class Database:
         minimum: Sequence[str] = (),
         maximum: Sequence[str] = (),
     ) -> None:
-        """`upsert_add` for row tuples in `columns` order."""
+        """`upsert_add` for row tuples in `columns` order; a key may appear only once."""
         if not rows:
             return
         columns = tuple(columns)
+        if self.dialect == "sqlite":
+            stmt = self.cached(
+                ("upsert_add", table.name, columns, tuple(keys), tuple(minimum), tuple(maximum)),
+                lambda: self._additive(self.insert(table), table, columns, keys, minimum, maximum),
+            )
+            self.executemany(conn, stmt, columns, rows)
+            return
         stmt = self.cached(
-            ("upsert_add", table.name, columns, tuple(keys), tuple(minimum), tuple(maximum)),
-            lambda: self._additive(self.insert(table), table, columns, keys, minimum, maximum),
+            ("upsert_add_json", table.name, columns, tuple(keys), tuple(minimum), tuple(maximum)),
+            lambda: self._additive(self._insert_json(table, columns), table, columns, keys, minimum, maximum),
         )
-        self.executemany(conn, stmt, columns, rows)
+        conn.execute(stmt, _json_rows(rows))
+
+    def _insert_json(self, table: sa.Table, columns: Sequence[str]) -> Any:
+        """PostgreSQL: INSERT … SELECT from one JSON array of rows (bound as `rows`, see
+        `_json_rows`), each row an array of values in `columns` order, cast to the columns'
+        types by the server. Many rows, one statement and one parameter: an executemany
+        costs a round trip per row, and array parameters are adapted value by value in
+        Python."""
+        r = sa.func.jsonb_array_elements(sa.bindparam("rows", type_=sa.Text).cast(JSONB)).table_valued("value").alias("r")
+        value = r.c.value.op("->>")
+        values = [sa.cast(value(sa.literal_column(str(i))), table.c[c].type) for i, c in enumerate(columns)]
+        return self.insert(table).from_select(list(columns), sa.select(*values).select_from(r))
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _json_rows(rows: Sequence[Sequence[Any]]) -> dict[str, str]:
+    return {"rows": orjson.dumps(rows).decode()}
 
 
 @contextmanager
