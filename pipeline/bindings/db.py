@@ -318,12 +318,13 @@ class Database:
         conn.execute(stmt, _json_rows(rows))
 
     def _insert_json(self, table: sa.Table, columns: Sequence[str]) -> Any:
-        """PostgreSQL: INSERT … SELECT from one JSON array of rows (bound as `rows`, see
+        """PostgreSQL: INSERT … SELECT from one JSONB array of rows (bound as `rows`, see
         `_json_rows`), each row an array of values in `columns` order, cast to the columns'
         types by the server. Many rows, one statement and one parameter: an executemany
         costs a round trip per row, and array parameters are adapted value by value in
         Python."""
-        r = sa.func.jsonb_array_elements(sa.bindparam("rows", type_=sa.Text).cast(JSONB)).table_valued("value").alias("r")
+        rows = sa.bindparam("rows", type_=sa.Text).cast(JSONB)
+        r = sa.func.jsonb_array_elements(rows).table_valued("value").alias("r")
         value = r.c.value.op("->>")
         values = [sa.cast(value(sa.literal_column(str(i))), table.c[c].type) for i, c in enumerate(columns)]
         return self.insert(table).from_select(list(columns), sa.select(*values).select_from(r))
