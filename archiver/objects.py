@@ -7,8 +7,8 @@ the same rows rewrites the same key. Metadata (also kept in `archive_objects`): 
 `sha256` (of the compressed body), `min-ts`, `max-ts`, `min-seq`, `max-seq`.
 
 Encoding streams into a spooled temp file (bounded memory whatever the row count) while
-hashing the compressed bytes; decoding streams too and only vouches for an object once its
-gzip trailer, sha256 and row count all check out.
+hashing the compressed bytes; decoding hashes the body as it streams in (one object's text
+is held) and only returns rows once the gzip trailer, sha256 and row count all check out.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import hashlib
 import re
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
+import msgspec
 import orjson
 
 from pipeline.bindings.archive import ObjectStore
@@ -33,6 +34,7 @@ ROW_FIELDS = ("seq", "ts", "id", "method", "path", "overflow", "status", "respon
 COMPRESS_LEVEL = 6
 SPOOL_BYTES = 8 * 1024 * 1024
 _ROW_SEP, _ROW_NL = b'},{"seq":', b'}\n{"seq":'  # between two rows, whose first field is seq
+ROW_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()  # a row as a dict
 KEY_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/part-(\d+)-(\d+)(?:-r(\d+))?\.ndjson\.gz$")
 
 
@@ -137,34 +139,30 @@ def encode(chunks: Iterable[Sequence[Sequence[Any]]]) -> Encoded:
     return Encoded(spool, n, raw, sink.size, sink.sha.hexdigest(), min_ts, max_ts, min_seq, max_seq)  # type: ignore[arg-type]
 
 
-def iter_lines(chunks: Iterable[bytes], key: str, expect_sha: str | None) -> Iterator[bytes]:
-    """Decompress a gzip body into NDJSON lines; raise IntegrityError on a truncated or
-    corrupt body or a sha256 mismatch (after the last line: callers must not trust rows
-    of an object until the iterator is exhausted)."""
+def read_body(chunks: Iterable[bytes], key: str, expect_sha: str | None) -> bytes:
+    """The NDJSON text of a gzip body, hashed as it streams in; IntegrityError on a
+    truncated or corrupt body or a sha256 mismatch."""
     sha = hashlib.sha256()
     dec = zlib.decompressobj(wbits=31)
-    tail = b""
+    parts = []
     try:
         for chunk in chunks:
             sha.update(chunk)
-            data = tail + dec.decompress(chunk)
-            lines = data.split(b"\n")
-            tail = lines.pop()
-            yield from lines
-        data = tail + dec.flush()
+            parts.append(dec.decompress(chunk))
+        parts.append(dec.flush())
     except zlib.error as exc:
         raise IntegrityError(f"{key}: corrupt gzip stream ({exc})") from None
     if not dec.eof:
         raise IntegrityError(f"{key}: truncated gzip stream")
-    if data:
-        yield from data.rstrip(b"\n").split(b"\n")
     if expect_sha is not None and sha.hexdigest() != expect_sha:
         raise IntegrityError(f"{key}: sha256 mismatch (stored {expect_sha[:12]}…, body {sha.hexdigest()[:12]}…)")
+    return b"".join(parts)
 
 
-def read_object(store: ObjectStore, key: str) -> list[dict[str, Any]]:
-    """Every row of one object, checked against its metadata (sha256, row count). Working
-    from the bucket alone: the expectations come from the object's own metadata."""
+def read_object(store: ObjectStore, key: str, decoder: msgspec.json.Decoder[Any] = ROW_DECODER) -> list[Any]:
+    """Every row of one object (as dicts, or as `decoder` types them), checked against its
+    metadata (sha256, row count). Working from the bucket alone: the expectations come
+    from the object's own metadata."""
     try:
         info = store.head(key)
     except NotFound:
@@ -172,9 +170,10 @@ def read_object(store: ObjectStore, key: str) -> list[dict[str, Any]]:
     expect = info.metadata.get("sha256")
     if not expect:
         raise IntegrityError(f"{key}: no sha256 in the object metadata")
+    text = read_body(store.get(key), key, expect)
     try:
-        rows = [orjson.loads(line) for line in iter_lines(store.get(key), key, expect)]
-    except orjson.JSONDecodeError as exc:
+        rows = decoder.decode_lines(text)
+    except msgspec.DecodeError as exc:
         raise IntegrityError(f"{key}: undecodable row ({exc})") from None
     declared = info.metadata.get("rows")
     if declared is not None and int(declared) != len(rows):

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import groupby
+from operator import attrgetter, itemgetter
 from typing import IO, Any
 
+import msgspec
 import orjson
 import sqlalchemy as sa
 
-from archiver.objects import ROW_FIELDS, key_hour, read_object
+from archiver.objects import ROW_DECODER, ROW_FIELDS, key_hour, read_object
 from consumers.traffic import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
@@ -29,6 +32,11 @@ te, psh = traffic_events, path_stats_hourly
 HOUR_S = 3600
 FETCH = 5000
 MAX_DAY_LISTINGS = 31
+# A hot row as `fold` takes it: (ts, host, aggregated path, method, status, bytes, ms).
+HOT_FOLD_COLUMNS = (
+    te.c.ts, te.c.host, sa.case((te.c.overflow != 0, OTHER_PATH), else_=te.c.path), te.c.method, te.c.status,
+    te.c.bytes, te.c.response_time_ms,
+)  # fmt: skip
 
 
 def hour_range(start_s: float, end_s: float) -> tuple[int, int]:
@@ -65,23 +73,41 @@ def list_objects(store: ObjectStore, prefix: str, start_s: float, end_s: float) 
 
 
 def iter_objects(
-    store: ObjectStore, prefix: str, start_s: float, end_s: float, bad: list[dict[str, str]]
-) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    store: ObjectStore, prefix: str, start_s: float, end_s: float, bad: list[dict[str, str]],
+    decoder: msgspec.json.Decoder[Any] = ROW_DECODER,
+) -> Iterator[tuple[str, list[Any]]]:  # fmt: skip
     """(key, rows) of each sound object in range; bad ones are appended to `bad`."""
     for key, _hour, _size in objects_in(store, prefix, start_s, end_s):
         try:
-            yield key, read_object(store, key)
+            yield key, read_object(store, key, decoder)
         except IntegrityError as exc:
             bad.append({"key": key, "error": str(exc)})
 
 
-def aggregate_rows(rows: list[dict[str, Any]], acc: Acc) -> None:
-    """Aggregate archived/hot rows exactly like the consumer did (overflow → __other__)."""
-    fold(acc, (
-        (r["ts"], r["host"], OTHER_PATH if r["overflow"] else r["path"], r["method"], r["status"], r["bytes"],
-         r["response_time_ms"])
-        for r in rows
-    ))  # fmt: skip
+class FoldRow(msgspec.Struct):
+    """The fields of an archived row that its aggregate needs (the others are skipped)."""
+
+    ts: int
+    host: str
+    path: str
+    method: str
+    status: int
+    bytes: int | None
+    response_time_ms: float
+    overflow: int
+
+
+FOLD_DECODER = msgspec.json.Decoder(FoldRow)
+_FOLD_FIELDS = attrgetter("ts", "host", "path", "method", "status", "bytes", "response_time_ms")
+
+
+def aggregate_rows(rows: list[FoldRow], acc: Acc) -> None:
+    """Aggregate archived rows exactly like the consumer did (overflow → __other__; the
+    path of such a row is rewritten in place)."""
+    for r in rows:
+        if r.overflow:
+            r.path = OTHER_PATH
+    fold(acc, map(_FOLD_FIELDS, rows))
 
 
 def fold_archive(
@@ -89,25 +115,32 @@ def fold_archive(
 ) -> tuple[int, int]:
     """Aggregate every sound object of the range into `acc`: (objects, rows)."""
     objects = rows = 0
-    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad):
+    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad, FOLD_DECODER):
         aggregate_rows(obj_rows, acc)
         objects += 1
         rows += len(obj_rows)
     return objects, rows
 
 
-def hot_rows(db: Database, h0: int, h1: int) -> Iterator[list[dict[str, Any]]]:
-    """Unarchived rows of the hours [h0, h1), in chunks (archived and restored rows are
-    already in the bucket)."""
-    cols = [te.c[f] for f in ROW_FIELDS]
-    stmt = (
-        sa.select(*cols)
-        .where(te.c.ts >= h0 * 1000, te.c.ts < h1 * 1000, te.c.archive_state == 0)
-        .execution_options(yield_per=FETCH)
-    )
-    with db.read() as conn:
-        for part in conn.execute(stmt).partitions(FETCH):
-            yield [dict(zip(ROW_FIELDS, r, strict=True)) for r in part]
+def _by_hour(pairs: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, list[Any]]]:
+    """(hour, items) groups of (hour, item) pairs that come in hour order."""
+    for hour, group in groupby(pairs, key=itemgetter(0)):
+        yield hour, [item for _hour, item in group]
+
+
+def _walk(*streams: Iterator[tuple[int, list[Any]]]) -> Iterator[tuple[int, list[list[Any]]]]:
+    """Walk `_by_hour` streams together: (hour, the items of each stream, [] where none)."""
+    heads = [next(s, None) for s in streams]
+    while live := [h[0] for h in heads if h is not None]:
+        hour = min(live)
+        items: list[list[Any]] = []
+        for i, head in enumerate(heads):
+            if head is not None and head[0] == hour:
+                items.append(head[1])
+                heads[i] = next(streams[i], None)
+            else:
+                items.append([])
+        yield hour, items
 
 
 def _differs(got: Any, want: Any) -> bool:
@@ -116,63 +149,87 @@ def _differs(got: Any, want: Any) -> bool:
     return bool(got != want)
 
 
-def compare(acc: Acc, db: Database, h0: int, h1: int, skip_hours: set[int]) -> list[dict[str, Any]]:
-    """Differences between recomputed aggregates (consumed from `acc`) and
-    `path_stats_hourly` for [h0, h1), streaming the stored rows. Integer columns and the
+def compare(acc: Acc, stored: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Differences between recomputed aggregates (consumed from `acc`) and stored
+    `path_stats_hourly` rows (`AGG_KEYS` then `AGG_COLUMNS`). Integer columns and the
     min/max must match exactly, the response-time sum within float rounding (sums added
     in another order differ in the last bits)."""
     rt_sum_at = AGG_COLUMNS.index("rt_sum_ms")
-    stmt = (
-        sa.select(*(psh.c[k] for k in AGG_KEYS), *(psh.c[c] for c in AGG_COLUMNS))
-        .where(psh.c.hour >= h0, psh.c.hour < h1)
-        .execution_options(yield_per=FETCH)
-    )
     out: list[dict[str, Any]] = []
-    with db.read() as conn:
-        for part in conn.execute(stmt).partitions(FETCH):
-            for row in part:
-                key = tuple(row[:4])
-                got = acc.pop(key, None)
-                if key[0] in skip_hours:
-                    continue
-                stored = list(row[4:])
-                if got is not None and got != stored and not _differs(got[rt_sum_at], stored[rt_sum_at]):
-                    got[rt_sum_at] = stored[rt_sum_at]  # equal within rounding
-                if got == stored:
-                    continue
-                where = dict(zip(AGG_KEYS, key, strict=True))
-                if got is None:
-                    out.append(where | {"column": "row", "archive": False, "database": True})
-                    continue
-                for name, value, want in zip(AGG_COLUMNS, got, stored, strict=True):
-                    if value != want:
-                        out.append(where | {"column": name, "archive": value, "database": want})
+    for row in stored:
+        key = tuple(row[:4])
+        got = acc.pop(key, None)
+        want = list(row[4:])
+        if got is not None and got != want and not _differs(got[rt_sum_at], want[rt_sum_at]):
+            got[rt_sum_at] = want[rt_sum_at]  # equal within rounding
+        if got == want:
+            continue
+        where = dict(zip(AGG_KEYS, key, strict=True))
+        if got is None:
+            out.append(where | {"column": "row", "archive": False, "database": True})
+            continue
+        for name, value, expected in zip(AGG_COLUMNS, got, want, strict=True):
+            if value != expected:
+                out.append(where | {"column": name, "archive": value, "database": expected})
     for key in acc:
-        if key[0] not in skip_hours:
-            out.append(dict(zip(AGG_KEYS, key, strict=True)) | {"column": "row", "archive": True, "database": False})
+        out.append(dict(zip(AGG_KEYS, key, strict=True)) | {"column": "row", "archive": True, "database": False})
     return out
 
 
 def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float) -> dict[str, Any]:
     """Recompute the hourly aggregates of [start, end) from the archive plus the hot rows
-    and compare them with `path_stats_hourly`. Hours touched by a bad object are skipped."""
+    and compare them with `path_stats_hourly`, one hour at a time: the objects (listed in
+    key order), the hot rows (by ts) and the stored aggregates (by hour) are streamed side
+    by side, so memory holds one hour's aggregates. Hours with a bad object are skipped."""
     h0, h1 = hour_range(start_s, end_s)
+    hot_stmt = (  # archived and restored rows are in the bucket
+        sa.select(*HOT_FOLD_COLUMNS)
+        .where(te.c.ts >= h0 * 1000, te.c.ts < h1 * 1000, te.c.archive_state == 0)
+        .order_by(te.c.ts)
+        .execution_options(yield_per=FETCH)
+    )
+    stored_stmt = (
+        sa.select(*(psh.c[k] for k in AGG_KEYS), *(psh.c[c] for c in AGG_COLUMNS))
+        .where(psh.c.hour >= h0, psh.c.hour < h1)
+        .order_by(psh.c.hour)
+        .execution_options(yield_per=FETCH)
+    )
     bad: list[dict[str, str]] = []
-    acc: Acc = {}
-    objects, rows = fold_archive(store, prefix, start_s, end_s, acc, bad)
-    hot = 0
-    for chunk in hot_rows(db, h0, h1):
-        aggregate_rows(chunk, acc)
-        hot += len(chunk)
-    skip = {key_hour(b["key"]) or 0 for b in bad}
-    mismatches = compare(acc, db, h0, h1, skip)
+    mismatches: list[dict[str, Any]] = []
+    unverified: list[int] = []
+    objects = rows = hot = 0
+    archive = _by_hour((hour, key) for key, hour, _size in objects_in(store, prefix, start_s, end_s))
+    with db.read() as conn:
+        hot_rows = _by_hour(
+            (r[0] // 3_600_000 * HOUR_S, r) for part in conn.execute(hot_stmt).partitions() for r in part
+        )
+        stored = _by_hour((r[0], r) for part in conn.execute(stored_stmt).partitions() for r in part)
+        for hour, (keys, hot_part, stored_part) in _walk(archive, hot_rows, stored):
+            acc: Acc = {}
+            sound = True
+            for key in keys:
+                try:
+                    obj_rows = read_object(store, key, FOLD_DECODER)
+                except IntegrityError as exc:
+                    bad.append({"key": key, "error": str(exc)})
+                    sound = False
+                    continue
+                aggregate_rows(obj_rows, acc)
+                objects += 1
+                rows += len(obj_rows)
+            fold(acc, hot_part)
+            hot += len(hot_part)
+            if sound:
+                mismatches += compare(acc, stored_part)
+            else:
+                unverified.append(hour)
     return {
         "ok": not bad and not mismatches,
         "objects": objects,
         "archived_rows": rows,
         "hot_rows": hot,
         "bad": bad,
-        "unverified_hours": sorted(skip),
+        "unverified_hours": unverified,
         "mismatches": mismatches,
     }
 
