@@ -80,6 +80,8 @@ class TrafficCollector:
         self.sink: Sink = sink or (QueueSink(queue) if queue is not None else HttpSink(endpoint or "", token))
         self.sample_rate = sample_rate
         self.exclude = tuple(exclude)
+        self._excluded = frozenset(self.exclude)
+        self._excluded_prefixes = tuple(prefix + "/" for prefix in self.exclude)
         self.buffer_size = buffer_size
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -113,9 +115,8 @@ class TrafficCollector:
                 self.stats.errors += 1
 
     def _skip(self, path: str) -> bool:
-        for prefix in self.exclude:
-            if path == prefix or path.startswith(prefix + "/"):
-                return True
+        if path in self._excluded or path.startswith(self._excluded_prefixes):
+            return True
         return self.sample_rate < 1.0 and random.random() >= self.sample_rate
 
     def _record(self, scope: Scope, ts: int, response: _Response, started: float) -> None:
