@@ -92,6 +92,31 @@ def test_verify_catches_a_tampered_aggregate(make_env: Any, db_url: str) -> None
 
 
 @freeze_time(NOW)
+def test_verify_reports_rows_on_one_side_only_hour_by_hour(make_env: Any, db_url: str) -> None:
+    """An aggregate missing from the database (archived hour, hot hour) and one with no
+    event behind it (in an hour that holds nothing else) are each reported once."""
+    env = make_env(db_url)
+    _load(env)
+    psh = path_stats_hourly
+    archived, hot, empty = (
+        ms(t) // 1000 for t in ("2026-11-18T05:00:00Z", "2026-11-20T09:00:00Z", "2026-11-21T12:00:00Z")
+    )
+    with env.DB.transaction() as conn:
+        for hour in (archived, hot):
+            conn.execute(sa.delete(psh).where(psh.c.hour == hour, psh.c.path == "/a"))
+        row = conn.execute(sa.select(psh).where(psh.c.hour == archived).limit(1)).mappings().one()
+        conn.execute(sa.insert(psh).values(dict(row) | {"hour": empty}))
+    report = replay.verify(env.DB, env.ARCHIVE, env.config.archive.prefix, FROM, TO)
+    got = [(m["hour"], m["path"], m["column"], m["archive"], m["database"]) for m in report["mismatches"]]
+    assert sorted(got) == sorted([
+        (archived, "/a", "row", True, False),
+        (hot, "/a", "row", True, False),
+        (empty, row["path"], "row", False, True),
+    ])  # fmt: skip
+    assert report["archived_rows"] + report["hot_rows"] == 400 and not report["ok"]
+
+
+@freeze_time(NOW)
 def test_restore_is_idempotent_keeps_the_invariant_and_is_never_rearchived(make_env: Any, db_url: str) -> None:
     env = make_env(db_url)
     _load(env)
