@@ -5,7 +5,8 @@ a seq high-water mark: every row with `ts < cutoff` still in `archive_state` 0 i
 so late rows for an already-archived hour and rows committed out of seq order by
 concurrent PostgreSQL writers are picked up by the next run, in a new object of their own.
 
-Per object (rows of one hour, in seq order, at most `max_rows_per_object`):
+Per object (rows of one hour, at most `max_rows_per_object`: an hour with more is cut into
+objects of consecutive seqs; an hour that fits in one is read as the ts index finds it):
 1. stream the rows through gzip into a spooled temp file, hashing the compressed bytes;
 2. record it as `pending` in `archive_objects` (so a crash after the upload is visible);
 3. upload, then re-read (`verify = "full"`: size + sha256 of the body; `"head"`: size +
@@ -84,17 +85,18 @@ def _free_key(conn: sa.Connection, prefix: str, hour_s: int, first: int, last: i
         retry += 1
 
 
-def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int) -> dict[str, Any] | None:
+def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int, whole_hour: bool) -> dict[str, Any] | None:
     """Archive the next object of one hour: its first `max_rows_per_object` unarchived
-    rows with seq > `after_seq`, in seq order. None when the hour has nothing left."""
+    rows with seq > `after_seq`, in seq order; or, `whole_hour`, when they all fit in one
+    object, all of them in the order the ts index finds them (no sort). None when the
+    hour has nothing left."""
     db, store, cfg = env.DB, env.ARCHIVE, env.config.archive
-    stmt = (
-        sa.select(*SELECT_COLUMNS)
-        .where(_in_hour(hour_s), te.c.ts < cutoff, te.c.archive_state == 0, te.c.seq > after_seq)
-        .order_by(te.c.seq + 0)  # sort the hour's rows found by the ts index, never walk the whole table by seq
-        .limit(cfg.max_rows_per_object)
-        .execution_options(yield_per=FETCH)
+    stmt = sa.select(*SELECT_COLUMNS).where(
+        _in_hour(hour_s), te.c.ts < cutoff, te.c.archive_state == 0, te.c.seq > after_seq
     )
+    if not whole_hour:  # sort the hour's rows found by the ts index, never walk the whole table by seq
+        stmt = stmt.order_by(te.c.seq + 0).limit(cfg.max_rows_per_object)
+    stmt = stmt.execution_options(yield_per=FETCH)
     with db.read() as conn:
         enc = encode(conn.execute(stmt).partitions(FETCH))
     with enc.body:
@@ -180,7 +182,7 @@ def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
             if result["objects"] >= cfg.max_objects_per_run:
                 result["complete"] = False
                 break
-            done = archive_next(env, hour_s, cutoff, after)
+            done = archive_next(env, hour_s, cutoff, after, count <= cfg.max_rows_per_object)
             if done is None:
                 break
             after = done["last_seq"]

@@ -106,15 +106,20 @@ def encode_block(rows: Sequence[Sequence[Any]]) -> bytes:
     return orjson.dumps([dict(zip(fields, r, strict=True)) for r in rows])[1:-1].replace(_ROW_SEP, _ROW_NL) + b"\n"
 
 
+def _widen(span: tuple[int, int] | None, values: list[int]) -> tuple[int, int]:
+    lo, hi = min(values), max(values)
+    return (lo, hi) if span is None else (min(span[0], lo), max(span[1], hi))
+
+
 def encode(chunks: Iterable[Sequence[Sequence[Any]]]) -> Encoded:
-    """Serialise chunks of rows (tuples in `ROW_FIELDS` order, in seq order) into a gzip
+    """Serialise chunks of rows (tuples in `ROW_FIELDS` order) into a gzip
     NDJSON temp file. Compression runs in a second thread (zlib and hashlib release the
     GIL), overlapping the fetch and JSON serialisation of the next chunk; at most two
     chunks are in flight (bounded memory)."""
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (returned to the caller)
     sink = _HashingSink(spool)  # type: ignore[arg-type]
     n = raw = 0
-    min_ts = max_ts = min_seq = max_seq = None
+    ts_span = seq_span = None
     gz = gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0)  # type: ignore[call-overload]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-gzip") as pool:
         inflight: Future[int] | None = None
@@ -122,12 +127,8 @@ def encode(chunks: Iterable[Sequence[Sequence[Any]]]) -> Encoded:
             if not rows:
                 continue
             block = encode_block(rows)
-            lo, hi = min(r[1] for r in rows), max(r[1] for r in rows)
-            min_ts = lo if min_ts is None else min(min_ts, lo)
-            max_ts = hi if max_ts is None else max(max_ts, hi)
-            if min_seq is None:
-                min_seq = rows[0][0]
-            max_seq = rows[-1][0]
+            ts_span = _widen(ts_span, [r[1] for r in rows])
+            seq_span = _widen(seq_span, [r[0] for r in rows])
             n, raw = n + len(rows), raw + len(block)
             if inflight is not None:
                 inflight.result()
@@ -136,7 +137,9 @@ def encode(chunks: Iterable[Sequence[Sequence[Any]]]) -> Encoded:
             inflight.result()
     gz.close()
     spool.seek(0)
-    return Encoded(spool, n, raw, sink.size, sink.sha.hexdigest(), min_ts, max_ts, min_seq, max_seq)  # type: ignore[arg-type]
+    min_ts, max_ts = ts_span or (None, None)
+    min_seq, max_seq = seq_span or (None, None)
+    return Encoded(spool, n, raw, sink.size, sink.sha.hexdigest(), min_ts, max_ts, min_seq, max_seq)
 
 
 def read_body(chunks: Iterable[bytes], key: str, expect_sha: str | None) -> bytes:
