@@ -6,6 +6,8 @@ the generator's. References, measured in the same run on the same rows:
 * archive — serialise the rows to NDJSON and gzip them in memory (no DB, no I/O);
 * clean   — bare `DELETE … WHERE seq BETWEEN` in 1000-row transactions on a copy;
 * replay  — plain gunzip + JSON parse of the same objects (no checks, no aggregation).
+`ratio` compares wall-clock throughput; `cpu_ratio` compares the process CPU time of the
+same runs (all threads), steadier on a busy machine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,9 +87,9 @@ def _store(con: Any, env: Any, batch: list[dict[str, Any]], Event: Any, aggregat
 
 
 def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    started = clock.monotonic()
+    started, cpu = clock.monotonic(), time.process_time()
     out = fn()
-    out["seconds"] = clock.monotonic() - started
+    out["seconds"], out["cpu_seconds"] = clock.monotonic() - started, time.process_time() - cpu
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
@@ -211,6 +214,7 @@ def bench(kind: str, n: int, progress: Callable[[str], None] = lambda _m: None) 
                 "rows_per_s": round(mine_rps), "mb_per_s": round(arch["raw_bytes"] / arch["seconds"] / 1e6, 1),
                 "compression_ratio": round(arch["raw_bytes"] / arch["bytes"], 2), "peak_rss_mb": arch["peak_rss_mb"],
                 "reference_rows_per_s": round(ref_rps), "ratio": _ratio(mine_rps, ref_rps),
+                "cpu_ratio": _ratio(arch["rows"] / arch["cpu_seconds"], ref["rows"] / ref["cpu_seconds"]),
                 "reference_peak_rss_mb": ref["peak_rss_mb"],
             }  # fmt: skip
         if kind == "clean":
@@ -233,7 +237,9 @@ def bench(kind: str, n: int, progress: Callable[[str], None] = lambda _m: None) 
             "mb_per_s": round(arch["raw_bytes"] / mine["seconds"] / 1e6, 1),
             "compression_ratio": round(arch["raw_bytes"] / arch["bytes"], 2), "peak_rss_mb": mine["peak_rss_mb"],
             "reference_rows_per_s": round(ref_rps), "ratio": _ratio(mine_rps, ref_rps),
-            "reference_rows": ref["rows"], "archive_peak_rss_mb": arch["peak_rss_mb"],
+            "cpu_ratio": _ratio(mine["rows"] / mine["cpu_seconds"], ref["rows"] / ref["cpu_seconds"]),
+            "reference_rows": ref["rows"],
+            "archive_peak_rss_mb": arch["peak_rss_mb"],
             **({"replay_ok": mine["ok"]} if kind == "replay" else {}),
         }  # fmt: skip
 
