@@ -86,11 +86,23 @@ def _store(con: Any, env: Any, batch: list[dict[str, Any]], Event: Any, aggregat
         env.DB.upsert_add(conn, psh, aggregate(events), keys, ["rt_min_ms"], ["rt_max_ms"])
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's VmHWM starts afresh at exec; ru_maxrss would start
+    from the parent's RSS at the fork (here, the generator's), hence only a fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     started, cpu = clock.monotonic(), time.process_time()
     out = fn()
     out["seconds"], out["cpu_seconds"] = clock.monotonic() - started, time.process_time() - cpu
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 
