@@ -1,8 +1,9 @@
 """The traffic consumer: the queue handler that turns events into hourly aggregates.
 
 Per batch, in the one transaction the worker loop holds:
-1. validate each message; an invalid one is dead-lettered with a reason naming the field
-   (no retries for poison) and its valid siblings go on;
+1. validate each message, which holds one event or a JSON array of events; an invalid
+   event is dead-lettered with a reason naming the field (no retries for poison: the
+   message, or the single array element) and its valid siblings go on;
 2. insert the events with ON CONFLICT (ts, id) DO NOTHING … RETURNING, learning which rows
    this transaction actually inserted;
 3. fold only those into hourly rows (`fold`) and add them to `path_stats_hourly` with
@@ -25,7 +26,7 @@ from pipeline import clock, meta
 from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, MessageBatch
 from pipeline.config import Config
 from pipeline.errors import ValidationError
-from pipeline.events import EVENT_COLUMNS, Event, decode_event, parse_event
+from pipeline.events import EVENT_COLUMNS, Event, decode_message, parse_event
 from pipeline.histogram import N_BUCKETS
 from pipeline.paths import PathNormalizer
 from pipeline.schema import (
@@ -82,33 +83,49 @@ class TrafficConsumer:
         return report
 
     def _validate(self, batch: MessageBatch, now_ms: int, watermark: int, report: BatchReport) -> list[Event]:
-        """Valid, batch-unique events; dead-letter the rest with their reasons."""
+        """Valid, batch-unique events; dead-letter the rest with their reasons (a whole
+        message, or single elements of a message that holds an array of events)."""
         events: list[Event] = []
         seen: set[tuple[int, str]] = set()
         for msg in batch:
             try:
                 if msg.content_type == "json":
-                    ev = decode_event(msg.raw, self.normalizer, now_ms, fallback_id=msg.id)
+                    got = decode_message(msg.raw, self.normalizer, now_ms, fallback_id=msg.id)
                 else:
-                    ev = parse_event(msg.body, self.normalizer, now_ms, fallback_id=msg.id)
+                    got = parse_event(msg.body, self.normalizer, now_ms, fallback_id=msg.id)
             except ValidationError as exc:
                 msg.dead_letter(REASON_INVALID, str(exc))
                 report.invalid += 1
                 continue
-            if ev.ts < watermark:
-                msg.dead_letter(
-                    REASON_TOO_LATE,
-                    f"ts: {clock.iso(ev.ts / 1000)} is older than the archive watermark "
-                    f"{clock.iso(watermark / 1000)}; its duplicates can no longer be detected",
-                )
-                report.too_late += 1
-                continue
-            key = (ev.ts, ev.id)
-            if key in seen:
-                report.duplicates += 1
-                continue
-            seen.add(key)
-            events.append(ev)
+            several = type(got) is list
+            if several:
+                report.received += len(got) - 1
+            for index, ev in enumerate(got) if several else ((None, got),):
+                reason, error = "", ""
+                if isinstance(ev, ValidationError):
+                    reason, error = REASON_INVALID, str(ev)
+                    report.invalid += 1
+                elif ev.ts < watermark:
+                    reason, error = (
+                        REASON_TOO_LATE,
+                        (
+                            f"ts: {clock.iso(ev.ts / 1000)} is older than the archive watermark "
+                            f"{clock.iso(watermark / 1000)}; its duplicates can no longer be detected"
+                        ),
+                    )
+                    report.too_late += 1
+                if reason:
+                    if index is None:
+                        msg.dead_letter(reason, error)
+                    else:
+                        msg.dead_letter_part(index, reason, error)
+                    continue
+                key = (ev.ts, ev.id)
+                if key in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(key)
+                events.append(ev)
         return events
 
     def _store(self, env: Any, conn: sa.Connection, events: list[Event]) -> int:

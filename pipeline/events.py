@@ -1,9 +1,9 @@
 """The traffic event: one per request, validated the same way by every producer and
 the consumer. `parse_event` validates a decoded JSON value by hand (not a pydantic model)
-and names the offending field in one line. `decode_event` is the consumer's hot path: it
-decodes a stored JSON body straight into typed fields with msgspec and accepts the common
-shape at once; anything else goes through `parse_event`, which gives the verdict and the
-error message, so both always agree.
+and names the offending field in one line. `decode_message` is the consumer's hot path: it
+decodes a stored JSON body (one event, or an array of events) straight into Events with
+msgspec and accepts the common shape at once; anything else goes through `parse_event`,
+which gives the verdict and the error message, so both always agree.
 
 Fields: `id` (≤ 128 chars, the idempotency key; when absent the queue message id is
 used, which stays the same across redeliveries), `ts` (epoch milliseconds or RFC 3339,
@@ -32,7 +32,7 @@ _METHOD = re.compile(r"[A-Za-z]{1,16}")
 
 
 class Event(msgspec.Struct, gc=False):
-    """A validated event. The annotations double as the JSON shape `decode_event` accepts
+    """A validated event. The annotations double as the JSON shape `decode_message` accepts
     on its fast path (type and range checked in C); `parse_event` enforces the same rules
     and more forms (RFC 3339 `ts`, null or absent `id`/`host`, lower-case methods)."""
 
@@ -157,19 +157,14 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
     return Event(event_id, ts, method, normalizer.normalize(path), status, rt, host or "", colo, nbytes)
 
 
-_decode_event = msgspec.json.Decoder(Event).decode
+_decode_one_or_many = msgspec.json.Decoder(Event | list[Event]).decode
 
 
-def decode_event(raw: bytes, normalizer: PathNormalizer, now_ms: int, fallback_id: str | None = None) -> Event:
-    """`parse_event` for a JSON document (a queue message's stored body): decoded straight
-    into an Event when it has the common shape, else through `parse_event`."""
-    try:
-        ev = _decode_event(raw)
-    except msgspec.DecodeError:
-        ev = None
+def _finish(ev: Event, normalizer: PathNormalizer, now_ms: int) -> bool:
+    """Complete an Event msgspec decoded, if it has the common shape (else False: the
+    general path decides)."""
     if (
-        ev is not None
-        and MIN_TS_MS <= ev.ts <= now_ms + MAX_FUTURE_MS
+        MIN_TS_MS <= ev.ts <= now_ms + MAX_FUTURE_MS
         and ev.method in _COMMON_METHODS
         and ev.path[:1] == "/"
         and len(ev.path) <= normalizer.cfg.max_length
@@ -177,9 +172,42 @@ def decode_event(raw: bytes, normalizer: PathNormalizer, now_ms: int, fallback_i
         ev.path = normalizer.normalize(ev.path)
         if ev.host:
             ev.host = ev.host.lower()
-        return ev
+        return True
+    return False
+
+
+def loads(raw: bytes) -> Any:
+    """JSON document → value; ValidationError("body", "malformed JSON: …") if it is not one."""
     try:
-        obj = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ValidationError("body", f"malformed JSON: {exc}") from None
-    return parse_event(obj, normalizer, now_ms, fallback_id)
+
+
+def decode_message(
+    raw: bytes, normalizer: PathNormalizer, now_ms: int, fallback_id: str | None = None
+) -> Event | list[Event | ValidationError]:
+    """Validate a queue message's stored JSON body: one event (an object: its Event, or
+    ValidationError raised) or several (an array: an Event or a ValidationError per
+    element; an element without an id gets `fallback_id:index`, which a redelivery keeps).
+    Bodies of the common shape decode straight into Events; anything else goes through
+    `parse_event`, so both paths reach the same verdicts."""
+    try:
+        got = _decode_one_or_many(raw)
+    except msgspec.DecodeError:
+        got = None
+    if type(got) is list:
+        if all(_finish(ev, normalizer, now_ms) for ev in got):
+            return got
+    elif got is not None and _finish(got, normalizer, now_ms):
+        return got
+    obj = loads(raw)
+    if not isinstance(obj, list):
+        return parse_event(obj, normalizer, now_ms, fallback_id)
+    out: list[Event | ValidationError] = []
+    for i, item in enumerate(obj):
+        try:
+            out.append(parse_event(item, normalizer, now_ms, None if fallback_id is None else f"{fallback_id}:{i}"))
+        except ValidationError as exc:
+            out.append(exc)
+    return out

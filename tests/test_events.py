@@ -1,6 +1,6 @@
 """The event model: every field's rule, timestamps in each accepted form, and errors that
 name the field. Every case runs through both validators, `parse_event` on the decoded value
-and `decode_event` on the same event as a stored JSON body, which must agree."""
+and `decode_message` on the same event as a stored JSON body, which must agree."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pipeline import clock
 from pipeline.errors import ValidationError
-from pipeline.events import MIN_TS_MS, Event, decode_event, parse_event
+from pipeline.events import MIN_TS_MS, Event, decode_message, parse_event
 from pipeline.paths import PathNormalizer
 
 NOW = "2026-11-20T12:00:00Z"
@@ -47,15 +47,15 @@ def outcome(fn: Any, *args: Any) -> Any:
 
 
 def parse(obj: Any, fallback_id: str | None = None, now_ms: int = NOW_MS) -> Any:
-    """parse_event's verdict, after checking that decode_event reaches the same one on the
+    """parse_event's verdict, after checking that decode_message reaches the same one on the
     JSON document (when the value survives a JSON round trip: NaN, for one, does not)."""
     expected = outcome(parse_event, obj, NORM, now_ms, fallback_id)
     try:
         doc = orjson.dumps(obj)
     except TypeError:
         doc = None
-    if doc is not None and orjson.loads(doc) == obj:
-        got = outcome(decode_event, doc, NORM, now_ms, fallback_id)
+    if doc is not None and orjson.loads(doc) == obj and not isinstance(obj, list):  # an array: several events
+        got = outcome(decode_message, doc, NORM, now_ms, fallback_id)
         assert repr(got) == repr(expected) and type(got) is type(expected)
     if isinstance(expected, ValidationError):
         raise expected
@@ -284,10 +284,10 @@ def test_row_carries_overflow_flag() -> None:
     }
 
 
-def test_decode_event_reports_malformed_json() -> None:
+def test_decode_message_reports_malformed_json() -> None:
     for doc in (b'{"id": "x", "ts": ', b'{"response_time_ms": NaN}', b"\xff\xfe", b""):
         with pytest.raises(ValidationError) as err:
-            decode_event(doc, NORM, NOW_MS)
+            decode_message(doc, NORM, NOW_MS)
         assert str(err.value).startswith("body: malformed JSON")
 
 
@@ -301,7 +301,7 @@ FIELDS = ("id", "ts", "method", "path", "status", "response_time_ms", "host", "c
 
 @pytest.mark.parametrize("field", FIELDS)
 def test_both_validators_agree_at_the_edges(field: str) -> None:
-    """Each field of an event of the common shape set to each edge value: decode_event on
+    """Each field of an event of the common shape set to each edge value: decode_message on
     the document reaches parse_event's verdict (the same Event or the same error)."""
     verdicts = {type(outcome(parse, good(**{"method": "GET", "path": "/users/42", field: v}), "fb")) for v in EDGES}
     assert verdicts <= {Event, ValidationError}
@@ -324,3 +324,18 @@ def test_both_validators_agree_on_any_json_object(changes: dict[str, Any], drop_
     if drop_id:
         obj.pop("id", None)
     assert isinstance(outcome(parse, obj, "fallback-id"), ValidationError | Event)
+
+
+def test_an_array_body_is_judged_element_by_element() -> None:
+    """A message holding several events: each element gets parse_event's own verdict, and
+    an element without an id takes `<message id>:<index>`, on both paths."""
+    fast = [good(method="GET", path=f"/a/{i}") for i in range(3)]
+    assert decode_message(orjson.dumps(fast), NORM, NOW_MS, "m") == [parse(e) for e in fast]
+    mixed = [good(method="GET"), good(status=700), {"ts": NOW_MS, "method": "GET", "path": "/x", "status": 200,
+             "response_time_ms": 1}, "not an event", good(id=None)]  # fmt: skip
+    got = decode_message(orjson.dumps(mixed), NORM, NOW_MS, "m")
+    expected = [outcome(parse_event, e, NORM, NOW_MS, f"m:{i}") for i, e in enumerate(mixed)]
+    assert [repr(g) for g in got] == [repr(e) for e in expected]
+    assert [type(g).__name__ for g in got] == ["Event", "ValidationError", "Event", "ValidationError", "Event"]
+    assert (got[2].id, got[4].id) == ("m:2", "m:4")
+    assert decode_message(b"[]", NORM, NOW_MS, "m") == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
@@ -48,7 +49,7 @@ def base(**over: Any) -> dict[str, Any]:
 
 
 POISON: list[tuple[str, Any, str]] = [
-    ("not an object", ["ts", 1], "event"),
+    ("not an object", True, "event"),  # (an array is a message of several events)
     ("a number", 42, "event"),
     ("text, not JSON", '{"id": "x", "ts": 1, "path": "/a"', "event"),
     ("NaN as text", '{"id": "x", "response_time_ms": NaN}', "event"),
@@ -188,6 +189,29 @@ def test_event_without_id_uses_the_message_id_across_redeliveries(env: Env) -> N
     with env.DB.read() as conn:
         assert list(conn.execute(sa.select(traffic_events.c.id)).scalars()) == [mid]
         assert conn.execute(sa.select(path_stats_hourly.c.requests)).scalar_one() == 1
+
+
+def test_an_array_message_stores_each_event_and_dead_letters_single_elements(env: Env) -> None:
+    """A message holding several events (how HTTP ingest enqueues a request): its valid
+    events are stored once even when the batch fails and is redelivered, an element without
+    an id takes `<message id>:<index>`, and a bad or too-late element goes to the DLQ alone,
+    once, as `<message id>:<index>` with its own body."""
+    with env.DB.transaction() as conn:
+        meta.put(env.DB, conn, meta.ARCHIVE_WATERMARK_MS, str(NOW_MS - 2 * HOUR_MS))
+    late = NOW_MS - 3 * HOUR_MS
+    items = [base(id="a0"), base(id="a1", status=999), base(id=..., path="/no-id"), base(id="a3", ts=late)]
+    items.append(base(id="a0"))  # a duplicate within the message
+    mid = env.QUEUE.send(items)
+    drain(env, FaultyHandler(env.config, fail={0}, crash=set()))
+    with env.DB.read() as conn:
+        assert sorted(conn.execute(sa.select(traffic_events.c.id)).scalars()) == sorted(["a0", f"{mid}:2"])
+        assert conn.execute(sa.select(sa.func.sum(path_stats_hourly.c.requests))).scalar_one() == 2
+    dead = dlq_by_id(env)
+    assert set(dead) == {f"{mid}:1", f"{mid}:3"} and len(env.QUEUE.dlq_list()) == 2  # once, despite the retry
+    assert (dead[f"{mid}:1"]["reason"], dead[f"{mid}:3"]["reason"]) == ("invalid", "too_late")
+    assert dead[f"{mid}:1"]["error"].startswith("status: ")
+    assert orjson.loads(dead[f"{mid}:1"]["body"]) == items[1]
+    assert env.QUEUE.stats()["pending"] == 0
 
 
 # -- too_late -----------------------------------------------------------------------------

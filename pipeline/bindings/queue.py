@@ -5,7 +5,8 @@ Producers call `send(body)` / `send_batch(bodies)`. A consumer `receive`s a batc
 received message is leased for `visibility_timeout` seconds and becomes visible again if
 the consumer dies. The handler decides per message: `ack()`, `retry(delay_seconds=)`, or
 `dead_letter(reason)` (poison: straight to the DLQ, no retries). The first explicit
-decision on a message wins. The worker loop then calls `settle(batch, failure)`:
+decision on a message wins. A message whose body is a JSON array of items can also send
+single items to the DLQ (`dead_letter_part`) and ack the rest. The worker loop then calls `settle(batch, failure)`:
 
 * success (`failure is None`): undecided messages are acked;
 * failure (the handler or the commit raised): the batch's DB writes rolled back, so an
@@ -82,6 +83,7 @@ class Message(msgspec.Struct):  # a Struct: built a thousand times per batch, in
     decision: str | None = None  # "ack" | "retry" | "dead"
     delay: float | None = None
     error: str | None = None
+    dead_parts: list[tuple[int, str]] | None = None  # (index, error) of array elements
     _body: Any = _UNDECODED
 
     @property
@@ -110,6 +112,14 @@ class Message(msgspec.Struct):  # a Struct: built a thousand times per batch, in
         """Send straight to the DLQ (poison); `reason` is a short code, `error` the detail."""
         if self.decision is None:
             self.decision, self.delay, self.error = "dead", None, f"{reason}\x00{error}"
+
+    def dead_letter_part(self, index: int, reason: str, error: str = "") -> None:
+        """Send element `index` of a JSON array body alone to the DLQ, as the dead letter
+        `<id>:<index>`, when the message is acked; the rest of the message is the
+        handler's. (A message whose batch fails is retried whole: its parts wait.)"""
+        if self.dead_parts is None:
+            self.dead_parts = []
+        self.dead_parts.append((index, f"{reason}\x00{error}"))
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from pipeline import clock
@@ -128,6 +129,7 @@ class SqlQueue(Queue):
 
     def settle(self, batch: MessageBatch, failure: str | None = None) -> None:
         acks: list[int] = []
+        parts: list[Message] = []  # acked messages with array elements for the DLQ
         retries: list[tuple[Message, float]] = []
         dead: list[tuple[Message, str, str]] = []
         limit = 1 + self.settings.max_retries
@@ -137,6 +139,8 @@ class SqlQueue(Queue):
                 decision = "retry"  # the batch's writes rolled back: acks are void
             if decision == "ack":
                 acks.append(m.handle)
+                if m.dead_parts:
+                    parts.append(m)
             elif decision == "dead":
                 dead.append((m, *split_dead(m.error)))
             elif m.attempts >= limit:
@@ -158,6 +162,8 @@ class SqlQueue(Queue):
                 self.db.delete_keys(conn, q, "seq", acks)
             elif acks:
                 conn.execute(q.delete().where(q.c.seq.in_(acks), q.c.lease == batch.lease))
+            if parts:
+                self._dead_parts_to_dlq(conn, parts, now)
             if not dead and not retries:
                 return
             mine = q.c.lease == batch.lease if batch.lease else q.c.lease.is_(None)
@@ -183,6 +189,19 @@ class SqlQueue(Queue):
             return q.delete().where(span, q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
 
         return self.db.cached(("queue_delete_taken_range", self.name), build)
+
+    def _dead_parts_to_dlq(self, conn: sa.Connection, messages: list[Message], now: float) -> None:
+        rows = []
+        for m in messages:
+            items = orjson.loads(m.raw)
+            for index, error in m.dead_parts or ():
+                reason, detail = split_dead(error)
+                rows.append({
+                    "queue": self.name, "message_id": f"{m.id}:{index}", "content_type": "json",
+                    "body": orjson.dumps(items[index]), "enqueued_at": m.enqueued_at, "failed_at": now,
+                    "attempts": m.attempts, "reason": reason, "error": detail,
+                })  # fmt: skip
+        conn.execute(queue_dlq.insert(), rows)
 
     def _move_to_dlq(self, conn: sa.Connection, mine: Any, dead: list, now: float) -> None:
         seqs = [m.handle for m, _, _ in dead]
