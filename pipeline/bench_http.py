@@ -7,7 +7,7 @@ connections over raw asyncio streams, so the generator is cheap next to the serv
 pairs are compared, each measured in the same run:
 
 * `POST /v1/events` with 100 events per request against edgepipe (validate, enqueue into
-  the SQLite queue, answer after the commit) vs a reference FastAPI endpoint that reads,
+  the SQLite queue as one array message, answer after the commit) vs a reference FastAPI endpoint that reads,
   validates the same way and discards;
 * a small FastAPI app with the `TrafficCollector` (local queue binding) vs the same app
   without it.

@@ -1,5 +1,5 @@
 """Shared pieces of the HTTP tests: an in-process client over `create_app`, event makers,
-and driving an ASGI app's lifespan without a server."""
+what the queue holds, and driving an ASGI app's lifespan without a server."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
+import sqlalchemy as sa
 
 from consumers.traffic import TrafficConsumer
 from pipeline import clock
 from pipeline.env import Env
+from pipeline.schema import queue_messages
 from pipeline.worker import Worker
 
 
@@ -44,6 +47,18 @@ def consume_all(env: Env) -> None:
 
 def depth(env: Env) -> int:
     return env.QUEUE.depth()
+
+
+def queued(env: Env) -> list[Any]:
+    """The queue's message bodies as stored, oldest first (JSON-decoded)."""
+    q = queue_messages
+    with env.DB.read() as conn:
+        return [orjson.loads(b) for b in conn.execute(sa.select(q.c.body).order_by(q.c.seq)).scalars()]
+
+
+def queued_events(env: Env) -> list[dict[str, Any]]:
+    """The events of every queued array body, in order."""
+    return [e for body in queued(env) for e in body]
 
 
 @contextlib.asynccontextmanager

@@ -10,13 +10,16 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI, HTTPException
 
 from pipeline import queries
-from pipeline.http import CollectorStats, HttpSink, TrafficCollector
+from pipeline.bindings.queue import MAX_MESSAGE_BYTES
+from pipeline.errors import MessageTooLarge
+from pipeline.http import CollectorStats, HttpSink, QueueSink, TrafficCollector
 from pipeline.http.app import create_app
-from tests.http_support import client_for, consume_all, lifespan
+from tests.http_support import client_for, consume_all, event, lifespan, queued
 
 pytestmark = pytest.mark.anyio
 
@@ -66,7 +69,9 @@ async def test_n_requests_make_exactly_n_events_with_route_templates(make_env: A
             await c.get("/health")  # excluded by default
     # Shutdown flushed everything that was buffered.
     assert stats.recorded == stats.sent == 63 and stats.dropped == stats.failed == 0
-    assert env.QUEUE.depth() == 63
+    bodies = queued(env)  # a batch is one array message
+    assert sum(len(b) for b in bodies) == 63 and all(1 <= len(b) <= 7 for b in bodies)
+    assert env.QUEUE.depth() == len(bodies)
     consume_all(env)
     assert env.QUEUE.stats()["dlq"] == 0
     rows = Counter()
@@ -164,6 +169,21 @@ async def test_collector_posts_to_edgepipe_over_http_with_retries(make_env: Any,
     consume_all(env)
     rows = list(queries.hourly(env.DB))
     assert [(r["path"], r["requests"]) for r in rows] == [("/users/{user_id}", 25)]
+
+
+async def test_queue_sink_splits_a_batch_at_the_message_size_limit(make_env: Any, sqlite_url: str) -> None:
+    env = make_env(sqlite_url)
+    sink = QueueSink(env.QUEUE)
+    events = [event(i, path=f"/long/{'p' * 400}/{i}") for i in range(500)]  # ~600 bytes each
+    await sink.send(events)
+    bodies = queued(env)
+    assert len(bodies) == 3 and [e for b in bodies for e in b] == events
+    assert all(len(orjson.dumps(b)) <= MAX_MESSAGE_BYTES for b in bodies)
+    with pytest.raises(MessageTooLarge):
+        await sink.send([event(0), event(1, note="x" * MAX_MESSAGE_BYTES)])
+    assert len(queued(env)) == 3  # nothing of the refused batch
+    consume_all(env)
+    assert sum(r["requests"] for r in queries.hourly(env.DB)) == 500
 
 
 async def test_http_sink_gives_up_on_a_refusal(make_env: Any, sqlite_url: str) -> None:

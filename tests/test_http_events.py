@@ -1,17 +1,22 @@
 """POST /v1/events: acceptance, partial acceptance, every refusal code, limits, gzip
-(and gzip bombs), backpressure and auth — in-process over httpx's ASGI transport."""
+(and gzip bombs), array messages within the size limit, ids assigned at enqueue,
+backpressure and auth — in-process over httpx's ASGI transport."""
 
 from __future__ import annotations
 
 import gzip
+import math
+import uuid
 from typing import Any
 
 import orjson
 import pytest
 
+from pipeline import queries
+from pipeline.bindings.queue import MAX_MESSAGE_BYTES
 from pipeline.http.app import create_app
 from pipeline.http.auth import create_token, revoke_token
-from tests.http_support import client_for, consume_all, depth, event
+from tests.http_support import client_for, consume_all, depth, event, queued, queued_events
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +37,7 @@ async def test_json_array_is_enqueued_and_consumed(env: Any, app: Any) -> None:
         r = await c.post("/v1/events", json=events)
     assert r.status_code == 202, r.text
     assert r.json() == {"accepted": 50, "rejected": []}
-    assert depth(env) == 50
+    assert queued(env) == [events]  # one message: the request's events as one array
     consume_all(env)
     assert env.QUEUE.stats()["dlq"] == 0
     async with client_for(app) as c:
@@ -41,13 +46,14 @@ async def test_json_array_is_enqueued_and_consumed(env: Any, app: Any) -> None:
 
 
 async def test_ndjson_with_partial_acceptance_names_fields(env: Any, app: Any) -> None:
+    good = [event(0), event(3)]
     lines = [
-        orjson.dumps(event(0)),
+        orjson.dumps(good[0]),
         orjson.dumps(event(1, status=999)),
         b"",
         b"{not json",
         orjson.dumps(event(2, response_time_ms=-1)),
-        orjson.dumps(event(3)),
+        orjson.dumps(good[1]),
         orjson.dumps(event(4, path="no-slash")),
     ]
     async with client_for(app) as c:
@@ -62,16 +68,17 @@ async def test_ndjson_with_partial_acceptance_names_fields(env: Any, app: Any) -
         (5, "path"),
     ]
     assert all(x["error"].startswith(x["field"]) for x in body["rejected"])
-    assert depth(env) == 2
+    assert queued(env) == [good]
 
 
 async def test_gzip_body_is_accepted(env: Any, app: Any) -> None:
-    data = gzip.compress(orjson.dumps([event(i) for i in range(10)]))
+    events = [event(i) for i in range(10)]
+    data = gzip.compress(orjson.dumps(events))
     headers = {"content-type": "application/json", "content-encoding": "gzip"}
     async with client_for(app) as c:
         r = await c.post("/v1/events", content=data, headers=headers)
     assert r.status_code == 202 and r.json()["accepted"] == 10
-    assert depth(env) == 10
+    assert queued(env) == [events]
 
 
 async def test_multi_member_gzip_is_one_body(env: Any, app: Any) -> None:
@@ -125,25 +132,75 @@ async def test_limits(make_env: Any, sqlite_url: str) -> None:
         bomb = gzip.compress(b"[" + b" " * 4_000_000 + b"]", 9)
         assert len(bomb) < 4096
         bombed = await c.post("/v1/events", content=bomb, headers=ct | {"content-encoding": "gzip"})
-        ok = await c.post("/v1/events", json=[event(i) for i in range(5)])
+        fits = [event(i) for i in range(5)]
+        ok = await c.post("/v1/events", json=fits)
     for r in (too_many, too_many_lines, big, streamed, bombed):
         assert r.status_code == 413, r.text
         assert r.json()["error"] == "payload_too_large"
     assert "max_events_per_request" in too_many.json()["detail"]
     assert "decompressed" in bombed.json()["detail"]
     assert ok.status_code == 202
-    assert depth(env) == 5
+    assert queued(env) == [fits]
+
+
+async def test_a_large_request_is_split_into_messages_within_the_size_limit(env: Any, app: Any) -> None:
+    events = [event(i, id=f"ev-{i:04d}", note="x" * 1000) for i in range(400)]
+    size = len(orjson.dumps(events[0]))
+    assert {len(orjson.dumps(e)) for e in events} == {size}  # all alike: the split is predictable
+    per_message = (MAX_MESSAGE_BYTES - 1) // (size + 1)  # "[" + n events + (n - 1) "," + "]"
+    async with client_for(app) as c:
+        r = await c.post("/v1/events", json=events)
+    assert r.json() == {"accepted": 400, "rejected": []}
+    bodies = queued(env)
+    assert len(bodies) == math.ceil(400 / per_message) > 1
+    assert [len(b) for b in bodies[:-1]] == [per_message] * (len(bodies) - 1)
+    assert all(len(orjson.dumps(b)) <= MAX_MESSAGE_BYTES for b in bodies)
+    assert [e for b in bodies for e in b] == events
+    consume_all(env)
+    assert env.QUEUE.stats()["dlq"] == 0
+    assert sum(r["requests"] for r in queries.hourly(env.DB)) == 400
+
+
+async def test_an_event_too_large_for_a_message_is_rejected_alone(env: Any, app: Any) -> None:
+    events = [event(0, status=999), event(1), event(2, note="x" * MAX_MESSAGE_BYTES), event(3)]
+    async with client_for(app) as c:
+        r = await c.post("/v1/events", json=events)
+    assert r.status_code == 202
+    assert r.json()["accepted"] == 2
+    assert [(x["index"], x["field"]) for x in r.json()["rejected"]] == [(0, "status"), (2, "event")]
+    assert "message limit" in r.json()["rejected"][1]["error"]
+    assert queued(env) == [[events[1], events[3]]]
+
+
+async def test_events_without_an_id_get_distinct_uuid7_ids_at_enqueue(env: Any, app: Any) -> None:
+    events = [event(i) for i in range(6)]
+    del events[0]["id"], events[1]["id"]
+    events[2]["id"], events[3]["id"] = None, ""
+    async with client_for(app) as c:
+        first = await c.post("/v1/events", json=events)
+        again = await c.post("/v1/events", json=events[:4])  # posted again: new events, new ids
+    assert first.json()["accepted"] == 6 and again.json()["accepted"] == 4
+    stored = queued_events(env)
+    ids = [e["id"] for e in stored]
+    assert ids[4:6] == ["ev-4", "ev-5"]
+    fresh = ids[:4] + ids[6:]
+    assert len(set(fresh)) == 8 and all(uuid.UUID(i).version == 7 for i in fresh)
+    without_id = [{k: v for k, v in e.items() if k != "id"} for e in events + events[:4]]
+    assert [{k: v for k, v in e.items() if k != "id"} for e in stored] == without_id
+    consume_all(env)
+    assert sum(r["requests"] for r in queries.hourly(env.DB)) == 10
 
 
 async def test_backpressure_503_with_retry_after(make_env: Any, sqlite_url: str) -> None:
-    env = make_env(sqlite_url, http={"max_queue_depth": 3, "depth_check_interval": 0})
+    """`max_queue_depth` counts messages: each request is one here, whatever its size."""
+    env = make_env(sqlite_url, http={"max_queue_depth": 2, "depth_check_interval": 0})
     app = create_app(env)
     async with client_for(app) as c:
-        first = await c.post("/v1/events", json=[event(i) for i in range(4)])
-        refused = await c.post("/v1/events", json=[event(9)])
+        first = [await c.post("/v1/events", json=[event(10 * k + i) for i in range(5)]) for k in range(3)]
+        refused = await c.post("/v1/events", json=[event(99)])
         consume_all(env)
-        again = await c.post("/v1/events", json=[event(10)])
-    assert first.status_code == 202
+        again = await c.post("/v1/events", json=[event(100)])
+    assert [r.status_code for r in first] == [202, 202, 202]
     assert refused.status_code == 503
     assert refused.json()["error"] == "queue_full"
     assert int(refused.headers["retry-after"]) >= 1

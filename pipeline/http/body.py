@@ -4,13 +4,13 @@ Limits are enforced while the body streams in, before anything is parsed: the ra
 for `Content-Encoding: gzip`, the decompressed size (a small gzip bomb must not become a
 large allocation). Each event is validated with `pipeline.events.parse_event`, the same
 rules the consumer applies, so a bad event is reported to its sender instead of surfacing
-later in the DLQ.
+later in the DLQ; the accepted ones leave as queue message bodies (`validate`).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,8 @@ import orjson
 from pipeline.bindings.queue import MAX_MESSAGE_BYTES
 from pipeline.errors import ValidationError
 from pipeline.events import parse_event
+from pipeline.http.enqueue import pack
+from pipeline.ids import uuid7_batch
 from pipeline.paths import PathNormalizer
 
 JSON_TYPES = frozenset({"application/json"})
@@ -143,23 +145,40 @@ def _too_many(n: int, limit: int) -> BodyError:
 
 @dataclass
 class Checked:
-    accepted: list[Any] = field(default_factory=list)
+    accepted: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[list[Any]] = field(default_factory=list)  # the accepted events as queue message bodies
 
 
-def validate(values: list[Any], normalizer: PathNormalizer, now_ms: int, check_size: bool) -> Checked:
-    """Split records into accepted (forwarded unchanged, like `edgepipe ingest`) and rejected
-    ({index, field, error}). `check_size` also refuses events too large for one message."""
-    out = Checked()
+def validate(values: list[Any], normalizer: PathNormalizer, now_ms: int) -> Checked:
+    """Split records into accepted and rejected ({index, field, error}). Accepted events are
+    forwarded unchanged (like `edgepipe ingest`) except that one without an `id` gets a
+    UUIDv7 now, at enqueue time, so a redelivery or a retried post keeps it; they are packed
+    into JSON-array message bodies, and an event too large for a message alone is rejected."""
+    accepted: list[Any] = []
+    rejected: list[dict[str, Any]] = []
+    fresh: Iterator[str] | None = None
     for index, value in enumerate(values):
         try:
             if isinstance(value, ValidationError):
                 raise value
             parse_event(value, normalizer, now_ms, fallback_id="-")
-            if check_size and len(orjson.dumps(value)) > MAX_MESSAGE_BYTES:
-                raise ValidationError("event", f"larger than the {MAX_MESSAGE_BYTES}-byte message limit")
         except ValidationError as exc:
-            out.rejected.append({"index": index, "field": exc.field, "error": str(exc)})
+            rejected.append(_rejection(index, exc))
             continue
-        out.accepted.append(value)
-    return out
+        if not value.get("id"):
+            if fresh is None:  # one batch of ids, enough for the rest of the body
+                fresh = iter(uuid7_batch(len(values) - index))
+            value["id"] = next(fresh)
+        accepted.append(value)
+    messages, too_large = pack(accepted)
+    if too_large:
+        refused = {r["index"] for r in rejected}
+        kept = [i for i in range(len(values)) if i not in refused]
+        error = ValidationError("event", f"larger than the {MAX_MESSAGE_BYTES}-byte message limit")
+        rejected = sorted(rejected + [_rejection(kept[p], error) for p in too_large], key=lambda r: r["index"])
+    return Checked(len(accepted) - len(too_large), rejected, messages)
+
+
+def _rejection(index: int, exc: ValidationError) -> dict[str, Any]:
+    return {"index": index, "field": exc.field, "error": str(exc)}

@@ -18,8 +18,9 @@ import orjson
 from anyio import to_thread
 
 from pipeline import log
-from pipeline.bindings.queue import Queue
-from pipeline.errors import TransientError, ValidationError
+from pipeline.bindings.queue import MAX_MESSAGE_BYTES, Queue
+from pipeline.errors import MessageTooLarge, TransientError, ValidationError
+from pipeline.http.enqueue import pack
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 30.0
@@ -32,13 +33,18 @@ class Sink(Protocol):
 
 
 class QueueSink:
-    """Enqueue into a local queue binding; the blocking `send_batch` runs in a thread."""
+    """Enqueue into a local queue binding, as JSON-array messages (`enqueue.pack`); the
+    blocking `send_batch` runs in a thread. An event too large for a message on its own
+    fails the batch (MessageTooLarge) before anything is enqueued."""
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
 
     async def send(self, events: list[dict[str, Any]]) -> None:
-        await to_thread.run_sync(self.queue.send_batch, events)
+        bodies, too_large = pack(events)
+        if too_large:
+            raise MessageTooLarge("event", f"{len(too_large)} events exceed the {MAX_MESSAGE_BYTES}-byte message limit")
+        await to_thread.run_sync(self.queue.send_batch, bodies)
 
     async def aclose(self) -> None:
         return None

@@ -1,15 +1,19 @@
 """Getting accepted events into the queue from the event loop, fast and durably.
 
+`pack` puts a request's (or a collector batch's) events into as few queue messages as the
+queue's size limit allows, each a JSON array of events: the consumer stores every element
+on its own, so one message row carries up to a request's worth of events instead of one.
+
 `GroupSender` is group commit: requests that arrive while a `send_batch` is in flight are
 coalesced into the next one, so N concurrent requests cost one transaction (one fsync on
 SQLite) instead of N transactions fighting over the write lock. Every request still gets
 its answer only after the transaction holding its events has committed. Sends run in a
 worker thread so the event loop never blocks on the database.
 
-`DepthGauge` answers "is the queue over its limit?" for backpressure from a reading reused
-for `interval` seconds (counting what was accepted in between), because counting the queue
-on every request would cost more than the request; a reading is usually an upper bound
-found in two index lookups rather than a count.
+`DepthGauge` answers "is the queue over its limit?" (in messages) for backpressure from a
+reading reused for `interval` seconds (counting what was enqueued in between), because
+counting the queue on every request would cost more than the request; a reading is usually
+an upper bound found in two index lookups rather than a count.
 """
 
 from __future__ import annotations
@@ -18,18 +22,44 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from anyio import to_thread
 
 from pipeline import clock
-from pipeline.bindings.queue import Queue
+from pipeline.bindings.queue import MAX_MESSAGE_BYTES, Queue
 from pipeline.schema import queue_messages
 
-MAX_GROUP_EVENTS = 10_000
+MAX_GROUP_MESSAGES = 256  # per transaction: at most 32 MiB of bodies
+
+
+def pack(events: list[Any]) -> tuple[list[list[Any]], list[int]]:
+    """`events` in order as JSON-array message bodies of at most `MAX_MESSAGE_BYTES` each,
+    and the positions of the events left out because they exceed it on their own. One
+    encoding of the whole array when it fits (the common case), else one per event."""
+    if not events or len(orjson.dumps(events)) <= MAX_MESSAGE_BYTES:
+        return ([events] if events else []), []
+    bodies: list[list[Any]] = []
+    too_large: list[int] = []
+    body: list[Any] = []
+    size = 1  # "["
+    for i, event in enumerate(events):
+        n = len(orjson.dumps(event)) + 1  # and its "," or "]"
+        if 1 + n > MAX_MESSAGE_BYTES:
+            too_large.append(i)
+            continue
+        if size + n > MAX_MESSAGE_BYTES:
+            bodies.append(body)
+            body, size = [], 1
+        body.append(event)
+        size += n
+    if body:
+        bodies.append(body)
+    return bodies, too_large
 
 
 class GroupSender:
-    def __init__(self, queue: Queue, max_group: int = MAX_GROUP_EVENTS) -> None:
+    def __init__(self, queue: Queue, max_group: int = MAX_GROUP_MESSAGES) -> None:
         self.queue = queue
         self.max_group = max_group
         self._pending: list[tuple[list[Any], asyncio.Future[None]]] = []
@@ -86,8 +116,9 @@ def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
 
 
 class DepthGauge:
-    """Whether the queue holds more than `limit` messages, from a reading that is reused
-    for `interval` seconds (plus what this process accepted since).
+    """Whether the queue holds more than `limit` messages (not events: a message holds up to
+    a request's worth), from a reading that is reused for `interval` seconds (plus the
+    messages this process enqueued since).
 
     A reading is cheap on the SQL queue: the span of the queue's sequence numbers (max -
     min + 1, two primary-key lookups) bounds its depth from above, so the queue is counted
@@ -129,6 +160,7 @@ class DepthGauge:
         return self.queue.depth(), True
 
     def add(self, n: int) -> None:
+        """Count `n` messages this process enqueued since the reading."""
         self._value += n
 
 
