@@ -147,7 +147,7 @@ def _too_many(n: int, limit: int) -> BodyError:
 class Checked:
     accepted: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    messages: list[list[Any]] = field(default_factory=list)  # the accepted events as queue message bodies
+    messages: list[Any] = field(default_factory=list)  # the accepted events as queue message bodies
 
 
 def validate(values: list[Any], normalizer: PathNormalizer, now_ms: int) -> Checked:

@@ -33,12 +33,17 @@ from pipeline.schema import queue_messages
 MAX_GROUP_MESSAGES = 256  # per transaction: at most 32 MiB of bodies
 
 
-def pack(events: list[Any]) -> tuple[list[list[Any]], list[int]]:
+def pack(events: list[Any]) -> tuple[list[Any], list[int]]:
     """`events` in order as JSON-array message bodies of at most `MAX_MESSAGE_BYTES` each,
-    and the positions of the events left out because they exceed it on their own. One
-    encoding of the whole array when it fits (the common case), else one per event."""
-    if not events or len(orjson.dumps(events)) <= MAX_MESSAGE_BYTES:
-        return ([events] if events else []), []
+    and the positions of the events left out because they exceed it on their own. When the
+    whole array fits (the common case) it is encoded once, and that encoding is the body (an
+    `orjson.Fragment`, which the queue's encoder passes through); else each event is encoded
+    to measure it."""
+    if not events:
+        return [], []
+    data = orjson.dumps(events)
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return [orjson.Fragment(data)], []
     bodies: list[list[Any]] = []
     too_large: list[int] = []
     body: list[Any] = []
