@@ -1,14 +1,16 @@
-"""Small durable facts kept in `edgepipe_meta`: the deployment start and the archive
-watermark (epoch ms below which detail rows may already have left the database, so the
+"""Small durable facts: durable counters (`counters`), and in `edgepipe_meta` the
+deployment start and the archive watermark (epoch ms below which detail rows may already have left the database, so the
 consumer can no longer deduplicate against them and refuses such events as `too_late`)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import sqlalchemy as sa
 
 from pipeline import clock
 from pipeline.bindings.db import Database
-from pipeline.schema import meta
+from pipeline.schema import counters, meta
 
 DEPLOYMENT_START = "deployment_started_at"
 ARCHIVE_WATERMARK_MS = "archive_watermark_ms"
@@ -41,3 +43,16 @@ def ensure_deployment_start(db: Database) -> str:
             .on_conflict_do_nothing(index_elements=["key"])
         )
         return get(conn, DEPLOYMENT_START) or ""
+
+
+def increment(db: Database, conn: sa.Connection, name: str) -> int:
+    """+1 on the durable counter `name` (created at 1) in the caller's transaction; returns
+    the new value. One upsert with RETURNING on the DB binding's fast path (the worker
+    advances its batch counter on every batch)."""
+
+    def build() -> Any:
+        stmt = db.insert(counters).values(name=sa.bindparam("name"), value=1)
+        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"value": counters.c.value + 1})
+        return stmt.returning(counters.c.value)
+
+    return int(db.fetchall(conn, db.cached(("increment",), build), ("name",), (name,))[0][0])

@@ -29,13 +29,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
-from pipeline import clock, log
+from pipeline import clock, log, meta
 from pipeline.bindings.queue import MessageBatch
 from pipeline.env import Env
 from pipeline.heartbeat import Heartbeat, process_name
-from pipeline.schema import counters
 
 Handler = Callable[[MessageBatch, Env, "Context"], Any]
 IDLE_SLEEP_S = 0.2
@@ -124,18 +121,6 @@ class Worker:
         """Take no new batch; the one in hand finishes."""
         self.stop_requested = True
 
-    def _advance_counter(self, conn: sa.Connection) -> int:
-        """+1 on the durable batch counter, in the caller's (the batch's) transaction: one
-        upsert with RETURNING, on the DB binding's fast path (it runs on every batch)."""
-        db = self.env.DB
-
-        def build() -> Any:
-            stmt = db.insert(counters).values(name=BATCH_COUNTER, value=1)
-            stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"value": counters.c.value + 1})
-            return stmt.returning(counters.c.value)
-
-        return int(db.fetchall(conn, db.cached(("advance", BATCH_COUNTER), build))[0][0])
-
     def _maybe_refresh(self, count: int | None) -> None:
         if not count or not self.snapshot_every or count % self.snapshot_every:
             return
@@ -185,8 +170,8 @@ class Worker:
                 report = self.handler(batch, self.env, self.ctx)
                 if shared:
                     queue.settle(batch)
-                if self.snapshot_every:
-                    count = self._advance_counter(conn)  # last: the row lock is held only to the commit
+                if self.snapshot_every:  # last: the counter's row lock is held only to the commit
+                    count = meta.increment(self.env.DB, conn, BATCH_COUNTER)
             if not shared:
                 queue.settle(batch)
             result = StepResult(len(batch), True, report)

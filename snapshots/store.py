@@ -15,11 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import sqlalchemy as sa
-
-from pipeline import clock, log
+from pipeline import clock, log, meta
 from pipeline.queries import top_paths
-from pipeline.schema import counters
 
 KEY_PREFIX = "snapshot:v"
 LATEST_KEY = "snapshot:latest"
@@ -52,8 +49,7 @@ def build(db: Any, window_hours: int, top_n: int, now_s: float | None = None) ->
 def next_version(db: Any) -> int:
     """Allocate the next snapshot version from the durable counter (atomic)."""
     with db.transaction() as conn:
-        db.upsert_add(conn, counters, [{"name": VERSION_COUNTER, "value": 1}], ["name"])
-        return int(conn.execute(sa.select(counters.c.value).where(counters.c.name == VERSION_COUNTER)).scalar_one())
+        return meta.increment(db, conn, VERSION_COUNTER)
 
 
 def refresh(env: Any, now_s: float | None = None) -> dict[str, Any]:
