@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
-import orjson
 
+from pipeline.bindings.queue import decode_body
 from pipeline.errors import ValidationError
 from pipeline.paths import PathNormalizer
 
@@ -176,14 +176,6 @@ def _finish(ev: Event, normalizer: PathNormalizer, now_ms: int) -> bool:
     return False
 
 
-def loads(raw: bytes) -> Any:
-    """JSON document → value; ValidationError("body", "malformed JSON: …") if it is not one."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError("body", f"malformed JSON: {exc}") from None
-
-
 def decode_message(
     raw: bytes, normalizer: PathNormalizer, now_ms: int, fallback_id: str | None = None
 ) -> Event | list[Event | ValidationError]:
@@ -201,7 +193,7 @@ def decode_message(
             return got
     elif got is not None and _finish(got, normalizer, now_ms):
         return got
-    obj = loads(raw)
+    obj = decode_body(raw, "json")  # raises ValidationError("body", "malformed JSON: …")
     if not isinstance(obj, list):
         return parse_event(obj, normalizer, now_ms, fallback_id)
     out: list[Event | ValidationError] = []
