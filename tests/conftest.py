@@ -95,6 +95,22 @@ def make_env(tmp_path: Path) -> Iterator[MakeEnv]:
         env.close()
 
 
+def run_cli(env: Env, *args: str, environ: dict[str, str] | None = None) -> Any:
+    """`edgepipe ARGS`, in process, on `env`'s database, archive and stats file (passed as
+    environment variables, as an operator would), plus `environ`."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    cfg = env.config
+    base = {
+        "EDGEPIPE_BINDINGS__DB": cfg.bindings.db,
+        "EDGEPIPE_BINDINGS__ARCHIVE": cfg.bindings.archive,
+        "EDGEPIPE_CLEANER__STATS_FILE": cfg.cleaner.stats_file,
+    }
+    return CliRunner().invoke(main, list(args), env=base | (environ or {}), catch_exceptions=False)
+
+
 @pytest.fixture
 def env(db_url: str, make_env: MakeEnv) -> Env:
     """A migrated Env on every reachable DB backend."""

@@ -7,18 +7,17 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from click.testing import CliRunner
 from freezegun import freeze_time
 
 from consumers.traffic import TrafficConsumer
 from pipeline import clock
-from pipeline.cli import main
 from pipeline.heartbeat import Heartbeat
 from pipeline.heartbeat import status as worker_status
 from pipeline.schema import archive_objects, job_runs
 from pipeline.worker import Worker
 from scheduler.monitor import report
 from scheduler.runner import run_by_hand
+from tests.conftest import run_cli
 from tests.traffic_truth import make_events
 
 NOW = "2026-11-20T12:00:00Z"
@@ -32,14 +31,8 @@ def _load(env: Any, n: int, age_ms: int, seed: int) -> None:
 
 
 def _cli(env: Any, *args: str) -> Any:
-    cfg = env.config
-    environ = {
-        "EDGEPIPE_BINDINGS__DB": cfg.bindings.db,
-        "EDGEPIPE_BINDINGS__ARCHIVE": cfg.bindings.archive,
-        "EDGEPIPE_CLEANER__STATS_FILE": cfg.cleaner.stats_file,
-        **{f"EDGEPIPE_MONITOR__{k.upper()}": str(v) for k, v in cfg.monitor.model_dump().items()},
-    }
-    return CliRunner().invoke(main, list(args), env=environ, catch_exceptions=False)
+    monitor = {f"EDGEPIPE_MONITOR__{k.upper()}": str(v) for k, v in env.config.monitor.model_dump().items()}
+    return run_cli(env, *args, environ=monitor)
 
 
 def test_report_counts_sizes_depths_and_archive_totals(env: Any) -> None:

@@ -10,15 +10,14 @@ from typing import Any
 
 import orjson
 import pytest
-from click.testing import CliRunner
 from freezegun import freeze_time
 
-from pipeline.cli import main
 from pipeline.errors import TransientError
 from pipeline.jobs import JOBS, job
 from scheduler.runner import execute, run_by_hand
 from scheduler.runs import JobStore
 from scheduler.service import JobScheduler
+from tests.conftest import run_cli
 
 calls: list[tuple[str, datetime, bool]] = []
 OFF = {"archive": "off", "clean": "off", "monitor": "off", "snapshot_prune": "off"}
@@ -181,15 +180,11 @@ def test_run_by_hand_is_recorded_and_refused_while_leased(sched_env: Any) -> Non
 
 
 def _cli(env: Any, *args: str) -> Any:
-    cfg = env.config
-    environ = {
-        "EDGEPIPE_BINDINGS__DB": cfg.bindings.db,
-        "EDGEPIPE_BINDINGS__ARCHIVE": cfg.bindings.archive,
-        "EDGEPIPE_CLEANER__STATS_FILE": cfg.cleaner.stats_file,
+    schedule = {
         "EDGEPIPE_SCHEDULE__JOBS": '{probe = "0 2 * * *", flaky = "0 5 * * 0"}',
         "EDGEPIPE_SCHEDULE__TIMEZONE": "Europe/Paris",
     }
-    return CliRunner().invoke(main, list(args), env=environ, catch_exceptions=False)
+    return run_cli(env, *args, environ=schedule)
 
 
 def test_cli_jobs_run_list_and_history(sched_env: Any) -> None:

@@ -17,6 +17,7 @@ from pipeline import clock
 from pipeline.jobs import load_jobs
 from pipeline.schema import LATENCY_BUCKETS_MS
 from pipeline.worker import Worker
+from tests.conftest import run_cli
 
 NOW = "2026-11-20T12:30:00Z"
 
@@ -198,20 +199,11 @@ def test_reader_never_sees_a_partial_or_missing_snapshot(env: Any) -> None:
 
 def test_snapshot_commands(sqlite_url: str, make_env: Any) -> None:
     import orjson
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
 
     env = make_env(sqlite_url)
-    cfg = env.config
-    environ = {
-        "EDGEPIPE_BINDINGS__DB": cfg.bindings.db,
-        "EDGEPIPE_BINDINGS__ARCHIVE": cfg.bindings.archive,
-        "EDGEPIPE_CLEANER__STATS_FILE": cfg.cleaner.stats_file,
-    }
 
     def cli(*args: str) -> Any:
-        return CliRunner().invoke(main, list(args), env=environ, catch_exceptions=False)
+        return run_cli(env, *args)
 
     missing = cli("snapshot", "show")
     assert missing.exit_code == 5 and "no snapshot" in missing.output
