@@ -1,6 +1,7 @@
 """The event model: every field's rule, timestamps in each accepted form, and errors that
 name the field. Every case runs through both validators, `parse_event` on the decoded value
-and `decode_message` on the same event as a stored JSON body, which must agree."""
+and `decode_message` on the same event as a stored JSON body, which must agree; and
+`decode_batch`, the bulk path over a batch of bodies, must agree with `decode_message`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from pipeline import clock
 from pipeline.errors import ValidationError
-from pipeline.events import MIN_TS_MS, Event, decode_message, parse_event
+from pipeline.events import MIN_TS_MS, Event, decode_batch, decode_message, parse_event
 from pipeline.paths import PathNormalizer
 
 NOW = "2026-11-20T12:00:00Z"
@@ -339,3 +340,47 @@ def test_an_array_body_is_judged_element_by_element() -> None:
     assert [type(g).__name__ for g in got] == ["Event", "ValidationError", "Event", "ValidationError", "Event"]
     assert (got[2].id, got[4].id) == ("m:2", "m:4")
     assert decode_message(b"[]", NORM, NOW_MS, "m") == []
+
+
+BODIES = st.one_of(
+    st.builds(lambda c: good(**({"method": "GET", "path": "/users/42"} | c)),
+              st.dictionaries(st.sampled_from(FIELDS), ODD_VALUES, max_size=1)),
+    st.sampled_from([good(), good(id="evt-2", ts=NOW_MS - 1), good(id="evt-3", path="/a//b/", host="")]),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(BODIES, st.lists(BODIES, max_size=3)), max_size=6), st.integers(NOW_MS - 120_000, NOW_MS))
+def test_the_bulk_path_agrees_with_message_by_message(bodies: list[Any], min_ts: int) -> None:
+    """decode_batch either declines (None) or returns exactly the events decode_message
+    accepts for each body, in order: all of them accepted, none older than `min_ts`, no
+    (ts, id) twice."""
+    raws = [orjson.dumps(b) for b in bodies]
+    verdicts = [outcome(decode_message, raw, NORM, NOW_MS, f"m{i}") for i, raw in enumerate(raws)]
+    flat: list[Any] = [e for v in verdicts for e in (v if isinstance(v, list) else [v])]
+    got = decode_batch(raws, NORM, NOW_MS, min_ts)
+    if got is not None:
+        assert got == flat
+        assert all(type(e) is Event and e.ts >= min_ts for e in flat)
+        assert len({(e.ts, e.id) for e in flat}) == len(flat)
+
+
+def test_the_bulk_path_takes_common_batches_and_declines_the_rest() -> None:
+    single = [good(id=f"s{i}", method="GET") for i in range(3)]
+    packed = [good(id=f"p{i}", method="POST", path=f"/p/{i}/") for i in range(3)]
+    raws = [orjson.dumps(e) for e in single] + [orjson.dumps(packed), b"[]"]
+    got = decode_batch(raws, NORM, NOW_MS, 0)
+    assert got == [parse(e) for e in single + packed]
+    assert [e.path for e in got] == ["/users/:id"] * 3 + ["/p/:id"] * 3 and got[0].host == "api.example.com"
+    declined = {
+        "older than min_ts": (raws, NOW_MS),
+        "a key twice": ([orjson.dumps(single[0])] * 2, 0),
+        "an invalid event": ([*raws, orjson.dumps(good(status=700))], 0),
+        "an element without an id": ([orjson.dumps([good(id=None)])], 0),
+        "a lower-case method": ([orjson.dumps(good())], 0),
+        "malformed JSON": ([b"{"], 0),
+    }
+    for why, (batch, min_ts) in declined.items():
+        before = [bytes(r) for r in batch]
+        assert decode_batch(batch, NORM, NOW_MS, min_ts) is None, why
+        assert batch == before
