@@ -13,6 +13,7 @@ N batches, alternating passes on fresh databases, in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import tempfile
@@ -131,64 +132,61 @@ def bench_snapshot(
     }
 
 
-def _consume_pass(
-    events: list[dict[str, Any]], batch_size: int, db_url: str | None, work: Path, every: int
-) -> dict[str, Any]:
-    """Drain the events through a fresh database, refreshing every `every` batches (0: never)."""
+def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_size: int, db_url: str | None,
+            work: Path, every: int) -> Any:  # fmt: skip
+    """A worker on a fresh database holding `events`, refreshing every `every` batches (0:
+    never; strictly: `min_interval_s = 0`, so only a refresh still running skips one)."""
     from consumers.traffic import TrafficConsumer
     from pipeline import migrate
-    from pipeline.bench import SEND_CHUNK, _drain, scratch_db
+    from pipeline.bench import SEND_CHUNK, scratch_db
     from pipeline.env import open_env
     from pipeline.worker import Worker
 
     work.mkdir(parents=True, exist_ok=True)
-    with scratch_db(db_url, work) as url:
-        cfg = Config().replace(
-            bindings={"db": url, "archive": f"file://{work / 'archive'}"},
-            consumer={"max_batch_size": batch_size, "max_batch_timeout": 0, "snapshot_every_batches": every},
-        )
-        env = open_env(cfg, check_schema=False)
-        try:
-            migrate.upgrade(env.DB)
-            for i in range(0, len(events), SEND_CHUNK):
-                env.QUEUE.send_batch(events[i : i + SEND_CHUNK])
-            worker = Worker(env, TrafficConsumer(cfg).queue)
-            cpu0 = time.process_time()
-            started = clock.monotonic()
-            _secs, _cpu, latencies, _inserted = _drain(worker)
-            worker.ctx.drain()  # the last refresh's tail counts too
-            seconds = clock.monotonic() - started
-            cpu = time.process_time() - cpu0
-        finally:
-            env.close()
-    return {"seconds": seconds, "cpu": cpu, "latencies": latencies, "refreshes": worker.refreshes}
+    url = stack.enter_context(scratch_db(db_url, work))
+    cfg = Config().replace(
+        bindings={"db": url, "archive": f"file://{work / 'archive'}"},
+        consumer={"max_batch_size": batch_size, "max_batch_timeout": 0, "snapshot_every_batches": every},
+        snapshots={"min_interval_s": 0},
+    )
+    env = open_env(cfg, check_schema=False)
+    stack.callback(env.close)
+    migrate.upgrade(env.DB)
+    for i in range(0, len(events), SEND_CHUNK):
+        env.QUEUE.send_batch(events[i : i + SEND_CHUNK])
+    return Worker(env, TrafficConsumer(cfg).queue)
 
 
 def consume_with_snapshots(
-    events: list[dict[str, Any]], batch_size: int, db_url: str | None, work: Path, every: int = 10, rounds: int = 3
+    events: list[dict[str, Any]], batch_size: int, db_url: str | None, work: Path, every: int = 10
 ) -> dict[str, Any]:
-    """The consumer's throughput with refreshes off and every `every` batches, each pass on
-    a fresh database, alternating for `rounds` rounds: the median of the per-round ratios
-    (the machine is shared; a single pair of passes swings by ±15%)."""
-    import statistics
+    """The consumer's throughput with refreshes off and every `every` batches: two workers
+    on fresh databases holding the same events, run in alternating slices (see
+    `pipeline.bench.race`). A refresh still running when the refreshing worker's slice ends
+    is waited for inside that slice, so its whole cost is counted on its side."""
+    from pipeline.bench import SLICE_EVENTS, Meter, _pct, consume_slice
 
-    from pipeline.bench import _pct
-
-    walls, cpus, on_passes = [], [], []
-    for r in range(rounds):
-        off = _consume_pass(events, batch_size, db_url, work / f"off{r}", 0)
-        on = _consume_pass(events, batch_size, db_url, work / f"on{r}", every)
-        walls.append(off["seconds"] / on["seconds"])
-        cpus.append(on["cpu"] / off["cpu"])
-        on_passes.append(on)
+    with contextlib.ExitStack() as stack:
+        off = _worker(stack, events, batch_size, db_url, work / "off", 0)
+        on = _worker(stack, events, batch_size, db_url, work / "on", every)
+        meters, latencies = {"off": Meter(), "on": Meter()}, {"off": [], "on": []}
+        turn = 0
+        while True:
+            moved = 0
+            for side, worker in (("off", off), ("on", on))[:: 1 if turn % 2 else -1]:
+                with meters[side]():
+                    messages, _inserted = consume_slice(worker, SLICE_EVENTS, latencies[side])
+                    worker.ctx.drain()
+                moved += messages
+            turn += 1
+            if not moved:
+                break
     n = len(events)
     return {
         "snapshot_every_batches": every,
-        "snapshot_rounds": rounds,
-        "snapshot_events_per_s": round(n / statistics.median(p["seconds"] for p in on_passes)),
-        "snapshot_overhead": round(1 - statistics.median(walls), 4),
-        "snapshot_cpu_overhead": round(statistics.median(cpus) - 1, 4),
-        "snapshot_overhead_per_round": [round(1 - w, 4) for w in walls],
-        "snapshot_batch_p99_ms": _pct([x for p in on_passes for x in p["latencies"]], 99),
-        "snapshot_refreshes": [p["refreshes"] for p in on_passes],
+        "snapshot_events_per_s": round(n / meters["on"].wall),
+        "snapshot_overhead": round(1 - meters["off"].wall / meters["on"].wall, 4),
+        "snapshot_cpu_overhead": round(meters["on"].cpu / meters["off"].cpu - 1, 4),
+        "snapshot_batch_p99_ms": _pct(latencies["on"], 99),
+        "snapshot_refreshes": on.refreshes,
     }

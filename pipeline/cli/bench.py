@@ -41,7 +41,8 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, 
         result,
         as_json,
         [
-            "raw SQLite limit      {raw_events_per_s:>10,} events/s",
+            "raw SQLite limit      {raw_events_per_s:>10,} events/s"
+            "  (beside the duplicates pass {raw_duplicate_pass_events_per_s:,})",
             "enqueue               {enqueue_events_per_s:>10,} events/s",
             "consumer ({db})   {consumer_events_per_s:>10,} events/s  ratio {ratio}",
             "batch latency         p50 {batch_p50_ms} ms  p99 {batch_p99_ms} ms",
@@ -50,7 +51,7 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, 
             *(
                 [
                     "with snapshots        {snapshot_events_per_s:>10,} events/s  overhead {snapshot_overhead}"
-                    " (median of {snapshot_rounds} rounds {snapshot_overhead_per_round}; CPU {snapshot_cpu_overhead})"
+                    " (CPU {snapshot_cpu_overhead}; {snapshot_refreshes} refreshes)"
                 ]
                 if snapshots
                 else []
