@@ -57,14 +57,18 @@ def refresh(env: Any, now_s: float | None = None) -> dict[str, Any]:
     cfg = env.config.snapshots
     started = clock.monotonic()
     doc = build(env.DB, cfg.window_hours, cfg.top_n, now_s)
-    version = next_version(env.DB)
-    doc = {"version": version, **doc}
-    meta = {"version": version, "generated_at": doc["generated_at"], "paths": len(doc["paths"])}
-    env.KV.put(version_key(version), doc, metadata=meta)
-    current = env.KV.get_with_metadata(LATEST_KEY, type="bytes")["metadata"] or {}
-    moved = int(current.get("version", 0)) < version
-    if moved:
-        env.KV.put(LATEST_KEY, doc, metadata=meta)
+    # One write transaction for the version and both puts (a KV binding in the DB binding's
+    # database joins it): the consumer waits for the write lock once per refresh, not three
+    # times, and `latest` is compared and moved atomically.
+    with env.DB.transaction():
+        version = next_version(env.DB)
+        doc = {"version": version, **doc}
+        info = {"version": version, "generated_at": doc["generated_at"], "paths": len(doc["paths"])}
+        env.KV.put(version_key(version), doc, metadata=info)
+        current = env.KV.get_with_metadata(LATEST_KEY, type="bytes")["metadata"] or {}
+        moved = int(current.get("version", 0)) < version
+        if moved:
+            env.KV.put(LATEST_KEY, doc, metadata=info)
     ms = round((clock.monotonic() - started) * 1000, 1)
     log.event("snapshot_refresh", version=version, paths=len(doc["paths"]), latest=moved, ms=ms)
     return {"version": version, "key": version_key(version), "paths": len(doc["paths"]), "latest": moved, "ms": ms}
