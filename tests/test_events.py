@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 from freezegun import freeze_time
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline import clock
@@ -355,7 +355,10 @@ def test_the_bulk_path_agrees_with_message_by_message(bodies: list[Any], min_ts:
     """decode_batch either declines (None) or returns exactly the events decode_message
     accepts for each body, in order: all of them accepted, none older than `min_ts`, no
     (ts, id) twice."""
-    raws = [orjson.dumps(b) for b in bodies]
+    try:
+        raws = [orjson.dumps(b) for b in bodies]
+    except TypeError:  # an integer beyond 64 bits: not a document a producer can store
+        assume(False)
     verdicts = [outcome(decode_message, raw, NORM, NOW_MS, f"m{i}") for i, raw in enumerate(raws)]
     flat: list[Any] = [e for v in verdicts for e in (v if isinstance(v, list) else [v])]
     got = decode_batch(raws, NORM, NOW_MS, min_ts)
