@@ -56,7 +56,9 @@ def test_sqlite_pragmas(sqlite_url: str) -> None:
         migrate.upgrade(db)
         with db.read() as conn:
             pragmas = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in
-                       ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")}  # fmt: skip
-        assert pragmas == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 30_000, "foreign_keys": 1}
+                       ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "secure_delete")}  # fmt: skip
+        assert pragmas == {
+            "journal_mode": "wal", "synchronous": 1, "busy_timeout": 30_000, "foreign_keys": 1, "secure_delete": 2,
+        }  # fmt: skip
     finally:
         db.dispose()

@@ -42,6 +42,10 @@ def _sqlite_engine(url: sa.URL) -> Engine:
             "synchronous=NORMAL",
             f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
             "foreign_keys=ON",
+            # This SQLite may be built to zero deleted content (Debian's is): FAST still
+            # zeroes it inside pages it writes anyway, but does not write freed pages (the
+            # queue frees ~70 per 1000 messages consumed: 13% of a batch's WAL frames).
+            "secure_delete=FAST",
         ):
             cur.execute(f"PRAGMA {pragma}")
         cur.close()
