@@ -51,3 +51,38 @@ def test_fast_path_errors_are_mapped_and_roll_back(env: Env) -> None:
     missing = sa.table("no_such_table", sa.column("x")).select()
     with pytest.raises(BindingError, match="no_such_table"), db.transaction() as conn:
         db.fetchall(conn, missing)
+
+
+def test_writers_of_one_process_queue_for_the_write_lock(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second writer in the same process waits for the first to commit, however long that
+    takes, instead of failing on SQLite's busy timeout (here 20 ms) or polling it."""
+    import threading
+    import time
+
+    from pipeline import meta, migrate
+    from pipeline.bindings import db as dbm
+
+    monkeypatch.setattr(dbm, "SQLITE_BUSY_TIMEOUT_MS", 20)
+    db = dbm.Database(f"sqlite:///{tmp_path / 'w.db'}")
+    migrate.upgrade(db)
+    held, order, errors = threading.Event(), [], []
+
+    def second() -> None:
+        held.wait()
+        try:
+            with db.transaction() as conn:
+                order.append(("second", meta.increment(db, conn, "n")))
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    try:
+        with db.transaction() as conn:
+            order.append(("first", meta.increment(db, conn, "n")))
+            held.set()
+            time.sleep(0.3)  # hold the write lock 15 times the busy timeout
+        thread.join()
+    finally:
+        db.dispose()
+    assert errors == [] and order == [("first", 1), ("second", 2)]
