@@ -45,6 +45,12 @@ AGG_KEYS = ("hour", "host", "path", "method")
 # 1xx-5xx (1-5), bytes (6), rt sum (7), min (8), max (9), then the latency buckets (10-).
 AGG_COLUMNS = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", "rt_min_ms", "rt_max_ms", *BUCKET_COLUMNS)
 KNOWN_PATHS_HOURS = 48
+
+
+def _mark_overflow() -> sa.Update:
+    return te.update().where(te.c.ts == sa.bindparam("k_ts"), te.c.id == sa.bindparam("k_id")).values(overflow=1)
+
+
 _PATHS_OF_HOUR = sa.select(psh.c.path).distinct().where(psh.c.hour == sa.bindparam("hour"), psh.c.path != OTHER_PATH)
 
 
@@ -136,28 +142,34 @@ class TrafficConsumer:
         return events
 
     def _store(self, env: Any, conn: sa.Connection, events: list[Event]) -> int:
-        """Insert the events; add exactly the rows this call inserted to the aggregates."""
-        overflow = self._overflow(conn, events)
-        rows = (
-            [ev.values(1 if (ev.ts, ev.id) in overflow else 0) for ev in events]
-            if overflow
-            else [
-                (ev.ts, ev.id, ev.method, ev.path, 0, ev.status, ev.response_time_ms, ev.host, ev.colo, ev.bytes)
-                for ev in events
-            ]  # Event.values(), inlined: this runs for every event
-        )
+        """Insert the events; add exactly the rows this call inserted to the aggregates.
+
+        Only inserted events spend an hour's path budget, so the budget is settled after
+        the insert: the few events past it (none below `max_paths_per_hour`) get their
+        `overflow` flag set by an UPDATE in the same transaction. A batch of duplicates
+        costs the insert and nothing else."""
+        rows = [
+            (ev.ts, ev.id, ev.method, ev.path, 0, ev.status, ev.response_time_ms, ev.host, ev.colo, ev.bytes)
+            for ev in events
+        ]  # Event.values(), inlined: this runs for every event
         new = env.DB.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"))
-        if new:
-            # Aggregate from the row tuples: their path is already `__other__`-aware.
-            acc: Acc = {}
-            fold(acc, (
-                (r[0], r[7], OTHER_PATH if r[4] else r[3], r[2], r[5], r[9], r[6])
-                for r in (rows if len(new) == len(rows) else [rows[i] for i in new])
-            ))  # fmt: skip
-            env.DB.upsert_add_rows(
-                conn, psh, AGG_KEYS + AGG_COLUMNS, [(*key, *a) for key, a in acc.items()], AGG_KEYS,
-                minimum=["rt_min_ms"], maximum=["rt_max_ms"],
-            )  # fmt: skip
+        if not new:
+            return 0
+        inserted = events if len(new) == len(events) else [events[i] for i in new]
+        overflow = self._overflow(conn, inserted)
+        if overflow:
+            mark = env.DB.cached(("mark_overflow",), _mark_overflow)
+            env.DB.executemany(conn, mark, ("k_ts", "k_id"), list(overflow))
+        acc: Acc = {}
+        fold(acc, (
+            (ev.ts, ev.host, OTHER_PATH if overflow and (ev.ts, ev.id) in overflow else ev.path, ev.method, ev.status,
+             ev.bytes, ev.response_time_ms)
+            for ev in inserted
+        ))  # fmt: skip
+        env.DB.upsert_add_rows(
+            conn, psh, AGG_KEYS + AGG_COLUMNS, [(*key, *a) for key, a in acc.items()], AGG_KEYS,
+            minimum=["rt_min_ms"], maximum=["rt_max_ms"],
+        )  # fmt: skip
         return len(new)
 
     def _overflow(self, conn: sa.Connection, events: list[Event]) -> set[tuple[int, str]]:
