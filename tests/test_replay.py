@@ -186,3 +186,27 @@ def _rows(env: Any, *keys: str) -> int:
     ao = archive_objects
     with env.DB.read() as conn:
         return int(conn.execute(sa.select(sa.func.sum(ao.c.row_count)).where(ao.c.key.in_(keys))).scalar_one())
+
+
+def test_db_stream_yields_every_row_of_several_fetches_two_streams_at_once(make_env: Any, db_url: str) -> None:
+    """`Database.stream` (the reader verify uses): rows in order across several fetches, as
+    plain tuples, bound parameters applied, two open at once on one connection."""
+    env = make_env(db_url)
+    psh, db = path_stats_hourly, env.DB
+    zero = {c.name: 0 for c in psh.columns if c.name not in ("hour", "host", "path", "method")}
+    with db.transaction() as conn:
+        conn.execute(sa.insert(psh), [zero | {"hour": h * 3600, "host": "h", "path": p, "method": "GET", "requests": h}
+                                      for h in range(7) for p in ("/a", "/b")])  # fmt: skip
+    stmt = (
+        sa.select(psh.c.hour, psh.c.path, psh.c.requests)
+        .where(psh.c.hour >= sa.bindparam("lo"), psh.c.hour < sa.bindparam("hi"))
+        .order_by(psh.c.hour, psh.c.path)
+    )
+    want = [(h * 3600, p, h) for h in range(1, 6) for p in ("/a", "/b")]
+    with db.read() as conn:
+        one = db.stream(conn, stmt, ("lo", "hi"), (3600, 6 * 3600), size=3)
+        two = db.stream(conn, stmt, ("hi", "lo"), (6 * 3600, 3600), size=4)
+        got = [(next(one), next(two)) for _ in range(4)]
+        rest_one, rest_two = list(one), list(two)
+    assert [a for a, _b in got] + rest_one == want and [b for _a, b in got] + rest_two == want
+    assert all(type(r) is tuple for r in rest_one)

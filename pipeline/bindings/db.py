@@ -213,8 +213,8 @@ class Database:
     ) -> Iterator[Any]:
         """Run a SELECT and yield its rows as they are fetched, `size` at a time (on
         PostgreSQL through a server-side cursor): memory holds one fetch whatever the
-        result's size. Several streams may be open on one connection at once; they read in
-        its transaction (begun here if none is), so they see one snapshot."""
+        result's size. Several streams may be open on one connection at once, in its
+        transaction (begun here if none is: PostgreSQL's cursors live in one)."""
         sql, shape = self._compiled(stmt, columns)
         if not conn.in_transaction():
             conn.begin()
