@@ -85,7 +85,8 @@ class TrafficConsumer:
             if events:
                 report.inserted = self._store(env, conn, events)
                 report.duplicates += len(events) - report.inserted
-        batch.ack_all()  # after the writes: a failure above retries the whole batch
+        # Returning acks every message not dead-lettered (as a Queues handler's return
+        # does); a failure above retries the whole batch.
         return report
 
     def _validate(self, batch: MessageBatch, now_ms: int, watermark: int, report: BatchReport) -> list[Event]:
