@@ -13,7 +13,7 @@ import csv
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from itertools import compress, count, groupby, repeat
+from itertools import compress, groupby, repeat
 from operator import attrgetter, itemgetter, ne
 from typing import IO, Any
 
@@ -84,8 +84,10 @@ def iter_objects(
             bad.append({"key": key, "error": str(exc)})
 
 
-class FoldRow(msgspec.Struct):
-    """The fields of an archived row that its aggregate needs (the others are skipped)."""
+class FoldRow(msgspec.Struct, gc=False):
+    """The fields of an archived row that its aggregate needs (the others are skipped).
+    Untracked by the garbage collector (it holds no containers), which would otherwise
+    walk every row of an object over and over while they are decoded and folded."""
 
     ts: int
     host: str
@@ -153,24 +155,34 @@ _KEY, _VALUES = itemgetter(slice(4)), itemgetter(slice(4, None))
 
 
 def compare(acc: Acc, stored: list[Sequence[Any]]) -> list[dict[str, Any]]:
-    """Differences between recomputed aggregates (consumed from `acc`) and stored
-    `path_stats_hourly` rows (tuples of `AGG_KEYS` then `AGG_COLUMNS`). Integer columns
-    and the min/max must match exactly, the response-time sum within float rounding (sums
-    added in another order differ in the last bits). Equal rows, the rule, are told apart
-    in bulk (tuple comparisons); only the others are compared column by column."""
-    keys = list(map(_KEY, stored))
-    got = list(map(tuple, map(acc.pop, keys, repeat(()))))
+    """Differences between recomputed aggregates (`acc`) and stored `path_stats_hourly`
+    rows (tuples of `AGG_KEYS` then `AGG_COLUMNS`). Integer columns and the min/max must
+    match exactly, the response-time sum within float rounding (sums added in another
+    order differ in the last bits). Equal rows, the rule, are told apart in one pass of
+    tuple comparisons whose temporaries are freed as it goes; only the others are compared
+    column by column."""
+    differ = list(
+        compress(stored, map(ne, map(acc.get, map(_KEY, stored), repeat(())), map(list, map(_VALUES, stored))))
+    )
     out: list[dict[str, Any]] = []
-    for i in compress(count(), map(ne, got, map(_VALUES, stored))):
-        where = dict(zip(AGG_KEYS, keys[i], strict=True))
-        if not got[i]:
+    missing = 0
+    for row in differ:
+        got = acc.get(row[:4])
+        where = dict(zip(AGG_KEYS, row[:4], strict=True))
+        if got is None:
+            missing += 1
             out.append(where | {"column": "row", "archive": False, "database": True})
             continue
-        for name, value, expected in zip(AGG_COLUMNS, got[i], stored[i][4:], strict=True):
+        for name, value, expected in zip(AGG_COLUMNS, got, row[4:], strict=True):
             if value != expected and (name != "rt_sum_ms" or _differs(value, expected)):
                 out.append(where | {"column": name, "archive": value, "database": expected})
-    for key in acc:
-        out.append(dict(zip(AGG_KEYS, key, strict=True)) | {"column": "row", "archive": True, "database": False})
+    if len(acc) != len(stored) - missing:  # rows only in the archive
+        keys = set(map(_KEY, stored))
+        out += [
+            dict(zip(AGG_KEYS, key, strict=True)) | {"column": "row", "archive": True, "database": False}
+            for key in acc
+            if key not in keys
+        ]
     return out
 
 

@@ -210,3 +210,24 @@ def test_db_stream_yields_every_row_of_several_fetches_two_streams_at_once(make_
         rest_one, rest_two = list(one), list(two)
     assert [a for a, _b in got] + rest_one == want and [b for _a, b in got] + rest_two == want
     assert all(type(r) is tuple for r in rest_one)
+
+
+def test_compare_is_exact_but_for_the_rounding_of_the_response_time_sum() -> None:
+    """Every column of every row: the sum may differ in its last bits (added in another
+    order), the min/max and the counts not at all; rows on one side only are named."""
+    from consumers.traffic import AGG_COLUMNS
+
+    def row(path: str, **values: Any) -> tuple[Any, ...]:
+        base = dict.fromkeys(AGG_COLUMNS, 0) | {"requests": 3, "rt_sum_ms": 0.1 + 0.2 + 0.3, "rt_min_ms": 0.1}
+        return (3600, "h", path, "GET", *(base | values).values())
+
+    stored = [row("/a"), row("/b"), row("/c"), row("/d"), row("/e")]
+    acc = {r[:4]: list(r[4:]) for r in stored[:4]}
+    acc[stored[0][:4]][AGG_COLUMNS.index("rt_sum_ms")] = 0.3 + 0.2 + 0.1  # 0.6 vs 0.6000000000000001
+    acc[stored[1][:4]][AGG_COLUMNS.index("rt_sum_ms")] += 1e-3
+    acc[stored[2][:4]][AGG_COLUMNS.index("rt_min_ms")] = 0.1 + 1e-15
+    acc[stored[3][:4]][-1] = 1  # the last latency bucket
+    acc[(3600, "h", "/f", "GET")] = list(row("/f")[4:])
+    got = [(m["path"], m["column"]) for m in replay.compare(acc, stored)]
+    assert got == [("/b", "rt_sum_ms"), ("/c", "rt_min_ms"), ("/d", AGG_COLUMNS[-1]), ("/e", "row"), ("/f", "row")]
+    assert replay.compare({r[:4]: list(r[4:]) for r in stored}, stored) == []
