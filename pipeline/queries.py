@@ -71,29 +71,27 @@ def hourly(
             yield _public(row)
 
 
-TWO_PHASE_MAX_LIMIT = 1000  # beyond this, one grouped query (keeps the IN list small)
-
-
 def _first_hour(hours: int, now_s: float) -> int:
     return int(now_s) // 3600 * 3600 - (hours - 1) * 3600
 
 
-def top_paths_statement(hours: int, limit: int, now_s: float) -> sa.Select[Any]:
-    """Which (path, method) pairs are the busiest: sums `requests` only, over a range on
-    `hour`, the leading column of the primary key, so only the window is read (this is
-    what `edgepipe bench snapshot` explains)."""
-    return (
-        sa.select(psh.c.path, psh.c.method, sa.func.sum(psh.c.requests).label("requests"))
-        .where(psh.c.hour >= _first_hour(hours, now_s))
+def _top_statement() -> sa.Select[Any]:
+    """The busiest (path, method) pairs of the window with every summed column, as one
+    statement: rank the pairs by `requests` alone (a CTE: the `limit` winners), then sum
+    the ~30 other columns for the winners only (summing every column for every pair of the
+    window costs about four times as much, and the snapshot refresh runs this often). Both
+    read a range on `hour`, the leading column of the primary key, so only the window's
+    rows are read (what `edgepipe bench snapshot` explains). Binds `first_hour`, `limit`."""
+    first = psh.c.hour >= sa.bindparam("first_hour", type_=sa.BigInteger)
+    top = (
+        sa.select(psh.c.path, psh.c.method, sa.func.sum(psh.c.requests).label("total"))
+        .where(first)
         .group_by(psh.c.path, psh.c.method)
-        .order_by(sa.desc("requests"), psh.c.path, psh.c.method)
-        .limit(limit)
+        .order_by(sa.desc("total"), psh.c.path, psh.c.method)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .cte("top")
     )
-
-
-def _totals_statement(hours: int, now_s: float, keys: list[tuple[str, str]] | None, limit: int) -> sa.Select[Any]:
-    """Every summed column of the window, for the given pairs (or the `limit` busiest)."""
-    stmt = (
+    return (
         sa.select(
             psh.c.path,
             psh.c.method,
@@ -101,33 +99,36 @@ def _totals_statement(hours: int, now_s: float, keys: list[tuple[str, str]] | No
             sa.func.min(psh.c.rt_min_ms).label("rt_min_ms"),
             sa.func.max(psh.c.rt_max_ms).label("rt_max_ms"),
         )
-        .where(psh.c.hour >= _first_hour(hours, now_s))
+        .where(first, sa.tuple_(psh.c.path, psh.c.method).in_(sa.select(top.c.path, top.c.method)))
         .group_by(psh.c.path, psh.c.method)
     )
-    if keys is not None:
-        return stmt.where(sa.tuple_(psh.c.path, psh.c.method).in_(keys))
-    return stmt.order_by(sa.desc("requests"), psh.c.path, psh.c.method).limit(limit)
+
+
+TOP_COLUMNS = ("path", "method", *SUMMED, "rt_min_ms", "rt_max_ms")
+
+
+def top_paths_statement(hours: int, limit: int, now_s: float) -> sa.Select[Any]:
+    """`top_paths`' statement with its values bound (for EXPLAIN)."""
+    return _top_statement().params(first_hour=_first_hour(hours, now_s), limit=limit)
 
 
 def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | None = None) -> list[dict[str, Any]]:
     """The busiest (path, method) pairs over the last `hours` hours (the current hour
     included), summed over hosts, with merged histograms. Reads only the window's rows.
-
-    In two steps, in one read transaction: rank the pairs by requests alone, then sum the
-    ~30 other columns for the winners only. Summing every column for every pair of the
-    window costs about four times as much, and the snapshot refresh runs this often."""
+    One cached statement on the driver cursor (`_top_statement`): the snapshot refresh
+    runs this in the background of a busy consumer, and every millisecond it holds the
+    interpreter is one the consumer waits."""
     now_s = clock.now_s() if now_s is None else now_s
+    stmt = db.cached(("top_paths",), _top_statement)
     with db.read() as conn:
         if db.dialect == "postgresql" and not db.in_transaction():
             # The planner's cost grows with the table, not the window; past jit_above_cost
             # PostgreSQL JIT-compiles this small query, which doubles its time.
             conn.exec_driver_sql("SET LOCAL jit = off")
-        if limit > TWO_PHASE_MAX_LIMIT:
-            rows = [_plain(r) for r in conn.execute(_totals_statement(hours, now_s, None, limit)).mappings()]
-        else:
-            keys = [(r.path, r.method) for r in conn.execute(top_paths_statement(hours, limit, now_s))]
-            totals = conn.execute(_totals_statement(hours, now_s, keys, limit)).mappings() if keys else []
-            rows = sorted((_plain(r) for r in totals), key=lambda r: (-r["requests"], r["path"], r["method"]))
+        found = db.fetchall(conn, stmt, ("first_hour", "limit"), (_first_hour(hours, now_s), limit))
+    rows = sorted(
+        (dict(zip(TOP_COLUMNS, r, strict=True)) for r in found), key=lambda r: (-r["requests"], r["path"], r["method"])
+    )
     out = []
     for row in rows:
         for c in SUMMED:
