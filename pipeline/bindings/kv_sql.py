@@ -7,6 +7,8 @@ primary-key range. A `put` is one upsert, atomic for readers on both dialects.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 from pipeline import clock
@@ -17,7 +19,7 @@ from pipeline.schema import kv_entries
 kv = kv_entries
 
 
-def _alive(now: float) -> sa.ColumnElement[bool]:
+def _alive(now: Any) -> sa.ColumnElement[bool]:
     return sa.or_(kv.c.expiration.is_(None), kv.c.expiration > now)
 
 
@@ -25,24 +27,33 @@ class SqlKV(KV):
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    # `get` and `put` run cached statements (built once per database): a snapshot refresh
+    # writes two keys while the consumer waits for the write lock.
+
     def _read(self, key: bytes) -> Entry | None:
-        stmt = sa.select(kv.c.value, kv.c.metadata, kv.c.expiration).where(kv.c.key == key, _alive(clock.now_s()))
+        def build() -> sa.Select[tuple[bytes, str | None, float | None]]:
+            k, now = sa.bindparam("k", type_=kv.c.key.type), sa.bindparam("now", type_=sa.Float)
+            return sa.select(kv.c.value, kv.c.metadata, kv.c.expiration).where(kv.c.key == k, _alive(now))
+
         with self.db.read() as conn:
-            row = conn.execute(stmt).first()
-        return None if row is None else Entry(bytes(row.value), row.metadata, row.expiration)
+            rows = self.db.fetchall(conn, self.db.cached(("kv_get",), build), ("k", "now"), (key, clock.now_s()))
+        return Entry(bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
 
     def _write(self, key: bytes, value: bytes, metadata: str | None, expiration: float | None) -> None:
-        stmt = self.db.insert(kv).values(key=key, value=value, metadata=metadata, expiration=expiration)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["key"],
-            set_={
-                "value": stmt.excluded.value,
-                "metadata": stmt.excluded.metadata,
-                "expiration": stmt.excluded.expiration,
-            },
-        )
+        def build() -> sa.Insert:
+            stmt = self.db.insert(kv)
+            return stmt.on_conflict_do_update(
+                index_elements=["key"],
+                set_={
+                    "value": stmt.excluded.value,
+                    "metadata": stmt.excluded.metadata,
+                    "expiration": stmt.excluded.expiration,
+                },
+            )
+
+        columns = ("key", "value", "metadata", "expiration")
         with self.db.transaction() as conn:
-            conn.execute(stmt)
+            self.db.execute(conn, self.db.cached(("kv_put",), build), columns, (key, value, metadata, expiration))
 
     def _delete(self, key: bytes) -> None:
         with self.db.transaction() as conn:
