@@ -10,8 +10,10 @@ the others are still processed, and callers exit non-zero when `bad` is not empt
 from __future__ import annotations
 
 import csv
+import gc
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from itertools import compress, groupby, repeat
 from operator import attrgetter, itemgetter, ne
@@ -198,6 +200,20 @@ _STORED = (
 )
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off meanwhile. Verify creates no reference cycles, but
+    holds an hour's accumulators and fetched rows at a time: a million rows made the
+    collector walk them again and again, ~15% of the run."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _hot_hour(row: Sequence[Any]) -> int:
     return int(row[0]) // 3_600_000 * HOUR_S
 
@@ -213,7 +229,7 @@ def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s:
     unverified: list[int] = []
     objects = rows = hot = 0
     archive = _by_hour(objects_in(store, prefix, start_s, end_s), itemgetter(1))
-    with db.read() as conn:
+    with _collector_paused(), db.read() as conn:
         hot_rows = _by_hour(db.stream(conn, _HOT, ("lo", "hi"), (h0 * 1000, h1 * 1000), FETCH), _hot_hour)
         stored = _by_hour(db.stream(conn, _STORED, ("lo", "hi"), (h0, h1), FETCH), itemgetter(0))
         for hour, (found, hot_part, stored_part) in _walk(archive, hot_rows, stored):
