@@ -161,7 +161,7 @@ def compare(acc: Acc, stored: list[Sequence[Any]]) -> list[dict[str, Any]]:
     rows (tuples of `AGG_KEYS` then `AGG_COLUMNS`). Integer columns and the min/max must
     match exactly, the response-time sum within float rounding (sums added in another
     order differ in the last bits). Equal rows, the rule, are told apart in one pass of
-    tuple comparisons whose temporaries are freed as it goes; only the others are compared
+    row comparisons whose temporaries are freed as it goes; only the others are compared
     column by column."""
     differ = list(
         compress(stored, map(ne, map(acc.get, map(_KEY, stored), repeat(())), map(list, map(_VALUES, stored))))
