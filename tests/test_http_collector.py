@@ -206,3 +206,54 @@ def _collector(app: FastAPI) -> TrafficCollector:
         node = getattr(node, "app", None)
     assert node is not None
     return node
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        self.received.extend(events)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_event_fields_host_time_and_size() -> None:
+    """The host comes from the Host header (lower case, no port; IPv6 kept in brackets), else
+    the server's name; ts is the request's start on the wall clock; bytes is the body size."""
+    from pipeline import clock
+
+    sink = ListSink()
+    app = small_app(sink=sink)
+    before = clock.now_ms()
+    async with client_for(app) as c:
+        await c.get("/users/1", headers={"host": "Shop.Example:8443"})
+        await c.get("/users/2", headers={"host": "[::1]:8000"})
+        await c.get("/users/3", headers={"host": "shop.example"})
+    collector = _collector(app)
+
+    async def no_host_header(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b"abc", "more_body": True})
+        await send({"type": "http.response.body", "body": b"de"})
+
+    raw = TrafficCollector(no_host_header, sink=sink)
+    scope = {"type": "http", "method": "PUT", "path": "/x/42", "headers": [], "server": ("10.0.0.5", 80)}
+    await raw(scope, None, _discard)  # type: ignore[arg-type]
+    await collector.flush()
+    await raw.flush()
+    after = clock.now_ms()
+    got = [(e["method"], e["path"], e["host"], e["status"], e["bytes"]) for e in sink.received]
+    assert got == [
+        ("GET", "/users/{user_id}", "shop.example", 200, len(b'{"id":1}')),
+        ("GET", "/users/{user_id}", "[::1]", 200, len(b'{"id":2}')),
+        ("GET", "/users/{user_id}", "shop.example", 200, len(b'{"id":3}')),
+        ("PUT", "/x/:id", "10.0.0.5", 204, 5),
+    ]
+    assert all(before <= e["ts"] <= after and 0 <= e["response_time_ms"] <= after - before for e in sink.received)
+    assert len({e["id"] for e in sink.received}) == 4
+
+
+async def _discard(message: Any) -> None:
+    return None

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_EXCLUDE = ("/health", "/ready", "/metrics")
+FIELDS = 9  # values per request in the buffer
+HOST_CACHE = 256  # Host header values remembered with their host name (cleared when full)
 
 
 @dataclass
@@ -89,7 +90,10 @@ class TrafficCollector:
         self.colo = colo
         self.normalizer = PathNormalizer(paths or Paths())
         self.stats = stats if stats is not None else CollectorStats()
-        self._buffer: deque[tuple[Any, ...]] = deque()  # see _record
+        self._buffer: list[Any] = []  # FIELDS values per request: see _record
+        self._limit, self._batch_fields = buffer_size * FIELDS, batch_size * FIELDS
+        self._templates: dict[tuple[str, str], str] = {}  # (route template, root_path) -> event path
+        self._hosts: dict[bytes, str] = {}  # Host header value -> host (HOST_CACHE at most)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._send_lock: asyncio.Lock | None = None
@@ -99,41 +103,50 @@ class TrafficCollector:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind != "http" or self._skip(scope["path"]):
+        if kind != "http":
             if kind == "lifespan":
                 receive = self._lifespan_receive(receive)
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        if (path in self._excluded or path.startswith(self._excluded_prefixes)
+                or (self.sample_rate < 1.0 and random.random() >= self.sample_rate)):  # fmt: skip
+            await self.app(scope, receive, send)
+            return
         response = _Response(send)
-        started, ts = clock.monotonic(), clock.now_ms()
         try:
             await self.app(scope, receive, response.send)
         finally:
             try:
-                self._record(scope, ts, response, started)
+                self._record(scope, response)
             except Exception:
                 self.stats.errors += 1
 
-    def _skip(self, path: str) -> bool:
-        if path in self._excluded or path.startswith(self._excluded_prefixes):
-            return True
-        return self.sample_rate < 1.0 and random.random() >= self.sample_rate
-
-    def _record(self, scope: Scope, ts: int, response: _Response, started: float) -> None:
-        """Append what the event needs to the buffer; the flusher builds the event."""
-        if len(self._buffer) >= self.buffer_size:
+    def _record(self, scope: Scope, response: _Response) -> None:
+        """Append what the event needs to the buffer; the flusher builds the event. The
+        buffer is one flat list of `FIELDS` values a request, none of them a new container
+        (the host is the Host header's bytes or the server's name): a tuple or the scope's
+        header list kept until the flush would make the garbage collector run several times
+        as often and promote every record to older generations."""
+        buffer = self._buffer
+        if len(buffer) >= self._limit:
             self.stats.dropped += 1
             return
-        seconds = (response.ended or clock.monotonic()) - started
-        scope_get = scope.get
-        self._buffer.append(
-            (ts, scope["method"], scope_get("route"), scope_get("root_path", ""), scope["path"], scope_get("headers"),
-             scope_get("server"), response.status, response.nbytes, seconds)
-        )  # fmt: skip
+        host: bytes | str = ""
+        if not self.host:
+            for name, value in scope.get("headers") or ():
+                if name == b"host":
+                    host = value
+                    break
+            else:
+                server = scope.get("server")
+                host = str(server[0]) if server else ""
+        buffer += (response.started, response.ended or clock.monotonic(), scope["method"], scope.get("route"),
+                   scope.get("root_path", ""), scope["path"], host, response.status, response.nbytes)  # fmt: skip
         self.stats.recorded += 1
         if self._task is None or self._task.done():
             self._ensure_task()
-        if len(self._buffer) >= self.batch_size and self._wake is not None:
+        if len(buffer) >= self._batch_fields and self._wake is not None:
             self._wake.set()
 
     # -- the background side ------------------------------------------------------------
@@ -147,7 +160,7 @@ class TrafficCollector:
     async def _flusher(self) -> None:
         assert self._wake is not None
         while not self._closing:
-            if len(self._buffer) < self.batch_size:
+            if len(self._buffer) < self._batch_fields:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval)
@@ -158,15 +171,20 @@ class TrafficCollector:
         if self._send_lock is None:
             self._send_lock = asyncio.Lock()
         async with self._send_lock:
-            n = min(self.batch_size, len(self._buffer))
+            n = min(self._batch_fields, len(self._buffer))
             if not n:
                 return 0
-            batch = []
-            for record, event_id in zip([self._buffer.popleft() for _ in range(n)], uuid7_batch(n), strict=True):
-                try:
-                    batch.append(self._event(record, event_id))  # the id before the first try: retries keep it
-                except Exception:
-                    self.stats.errors += 1
+            records = self._buffer[:n]
+            del self._buffer[:n]
+            try:
+                batch = self._events(records)  # ids before the first try: retries keep them
+            except Exception:
+                batch = []
+                for i in range(0, n, FIELDS):
+                    try:
+                        batch.extend(self._events(records[i : i + FIELDS]))
+                    except Exception:
+                        self.stats.errors += 1
             n = len(batch)
             try:
                 await self.sink.send(batch)
@@ -177,23 +195,45 @@ class TrafficCollector:
                 self.stats.sent += n
             return n
 
-    def _event(self, record: tuple[Any, ...], event_id: str) -> dict[str, Any]:
-        ts, method, route, root_path, path, headers, server, status, nbytes, seconds = record
-        template = getattr(route, "path_format", None)
-        path = root_path + template if template else self.normalizer.normalize(root_path + path)
-        event = {
-            "id": event_id,
-            "ts": ts,
-            "method": method,
-            "path": path[: self.normalizer.cfg.max_length],
-            "status": status,
-            "response_time_ms": round(seconds * 1000, 3),
-            "host": self.host or _host(headers, server),
-            "bytes": nbytes,
-        }
-        if self.colo:
-            event["colo"] = self.colo
-        return event
+    def _events(self, records: list[Any]) -> list[dict[str, Any]]:
+        """The events of buffered records (`FIELDS` values each), with fresh ids. A record's
+        `ts` is its start on the wall clock: its monotonic start shifted by the wall clock's
+        offset now."""
+        offset = clock.now_ms() - clock.monotonic() * 1000
+        max_length = self.normalizer.cfg.max_length
+        templates, hosts = self._templates, self._hosts
+        fields = iter(records)
+        events = []
+        for event_id, started, ended, method, route, root_path, path, host, status, nbytes in zip(
+            uuid7_batch(len(records) // FIELDS), *[fields] * FIELDS, strict=True
+        ):
+            template = getattr(route, "path_format", None)
+            if template:
+                key = (template, root_path)
+                if (full := templates.get(key)) is None:
+                    full = templates[key] = (root_path + template)[:max_length]
+            else:
+                full = self.normalizer.normalize(root_path + path)[:max_length]
+            if type(host) is bytes:
+                if (name := hosts.get(host)) is None:
+                    if len(hosts) >= HOST_CACHE:
+                        hosts.clear()
+                    name = hosts[host] = _hostname(host)
+                host = name
+            event = {
+                "id": event_id,
+                "ts": int(started * 1000 + offset),
+                "method": method,
+                "path": full,
+                "status": status,
+                "response_time_ms": round((ended - started) * 1000, 3),
+                "host": self.host or host,
+                "bytes": nbytes,
+            }
+            if self.colo:
+                event["colo"] = self.colo
+            events.append(event)
+        return events
 
     async def flush(self) -> None:
         """Send everything buffered now (also what the background task has not taken yet)."""
@@ -222,27 +262,29 @@ class TrafficCollector:
 
 
 class _Response:
-    """Wraps `send` to note the status, the body bytes and when the last byte went out."""
+    """Wraps `send` to note when the request started, the status, the body bytes and when the
+    last byte went out. `send` is a plain function returning the wrapped send's awaitable (no
+    coroutine of its own per message)."""
 
-    __slots__ = ("_send", "ended", "nbytes", "status")
+    __slots__ = ("_send", "ended", "nbytes", "started", "status")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.status, self.nbytes, self.ended = 500, 0, 0.0
+        self.started = clock.monotonic()
 
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        elif message["type"] == "http.response.body":
+    def send(self, message: Message) -> Awaitable[None]:
+        kind = message["type"]
+        if kind == "http.response.body":
             self.nbytes += len(message.get("body", b""))
             if not message.get("more_body", False):
                 self.ended = clock.monotonic()
-        await self._send(message)
+        elif kind == "http.response.start":
+            self.status = message["status"]
+        return self._send(message)
 
 
-def _host(headers: Iterable[tuple[bytes, bytes]] | None, server: tuple[str, int] | None) -> str:
-    for name, value in headers or ():
-        if name == b"host":
-            text = value.decode("latin-1").lower()
-            return text.split("]")[0] + "]" if text.startswith("[") else text.partition(":")[0]
-    return str(server[0]) if server else ""
+def _hostname(value: bytes) -> str:
+    """The host of a Host header value, lower case, without the port."""
+    text = value.decode("latin-1").lower()
+    return text.split("]")[0] + "]" if text.startswith("[") else text.partition(":")[0]
