@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from pipeline import clock
 from pipeline.bindings.db import Database
-from pipeline.histogram import percentile
+from pipeline.histogram import percentiles
 from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
 
 psh = path_stats_hourly
@@ -32,8 +32,7 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     lo, hi = row["rt_min_ms"], row["rt_max_ms"]
     n = row["requests"]
     row["rt_avg_ms"] = round(row["rt_sum_ms"] / n, 3) if n else None
-    for q in (50, 95, 99):
-        row[f"p{q}_ms"] = percentile(counts, q / 100, lo, hi)
+    row["p50_ms"], row["p95_ms"], row["p99_ms"] = percentiles(counts, (0.5, 0.95, 0.99), lo, hi)
     return row
 
 
@@ -131,8 +130,9 @@ def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | Non
     )
     out = []
     for row in rows:
-        for c in SUMMED:
-            row[c] = int(row[c]) if c != "rt_sum_ms" else float(row[c])
+        if db.dialect != "sqlite":  # PostgreSQL's SUM of a bigint is a numeric (Decimal)
+            for c in SUMMED:
+                row[c] = int(row[c]) if c != "rt_sum_ms" else float(row[c])
         row = _public(row)
         errors = row["status_4xx"] + row["status_5xx"]
         row["errors"] = errors

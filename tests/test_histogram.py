@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from consumers.traffic import TrafficConsumer
 from pipeline import clock, queries
 from pipeline.env import Env
-from pipeline.histogram import N_BUCKETS, bucket_index, percentile
+from pipeline.histogram import N_BUCKETS, bucket_index, percentile, percentiles
 from pipeline.schema import BUCKET_COLUMNS, LATENCY_BUCKETS_MS
 from pipeline.worker import Worker
 
@@ -181,3 +181,15 @@ def test_stored_hourly_rows_merge_into_top_paths(env: Env) -> None:
         assert estimate == percentile(counts_of(values), q, min(values), max(values))
         lower, upper = bucket_bounds(exact(values, q))
         assert max(lower, min(values)) - 1e-3 <= estimate <= min(upper, max(values)) + 1e-3
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 5), min_size=N_BUCKETS, max_size=N_BUCKETS),
+    st.lists(st.floats(0.001, 1.0), min_size=1, max_size=5),
+    st.floats(0, 100),
+    st.floats(100, 100_000),
+)
+def test_percentiles_in_one_pass_equal_one_at_a_time(counts: list[int], qs: list[float], lo: float, hi: float) -> None:
+    qs = sorted(qs)
+    assert percentiles(counts, qs, lo, hi) == [percentile(counts, q, lo, hi) for q in qs]
