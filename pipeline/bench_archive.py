@@ -151,6 +151,7 @@ def phase_clean_ref(work: Path) -> dict[str, Any]:
     con = sqlite3.connect(work / "ref.db", isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
+    con.execute("PRAGMA secure_delete=FAST")  # as the DB binding deletes: the same pages written
     lo, hi = con.execute("SELECT min(seq), max(seq) FROM traffic_events").fetchone()
 
     def delete() -> dict[str, Any]:
