@@ -7,8 +7,8 @@ are timed; then 83 older days are added (90 in all) and the same refreshes are t
 again, in the same run. The ratio 90 d / 7 d stays near 1 when the `hour` range drives
 the read, and the query plan is reported to show it.
 
-`consume_with_snapshots`: the consumer's throughput with snapshot refreshes off and every
-N batches, alternating passes on fresh databases, in the same run.
+`consume_with_snapshots`: the consumer's throughput with snapshot refreshes off and strictly
+every N batches, two workers on fresh databases taking turns in slices, in the same run.
 """
 
 from __future__ import annotations
