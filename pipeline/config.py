@@ -161,7 +161,7 @@ class Http(Section):
     port: int = Field(8787, ge=1, le=65535)
     max_events_per_request: int = Field(1000, ge=1, le=100_000)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
-    max_queue_depth: int = Field(1_000_000, ge=1)
+    max_queue_depth: int = Field(100_000, ge=1)  # messages (a request is one, or a few)
     depth_check_interval: float = Field(1.0, ge=0, le=60)  # seconds a queue-depth reading is reused
     snapshot_max_age: float = Field(900, ge=0)  # seconds; an older KV snapshot is not served
     heartbeat_max_age: float = Field(60, ge=1)  # seconds; /ready fails when no worker was seen since
