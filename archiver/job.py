@@ -24,7 +24,9 @@ duplicate could no longer be detected.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any
 
 import sqlalchemy as sa
@@ -49,6 +51,23 @@ def cutoff_ms(env: Any, scheduled_for: datetime) -> int:
 
 def _in_hour(hour_s: int) -> Any:
     return sa.and_(te.c.ts >= hour_s * 1000, te.c.ts < hour_s * 1000 + HOUR_MS)
+
+
+def _next_rows(whole_hour: bool) -> sa.Select[Any]:
+    """The rows of the next object (see `archive_next`); binds `lo`, `hi`, `cutoff`, `after`
+    and, unless `whole_hour`, `limit`."""
+    stmt = sa.select(*SELECT_COLUMNS).where(
+        te.c.ts >= sa.bindparam("lo"), te.c.ts < sa.bindparam("hi"), te.c.ts < sa.bindparam("cutoff"),
+        te.c.archive_state == 0, te.c.seq > sa.bindparam("after"),
+    )  # fmt: skip
+    if not whole_hour:  # sort the hour's rows found by the ts index, never walk the whole table by seq
+        stmt = stmt.order_by(te.c.seq + 0).limit(sa.bindparam("limit", type_=sa.Integer))
+    return stmt
+
+
+def _chunks(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(islice(rows, size)):
+        yield chunk
 
 
 def hour_counts(conn: sa.Connection, cutoff: int) -> list[tuple[int, int]]:
@@ -91,14 +110,11 @@ def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int, whole_hour:
     object, all of them in the order the ts index finds them (no sort). None when the
     hour has nothing left."""
     db, store, cfg = env.DB, env.ARCHIVE, env.config.archive
-    stmt = sa.select(*SELECT_COLUMNS).where(
-        _in_hour(hour_s), te.c.ts < cutoff, te.c.archive_state == 0, te.c.seq > after_seq
-    )
-    if not whole_hour:  # sort the hour's rows found by the ts index, never walk the whole table by seq
-        stmt = stmt.order_by(te.c.seq + 0).limit(cfg.max_rows_per_object)
-    stmt = stmt.execution_options(yield_per=FETCH)
-    with db.read() as conn:
-        enc = encode(conn.execute(stmt).partitions(FETCH))
+    stmt = db.cached(("archive_next", whole_hour), lambda: _next_rows(whole_hour))
+    names = ("lo", "hi", "cutoff", "after") if whole_hour else ("lo", "hi", "cutoff", "after", "limit")
+    values = (hour_s * 1000, hour_s * 1000 + HOUR_MS, cutoff, after_seq, cfg.max_rows_per_object)
+    with db.read() as conn:  # on the driver cursor: plain tuples, no result processing
+        enc = encode(_chunks(db.stream(conn, stmt, names, values[: len(names)], FETCH), FETCH))
     with enc.body:
         if enc.rows == 0:
             return None
