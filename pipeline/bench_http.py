@@ -2,7 +2,8 @@
 
 Each target runs as its own uvicorn subprocess on a loopback port, all with the same
 uvicorn settings (default event loop and HTTP implementation, log level warning, no access
-log) and each with a database of its own; this process is the load generator (keep-alive
+log; edgepipe's target is started as `edgepipe serve` starts it, `run_server`) and each
+with a database of its own; this process is the load generator (keep-alive
 connections over raw asyncio streams, so the generator is cheap next to the servers). Two
 pairs are compared, each measured in the same run:
 
@@ -95,11 +96,11 @@ def _small_app(collector_queue: Any = None) -> Any:
 def serve_target(kind: str, port: int, db_url: str, tmp: str) -> None:
     import uvicorn
 
-    if kind == "edgepipe":
-        from pipeline.http.app import create_app
+    if kind == "edgepipe":  # as `edgepipe serve` runs it
+        from pipeline.http.app import create_app, run_server
 
-        app = create_app(_env(db_url, tmp))
-    elif kind == "reference":
+        return run_server(create_app(_env(db_url, tmp)), "127.0.0.1", port)
+    if kind == "reference":
         app = _reference_app()
     elif kind == "plain":
         app = _small_app()

@@ -21,9 +21,7 @@ def serve(state: Any, host: str | None, port: int | None, consume: bool) -> None
     Secure by default: bound to a non-loopback address, it refuses to start until an API
     token exists (`edgepipe tokens create`), and then every /v1 request needs one. On a
     loopback address with no token the API is open, for local development."""
-    import uvicorn
-
-    from pipeline.http.app import create_app
+    from pipeline.http.app import create_app, run_server
     from pipeline.http.auth import active_count, is_loopback
 
     cfg = state.config.http
@@ -41,9 +39,7 @@ def serve(state: Any, host: str | None, port: int | None, consume: bool) -> None
         from pipeline.cli.core import _worker
 
         worker = _worker(env)
-    app = create_app(env, require_token=public, worker=worker)
-    # access_log off: one line per request is the collector's job, and it never logs headers.
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    run_server(create_app(env, require_token=public, worker=worker), host, port)
 
 
 @main.group()

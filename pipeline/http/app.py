@@ -137,6 +137,21 @@ def _lifespan(worker: Any) -> Any:
     return lifespan
 
 
+def run_server(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` as `edgepipe serve` does: uvicorn, no access log (one line per request is
+    the collector's job, and it never logs headers). Everything built at start-up (modules,
+    the schema, the routes) is first moved out of the garbage collector's sight
+    (`gc.freeze`): the server's heap is mostly such objects, and every full collection
+    would walk them all again while requests wait."""
+    import gc
+
+    import uvicorn
+
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+
+
 def create_app(env: Env, require_token: bool = False, worker: Any = None) -> FastAPI:
     """The app over `env`. `require_token`: refuse unauthenticated requests even when no
     token exists. `worker`: a `pipeline.worker.Worker` to run alongside, on a thread."""
