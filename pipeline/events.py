@@ -161,26 +161,37 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
 _decode_one_or_many = msgspec.json.Decoder(Event | list[Event]).decode
 
 
-def _finish(ev: Event, normalizer: PathNormalizer, now_ms: int) -> bool:
-    """Complete an Event msgspec decoded, if it has the common shape (else False: the
-    general path decides)."""
-    if (
-        MIN_TS_MS <= ev.ts <= now_ms + MAX_FUTURE_MS
-        and ev.method in _COMMON_METHODS
-        and ev.path[:1] == "/"
-        and len(ev.path) <= normalizer.cfg.max_length
-    ):
-        ev.path = normalizer.normalize(ev.path)
-        if ev.host:
-            ev.host = ev.host.lower()
+def _complete(events: list[Event], normalizer: PathNormalizer, now_ms: int, min_ts: int = 0) -> bool:
+    """Complete Events msgspec decoded (normalised paths, lower-case hosts), if all have the
+    common shape: ts from `min_ts` (and 2000) to 5 minutes ahead, a common upper-case
+    method, a path within limits, no (ts, id) key twice. Checked in bulk; False, having
+    changed nothing, leaves the verdict to the general path."""
+    if not events:
         return True
-    return False
+    ts = [ev.ts for ev in events]
+    if min(ts) < max(min_ts, MIN_TS_MS) or max(ts) > now_ms + MAX_FUTURE_MS:
+        return False
+    if not {ev.method for ev in events} <= _COMMON_METHODS:
+        return False
+    if len(set(zip(ts, [ev.id for ev in events], strict=True))) != len(events):
+        return False
+    max_length, normalize = normalizer.cfg.max_length, normalizer.normalize
+    paths = {ev.path for ev in events}
+    if any(p[:1] != "/" or len(p) > max_length for p in paths):
+        return False
+    # Checked: from here on, complete the events (few distinct paths and hosts per batch).
+    path_of = {p: normalize(p) for p in paths}
+    host_of = {h: h.lower() for h in {ev.host for ev in events}}
+    for ev in events:
+        ev.path = path_of[ev.path]
+        ev.host = host_of[ev.host]
+    return True
 
 
 def decode_batch(raws: list[bytes], normalizer: PathNormalizer, now_ms: int, min_ts: int) -> list[Event] | None:
     """The common case of a whole batch, checked in bulk: every body decodes into Events of
-    the common shape (as `_finish` accepts them), none older than `min_ts`, no (ts, id) key
-    twice. Returns the events in body order, or None, having changed nothing: then
+    the common shape (`_complete`), none older than `min_ts`, no (ts, id) key twice.
+    Returns the events in body order, or None, having changed nothing: then
     `decode_message` decides message by message, and explains what it refuses."""
     decode = _decode_one_or_many
     try:
@@ -190,26 +201,7 @@ def decode_batch(raws: list[bytes], normalizer: PathNormalizer, now_ms: int, min
     events: list[Event] = got  # type: ignore[assignment]
     if any(type(g) is list for g in got):
         events = [ev for g in got for ev in (g if type(g) is list else (g,))]  # type: ignore[union-attr]
-    if not events:
-        return events
-    ts = [ev.ts for ev in events]
-    if min(ts) < max(min_ts, MIN_TS_MS) or max(ts) > now_ms + MAX_FUTURE_MS:
-        return None
-    if not {ev.method for ev in events} <= _COMMON_METHODS:
-        return None
-    if len(set(zip(ts, [ev.id for ev in events], strict=True))) != len(events):
-        return None
-    max_length, normalize = normalizer.cfg.max_length, normalizer.normalize
-    paths = {ev.path for ev in events}
-    if any(p[:1] != "/" or len(p) > max_length for p in paths):
-        return None
-    # Checked: from here on, complete the events (few distinct paths and hosts per batch).
-    path_of = {p: normalize(p) for p in paths}
-    host_of = {h: h.lower() for h in {ev.host for ev in events}}
-    for ev in events:
-        ev.path = path_of[ev.path]
-        ev.host = host_of[ev.host]
-    return events
+    return events if _complete(events, normalizer, now_ms, min_ts) else None
 
 
 def decode_message(
@@ -224,10 +216,7 @@ def decode_message(
         got = _decode_one_or_many(raw)
     except msgspec.DecodeError:
         got = None
-    if type(got) is list:
-        if all(_finish(ev, normalizer, now_ms) for ev in got):
-            return got
-    elif got is not None and _finish(got, normalizer, now_ms):
+    if got is not None and _complete(got if type(got) is list else [got], normalizer, now_ms):  # type: ignore[list-item]
         return got
     obj = decode_body(raw, "json")  # raises ValidationError("body", "malformed JSON: …")
     if not isinstance(obj, list):
