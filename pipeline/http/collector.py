@@ -23,6 +23,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from pipeline import clock, log
@@ -40,7 +41,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_EXCLUDE = ("/health", "/ready", "/metrics")
 FIELDS = 9  # values per request in the buffer
-HOST_CACHE = 256  # Host header values remembered with their host name (cleared when full)
 
 
 @dataclass
@@ -92,8 +92,6 @@ class TrafficCollector:
         self.stats = stats if stats is not None else CollectorStats()
         self._buffer: list[Any] = []  # FIELDS values per request: see _record
         self._limit, self._batch_fields = buffer_size * FIELDS, batch_size * FIELDS
-        self._templates: dict[tuple[str, str], str] = {}  # (route template, root_path) -> event path
-        self._hosts: dict[bytes, str] = {}  # Host header value -> host (HOST_CACHE at most)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._send_lock: asyncio.Lock | None = None
@@ -201,25 +199,15 @@ class TrafficCollector:
         offset now."""
         offset = clock.now_ms() - clock.monotonic() * 1000
         max_length = self.normalizer.cfg.max_length
-        templates, hosts = self._templates, self._hosts
         fields = iter(records)
         events = []
         for event_id, started, ended, method, route, root_path, path, host, status, nbytes in zip(
             uuid7_batch(len(records) // FIELDS), *[fields] * FIELDS, strict=True
         ):
             template = getattr(route, "path_format", None)
-            if template:
-                key = (template, root_path)
-                if (full := templates.get(key)) is None:
-                    full = templates[key] = (root_path + template)[:max_length]
-            else:
-                full = self.normalizer.normalize(root_path + path)[:max_length]
+            full = (root_path + template if template else self.normalizer.normalize(root_path + path))[:max_length]
             if type(host) is bytes:
-                if (name := hosts.get(host)) is None:
-                    if len(hosts) >= HOST_CACHE:
-                        hosts.clear()
-                    name = hosts[host] = _hostname(host)
-                host = name
+                host = _hostname(host)
             event = {
                 "id": event_id,
                 "ts": int(started * 1000 + offset),
@@ -284,6 +272,7 @@ class _Response:
         return self._send(message)
 
 
+@lru_cache(maxsize=256)
 def _hostname(value: bytes) -> str:
     """The host of a Host header value, lower case, without the port."""
     text = value.decode("latin-1").lower()
