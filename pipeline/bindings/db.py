@@ -10,11 +10,10 @@ ack of its messages commit together.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,7 @@ class Database:
         # polls with sleeps of 1, 2, 5, 10… ms, and a consumer meeting a snapshot refresh's
         # write lost up to a fifth of its throughput that way. Other processes still meet
         # the busy handler.
-        self._writers: Any = threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        self._writers: Any = threading.Lock() if self.dialect == "sqlite" else nullcontext()
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
