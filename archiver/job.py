@@ -24,9 +24,7 @@ duplicate could no longer be detected.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-from itertools import islice
 from typing import Any
 
 import sqlalchemy as sa
@@ -63,11 +61,6 @@ def _next_rows(whole_hour: bool) -> sa.Select[Any]:
     if not whole_hour:  # sort the hour's rows found by the ts index, never walk the whole table by seq
         stmt = stmt.order_by(te.c.seq + 0).limit(sa.bindparam("limit", type_=sa.Integer))
     return stmt
-
-
-def _chunks(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    while chunk := list(islice(rows, size)):
-        yield chunk
 
 
 def hour_counts(conn: sa.Connection, cutoff: int) -> list[tuple[int, int]]:
@@ -114,7 +107,7 @@ def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int, whole_hour:
     names = ("lo", "hi", "cutoff", "after") if whole_hour else ("lo", "hi", "cutoff", "after", "limit")
     values = (hour_s * 1000, hour_s * 1000 + HOUR_MS, cutoff, after_seq, cfg.max_rows_per_object)
     with db.read() as conn:  # on the driver cursor: plain tuples, no result processing
-        enc = encode(_chunks(db.stream(conn, stmt, names, values[: len(names)], FETCH), FETCH))
+        enc = encode(db.stream_chunks(conn, stmt, names, values[: len(names)], FETCH))
     with enc.body:
         if enc.rows == 0:
             return None

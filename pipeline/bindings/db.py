@@ -210,7 +210,14 @@ class Database:
     def stream(
         self, conn: Connection, stmt: Any, columns: Sequence[str] = (), values: Sequence[Any] = (), size: int = 5000
     ) -> Iterator[Any]:
-        """Run a SELECT and yield its rows as they are fetched, `size` at a time (on
+        """Run a SELECT and yield its rows one by one (see `stream_chunks`)."""
+        for rows in self.stream_chunks(conn, stmt, columns, values, size):
+            yield from rows
+
+    def stream_chunks(
+        self, conn: Connection, stmt: Any, columns: Sequence[str] = (), values: Sequence[Any] = (), size: int = 5000
+    ) -> Iterator[list[Any]]:
+        """Run a SELECT and yield its rows as they are fetched, lists of at most `size` (on
         PostgreSQL through a server-side cursor): memory holds one fetch whatever the
         result's size. Several streams may be open on one connection at once, in its
         transaction (begun here if none is: PostgreSQL's cursors live in one)."""
@@ -227,7 +234,7 @@ class Database:
         try:
             cursor.execute(sql, self._shaped(shape, values))
             while rows := cursor.fetchmany(size):
-                yield from rows
+                yield rows
         except self.engine.dialect.loaded_dbapi.Error as exc:
             raise sa.exc.DBAPIError.instance(sql, None, exc, self.engine.dialect.loaded_dbapi.Error) from exc
         finally:
