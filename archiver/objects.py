@@ -18,7 +18,8 @@ import hashlib
 import re
 import tempfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -162,10 +163,9 @@ def read_body(chunks: Iterable[bytes], key: str, expect_sha: str | None) -> byte
     return b"".join(parts)
 
 
-def read_object(store: ObjectStore, key: str, decoder: msgspec.json.Decoder[Any] = ROW_DECODER) -> list[Any]:
-    """Every row of one object (as dicts, or as `decoder` types them), checked against its
-    metadata (sha256, row count). Working from the bucket alone: the expectations come
-    from the object's own metadata."""
+def _fetch(store: ObjectStore, key: str) -> tuple[bytes, str | None]:
+    """(NDJSON text, declared row count) of one object, its body checked against the
+    sha256 of its own metadata (working from the bucket alone)."""
     try:
         info = store.head(key)
     except NotFound:
@@ -173,15 +173,54 @@ def read_object(store: ObjectStore, key: str, decoder: msgspec.json.Decoder[Any]
     expect = info.metadata.get("sha256")
     if not expect:
         raise IntegrityError(f"{key}: no sha256 in the object metadata")
-    text = read_body(store.get(key), key, expect)
+    return read_body(store.get(key), key, expect), info.metadata.get("rows")
+
+
+def _decode(key: str, text: bytes, declared: str | None, decoder: msgspec.json.Decoder[Any]) -> list[Any]:
     try:
         rows = decoder.decode_lines(text)
     except msgspec.DecodeError as exc:
         raise IntegrityError(f"{key}: undecodable row ({exc})") from None
-    declared = info.metadata.get("rows")
     if declared is not None and int(declared) != len(rows):
         raise IntegrityError(f"{key}: {len(rows)} rows, metadata says {declared}")
     return rows
+
+
+def read_object(store: ObjectStore, key: str, decoder: msgspec.json.Decoder[Any] = ROW_DECODER) -> list[Any]:
+    """Every row of one object (as dicts, or as `decoder` types them), checked against its
+    metadata (sha256, row count)."""
+    return _decode(key, *_fetch(store, key), decoder)
+
+
+def read_objects(
+    store: ObjectStore, keys: Iterable[str], decoder: msgspec.json.Decoder[Any] = ROW_DECODER, ahead: int = 2
+) -> Iterator[tuple[str, list[Any] | IntegrityError]]:
+    """`read_object` over `keys`, in order: (key, rows), or (key, the IntegrityError) for
+    an unsound object. The next `ahead` bodies are downloaded, hashed and gunzipped in a
+    background thread (network waits, zlib and hashlib release the GIL) while the caller
+    decodes and uses the current one; memory holds at most `ahead` + 1 objects' text."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-fetch") as pool:
+        pending: deque[tuple[str, Future[tuple[bytes, str | None]]]] = deque()
+        it = iter(keys)
+        try:
+            for key in it:
+                pending.append((key, pool.submit(_fetch, store, key)))
+                if len(pending) > ahead:
+                    yield _settle(*pending.popleft(), decoder)
+            while pending:
+                yield _settle(*pending.popleft(), decoder)
+        finally:
+            for _key, fut in pending:
+                fut.cancel()
+
+
+def _settle(
+    key: str, fut: Future[tuple[bytes, str | None]], decoder: msgspec.json.Decoder[Any]
+) -> tuple[str, list[Any] | IntegrityError]:
+    try:
+        return key, _decode(key, *fut.result(), decoder)
+    except IntegrityError as exc:
+        return key, exc
 
 
 def check_stored(store: ObjectStore, key: str, size: int, sha256: str, mode: str) -> str | None:

@@ -23,7 +23,7 @@ import msgspec
 import orjson
 import sqlalchemy as sa
 
-from archiver.objects import ROW_DECODER, ROW_FIELDS, key_hour, read_object
+from archiver.objects import ROW_DECODER, ROW_FIELDS, key_hour, read_objects
 from consumers.traffic import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
@@ -79,11 +79,11 @@ def iter_objects(
     decoder: msgspec.json.Decoder[Any] = ROW_DECODER,
 ) -> Iterator[tuple[str, list[Any]]]:  # fmt: skip
     """(key, rows) of each sound object in range; bad ones are appended to `bad`."""
-    for key, _hour, _size in objects_in(store, prefix, start_s, end_s):
-        try:
-            yield key, read_object(store, key, decoder)
-        except IntegrityError as exc:
-            bad.append({"key": key, "error": str(exc)})
+    for key, rows in read_objects(store, [k for k, _h, _s in objects_in(store, prefix, start_s, end_s)], decoder):
+        if isinstance(rows, IntegrityError):
+            bad.append({"key": key, "error": str(rows)})
+        else:
+            yield key, rows
 
 
 class FoldRow(msgspec.Struct, gc=False):
@@ -228,18 +228,19 @@ def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s:
     mismatches: list[dict[str, Any]] = []
     unverified: list[int] = []
     objects = rows = hot = 0
-    archive = _by_hour(objects_in(store, prefix, start_s, end_s), itemgetter(1))
+    listing = objects_in(store, prefix, start_s, end_s)
+    archive = _by_hour(listing, itemgetter(1))
+    bodies = read_objects(store, [key for key, _hour, _size in listing], FOLD_DECODER)
     with _collector_paused(), db.read() as conn:
         hot_rows = _by_hour(db.stream(conn, _HOT, ("lo", "hi"), (h0 * 1000, h1 * 1000), FETCH), _hot_hour)
         stored = _by_hour(db.stream(conn, _STORED, ("lo", "hi"), (h0, h1), FETCH), itemgetter(0))
         for hour, (found, hot_part, stored_part) in _walk(archive, hot_rows, stored):
             acc: Acc = {}
             sound = True
-            for key, _hour, _size in found:
-                try:
-                    obj_rows = read_object(store, key, FOLD_DECODER)
-                except IntegrityError as exc:
-                    bad.append({"key": key, "error": str(exc)})
+            for _found in found:  # `bodies` yields the listing's objects in its order
+                key, obj_rows = next(bodies)
+                if isinstance(obj_rows, IntegrityError):
+                    bad.append({"key": key, "error": str(obj_rows)})
                     sound = False
                     continue
                 aggregate_rows(obj_rows, acc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from click.testing import CliRunner
 from freezegun import freeze_time
 
 from archiver import replay
+from archiver.objects import read_object, read_objects
 from pipeline import clock, migrate, totals
 from pipeline.bindings.db import Database
 from pipeline.cli import main
+from pipeline.errors import IntegrityError
 from pipeline.schema import OTHER_PATH, archive_objects, path_stats_hourly
 from tests import archive_support
 from tests.archive_support import consume, event, hot_ids, ms, run_job
@@ -180,6 +183,34 @@ def test_corrupt_object_is_named_skipped_and_exit_nonzero(archive_env: Any, tmp_
     assert len(res.stdout.splitlines()) == 180 - _rows(env, truncated, garbled)
     res = _cli(tmp_path, env, "replay", "list", "--json")
     assert res.exit_code == 0 and len(json.loads(res.stdout)) == len(keys)
+
+
+@freeze_time(NOW)
+def test_read_objects_keeps_order_reports_bad_ones_in_place_and_stops_early(archive_env: Any) -> None:
+    """The prefetching reader behind replay: one result per key in the keys' order, the
+    rows of each equal to `read_object`'s, an unsound object as its IntegrityError in its
+    place (the others still read), and a reader closed early leaves nothing running."""
+    env = archive_env()
+    _load(env)
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    keys = [k for k, _h, _s in replay.objects_in(store, prefix, FROM, TO)]
+    corrupt = keys[4]
+    body = bytearray(store.get_bytes(corrupt))
+    body[len(body) // 2] ^= 0xFF
+    store.put_bytes(corrupt, bytes(body), store.head(corrupt).metadata)
+    wanted = [*keys[:6], "events/dt=2026-11-18/hour=05/part-1-2.ndjson.gz", *keys[6:]]
+    got = list(read_objects(store, wanted, ahead=3))
+    assert [k for k, _ in got] == wanted
+    for key, rows in got:
+        if key == corrupt or key not in keys:
+            assert isinstance(rows, IntegrityError) and key in str(rows)
+        else:
+            assert rows == read_object(store, key)
+    reader = read_objects(store, keys, ahead=2)
+    first_key = next(reader)[0]
+    reader.close()
+    assert first_key == keys[0]
+    assert not [t for t in threading.enumerate() if t.name.startswith("edgepipe-fetch")]
 
 
 def _rows(env: Any, *keys: str) -> int:
