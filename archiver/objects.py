@@ -201,9 +201,8 @@ def read_objects(
     decodes and uses the current one; memory holds at most `ahead` + 1 objects' text."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-fetch") as pool:
         pending: deque[tuple[str, Future[tuple[bytes, str | None]]]] = deque()
-        it = iter(keys)
         try:
-            for key in it:
+            for key in keys:
                 pending.append((key, pool.submit(_fetch, store, key)))
                 if len(pending) > ahead:
                     yield _settle(*pending.popleft(), decoder)

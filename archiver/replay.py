@@ -13,7 +13,7 @@ import csv
 import gc
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from itertools import compress, groupby, repeat
 from operator import attrgetter, itemgetter, ne
@@ -222,7 +222,8 @@ def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s:
     """Recompute the hourly aggregates of [start, end) from the archive plus the hot rows
     and compare them with `path_stats_hourly`, one hour at a time: the objects (listed in
     key order), the hot rows (by ts) and the stored aggregates (by hour) are streamed side
-    by side, so memory holds one hour's aggregates. Hours with a bad object are skipped."""
+    by side, so memory holds one hour's aggregates (and the next objects' text, fetched
+    ahead by `read_objects`). Hours with a bad object are skipped."""
     h0, h1 = hour_range(start_s, end_s)
     bad: list[dict[str, str]] = []
     mismatches: list[dict[str, Any]] = []
@@ -231,7 +232,7 @@ def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s:
     listing = objects_in(store, prefix, start_s, end_s)
     archive = _by_hour(listing, itemgetter(1))
     bodies = read_objects(store, [key for key, _hour, _size in listing], FOLD_DECODER)
-    with _collector_paused(), db.read() as conn:
+    with _collector_paused(), closing(bodies), db.read() as conn:
         hot_rows = _by_hour(db.stream(conn, _HOT, ("lo", "hi"), (h0 * 1000, h1 * 1000), FETCH), _hot_hour)
         stored = _by_hour(db.stream(conn, _STORED, ("lo", "hi"), (h0, h1), FETCH), itemgetter(0))
         for hour, (found, hot_part, stored_part) in _walk(archive, hot_rows, stored):
