@@ -313,6 +313,23 @@ def restore(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s
     return {"ok": not bad, "objects": objects, "rows": seen, "inserted": inserted, "bad": bad}
 
 
+def drop_restored(db: Database, start_s: float, end_s: float, batch: int = FETCH) -> dict[str, Any]:
+    """Delete the rows `restore` put back (archive_state 2) with `start <= ts < end`, in
+    transactions of at most `batch` rows. They are in the bucket and counted in cold, never
+    in hot nor in the aggregates, so no total changes; hot and archived rows are untouched."""
+    lo, hi = int(start_s * 1000), int(end_s * 1000)
+    doomed = (
+        sa.select(te.c.seq).where(te.c.ts >= lo, te.c.ts < hi, te.c.archive_state == 2).limit(batch).scalar_subquery()
+    )
+    deleted = 0
+    while True:
+        with db.transaction() as conn:
+            n = conn.execute(sa.delete(te).where(te.c.seq.in_(doomed))).rowcount
+        deleted += n
+        if n < batch:
+            return {"ok": True, "deleted": deleted}
+
+
 def rebuild(store: ObjectStore, prefix: str, start_s: float, end_s: float, into: Database) -> dict[str, Any]:
     """Rebuild the hourly aggregates of [start, end) into a fresh database from the archive
     alone (disaster recovery). Refuses a target that already has aggregates there."""
@@ -333,4 +350,4 @@ def rebuild(store: ObjectStore, prefix: str, start_s: float, end_s: float, into:
     return {"ok": not bad, "objects": objects, "rows": rows, "hourly_rows": len(values), "bad": bad}
 
 
-__all__ = ["export", "list_objects", "rebuild", "restore", "verify"]
+__all__ = ["drop_restored", "export", "list_objects", "rebuild", "restore", "verify"]

@@ -135,6 +135,28 @@ def test_restore_is_idempotent_keeps_the_invariant_and_is_never_rearchived(make_
 
 
 @freeze_time(NOW)
+def test_drop_restored_deletes_only_restored_rows_of_the_range_and_keeps_every_total(
+    make_env: Any, db_url: str, tmp_path: Path
+) -> None:
+    env = make_env(db_url)
+    events = _load(env)
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    before, others = totals.stats(env.DB), sorted(hot_ids(env, (0, 1)))
+    replay.restore(env.DB, store, prefix, FROM, TO)
+    restored = {e["id"] for e in events if e["ts"] < ms("2026-11-19T02:00:00Z")}
+    dropped = {e["id"] for e in events if e["ts"] < ms("2026-11-18T12:00:00Z")}
+    res = _cli(tmp_path, env, "replay", "drop-restored", "--to", "2026-11-18T12:00:00Z", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout) == {"ok": True, "deleted": len(dropped)}
+    assert set(hot_ids(env, (2,))) == restored - dropped and len(dropped) == 96
+    assert sorted(hot_ids(env, (0, 1))) == others
+    assert totals.stats(env.DB) == before and totals.verify(env.DB)["ok"]
+    assert replay.drop_restored(env.DB, FROM, TO, batch=50) == {"ok": True, "deleted": len(restored) - len(dropped)}
+    assert replay.drop_restored(env.DB, FROM, TO)["deleted"] == 0
+    assert hot_ids(env, (2,)) == [] and sorted(hot_ids(env, (0, 1))) == others
+    assert totals.stats(env.DB) == before and replay.verify(env.DB, store, prefix, FROM, TO)["ok"]
+
+
+@freeze_time(NOW)
 def test_export_ndjson_and_csv_filtered(make_env: Any, db_url: str) -> None:
     env = make_env(db_url)
     events = _load(env)

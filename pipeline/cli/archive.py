@@ -173,6 +173,18 @@ def replay_restore(state: Any, start: str | None, end: str | None, as_json: bool
     )
 
 
+@replay.command("drop-restored")
+@with_range
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def replay_drop_restored(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+    """Delete rows that `restore` put back (they stay in the bucket; totals unchanged)."""
+    from archiver import replay as r
+
+    result = r.drop_restored(state.env().DB, *_range(start, end))
+    _finish(result, as_json, f"dropped {result['deleted']:,} restored rows")
+
+
 @replay.command("rebuild")
 @with_range
 @click.option("--into", "into", required=True, metavar="DB_URL", help="A fresh database to rebuild into.")
