@@ -27,9 +27,10 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
-from archiver.objects import ROW_FIELDS, check_stored, encode, object_key
+from archiver.objects import ROW_FIELDS, check_stored, encode, manifest_key, object_key
 from pipeline import clock, meta
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
@@ -169,17 +170,63 @@ def raise_watermark(env: Any, cutoff: int) -> int:
         return current
 
 
+MANIFEST_COLUMNS = (ao.c.key, ao.c.hour, ao.c.status, ao.c.row_count, ao.c.size_bytes, ao.c.sha256, ao.c.min_ts,
+                    ao.c.max_ts, ao.c.min_seq, ao.c.max_seq)  # fmt: skip
+
+
+def write_manifests(env: Any, hours: set[int]) -> int:
+    """Rewrite the manifest of each day holding one of `hours`: every object of the day
+    recorded in `archive_objects` (all but pending uploads), with its status and metadata,
+    key order, and the day's totals. Returns the number written."""
+    days = sorted({hour - hour % 86_400 for hour in hours})
+    for day in days:
+        with env.DB.read() as conn:
+            rows = conn.execute(
+                sa.select(*MANIFEST_COLUMNS)
+                .where(ao.c.hour >= day, ao.c.hour < day + 86_400, ao.c.status != "pending")
+                .order_by(ao.c.key)
+            ).all()
+        entries = [dict(zip((str(c.name) for c in MANIFEST_COLUMNS), r, strict=True)) for r in rows]
+        name = clock.iso(day)[:10]
+        totals = {"objects": len(entries), "rows": sum(e["row_count"] for e in entries)}
+        totals["bytes"] = sum(e["size_bytes"] for e in entries)
+        doc = {"format": "edgepipe-manifest/1", "day": name, "generated_at": clock.iso(clock.now_s()), **totals}
+        env.ARCHIVE.put_bytes(
+            manifest_key(env.config.archive.prefix, name),
+            orjson.dumps(doc | {"entries": entries}, option=orjson.OPT_INDENT_2),
+            {k: str(v) for k, v in totals.items()},
+        )
+    return len(days)
+
+
 @job("archive")
 def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
-    cfg = env.config.archive
     cutoff = cutoff_ms(env, scheduled_for)
     result: dict[str, Any] = {"cutoff": clock.iso(cutoff / 1000), "dry_run": dry_run, "objects": 0, "rows": 0}
-    result |= {"bytes": 0, "raw_bytes": 0, "recovered": 0, "complete": True}
+    result |= {"bytes": 0, "raw_bytes": 0, "recovered": 0, "complete": True, "manifests": 0}
     if not dry_run:
         result["recovered"] = recover_pending(env)
         result["watermark"] = clock.iso(raise_watermark(env, cutoff) / 1000)
     with env.DB.read() as conn:
         hours = hour_counts(conn, cutoff)
+    touched: set[int] = set()
+    try:
+        _archive_hours(env, hours, cutoff, dry_run, result, touched)
+    finally:  # the days of the objects written, even if a later one failed
+        if touched:
+            try:
+                result["manifests"] = write_manifests(env, touched)
+            except Exception as exc:  # the objects and their records are what counts
+                log.warning("archive_manifest_failed error=%s", exc)
+                result["manifest_error"] = f"{type(exc).__name__}: {exc}"
+    log.info("archive_run %s", " ".join(f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+def _archive_hours(
+    env: Any, hours: list[tuple[int, int]], cutoff: int, dry_run: bool, result: dict[str, Any], touched: set[int]
+) -> None:
+    cfg = env.config.archive
     for hour_s, count in hours:
         if dry_run:
             planned = -(-count // cfg.max_rows_per_object)
@@ -195,10 +242,9 @@ def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
             if done is None:
                 break
             after = done["last_seq"]
+            touched.add(hour_s)
             result["objects"] += 1
             for k in ("rows", "bytes", "raw_bytes"):
                 result[k] += done[k]
         if not result["complete"]:
             break
-    log.info("archive_run %s", " ".join(f"{k}={v}" for k, v in result.items()))
-    return result

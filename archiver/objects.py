@@ -4,7 +4,9 @@ An object holds the detail rows of one event hour as gzip-compressed NDJSON, one
 object per row with the fields of `ROW_FIELDS`. Keys are Hive-style and deterministic,
 `<prefix>/dt=YYYY-MM-DD/hour=HH/part-<first seq>-<last seq>.ndjson.gz`, so a re-run over
 the same rows rewrites the same key. Metadata (also kept in `archive_objects`): `rows`,
-`sha256` (of the compressed body), `min-ts`, `max-ts`, `min-seq`, `max-seq`.
+`sha256` (of the compressed body), `min-ts`, `max-ts`, `min-seq`, `max-seq`. Each day
+also gets `<prefix>/dt=YYYY-MM-DD/_manifest.json` (see `archiver.job.write_manifests`),
+for people and tools browsing the bucket; replay never reads it.
 
 Encoding streams into a spooled temp file (bounded memory whatever the row count) while
 hashing the compressed bytes; decoding hashes the body as it streams in (one object's text
@@ -36,6 +38,7 @@ COMPRESS_LEVEL = 6
 SPOOL_BYTES = 8 * 1024 * 1024
 _ROW_SEP, _ROW_NL = b'},{"seq":', b'}\n{"seq":'  # between two rows, whose first field is seq
 ROW_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()  # a row as a dict
+MANIFEST_NAME = "_manifest.json"
 KEY_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/part-(\d+)-(\d+)(?:-r(\d+))?\.ndjson\.gz$")
 
 
@@ -43,6 +46,11 @@ def object_key(prefix: str, hour_s: int, first_seq: int, last_seq: int, retry: i
     dt = datetime.fromtimestamp(hour_s, UTC)
     suffix = f"-r{retry}" if retry else ""
     return f"{prefix}/dt={dt:%Y-%m-%d}/hour={dt:%H}/part-{first_seq}-{last_seq}{suffix}.ndjson.gz"
+
+
+def manifest_key(prefix: str, day: str) -> str:
+    """The key of the manifest of one day (`YYYY-MM-DD`), beside the day's objects."""
+    return f"{prefix}/dt={day}/{MANIFEST_NAME}"
 
 
 def key_hour(key: str) -> int | None:

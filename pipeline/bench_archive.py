@@ -183,8 +183,10 @@ def phase_replay(work: Path) -> dict[str, Any]:
 
 
 def phase_replay_ref(work: Path) -> dict[str, Any]:
+    from archiver.objects import KEY_RE
+
     env = _env(work)
-    keys = [i.key for i in env.ARCHIVE.list("events/")]
+    keys = [i.key for i in env.ARCHIVE.list("events/") if KEY_RE.search(i.key)]
 
     def parse() -> dict[str, Any]:
         n = 0

@@ -118,10 +118,12 @@ def hot_ids(env: Env, states: tuple[int, ...] = (0, 1)) -> list[str]:
 
 def bucket_ids(env: Env) -> list[str]:
     """Ids of every event in every object of the bucket (duplicates kept)."""
-    from archiver.objects import read_object
+    from archiver.objects import KEY_RE, read_object
 
     ids: list[str] = []
     for info in env.ARCHIVE.list(env.config.archive.prefix + "/"):
+        if not KEY_RE.search(info.key):  # the days' manifests
+            continue
         ids.extend(r["id"] for r in read_object(env.ARCHIVE, info.key))
     return ids
 

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from freezegun import freeze_time
 
 from archiver import job as archive_job
-from archiver.objects import KEY_RE, ROW_FIELDS, encode_block, read_object
+from archiver import replay
+from archiver.objects import KEY_RE, MANIFEST_NAME, ROW_FIELDS, encode_block, manifest_key, read_object
 from pipeline import meta, totals
 from pipeline.bindings.archive import ObjectInfo, ObjectStore
 from pipeline.errors import BindingError
@@ -105,6 +106,43 @@ def test_late_and_out_of_order_rows_are_archived_once(archive_env: Any) -> None:
 
 
 @freeze_time(NOW)
+def test_each_day_gets_a_manifest_rewritten_when_late_rows_arrive_and_replay_ignores_it(archive_env: Any) -> None:
+    env = archive_env(archive={"max_rows_per_object": 4})
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    first_day, second_day = ms("2026-11-17T22:00:00Z"), ms("2026-11-18T07:00:00Z")
+    consume(env, [event(i, first_day + i * 1000) for i in range(6)] + [event(10 + i, second_day + i) for i in range(3)])
+    assert run_job(env, "archive", NOW)["manifests"] == 2
+
+    def manifest(day: str) -> dict[str, Any]:
+        doc: dict[str, Any] = orjson.loads(store.get_bytes(manifest_key(prefix, day)))
+        of_day = [o for o in _objects(env) if o["key"].startswith(f"{prefix}/dt={day}/")]
+        assert doc["day"] == day and doc["format"] == "edgepipe-manifest/1"
+        assert [e["key"] for e in doc["entries"]] == [o["key"] for o in of_day]
+        for entry in doc["entries"]:
+            head = store.head(entry["key"])
+            assert (entry["row_count"], entry["size_bytes"]) == (int(head.metadata["rows"]), head.size)
+            assert entry["sha256"] == head.metadata["sha256"] and entry["status"] == "verified"
+        assert doc["objects"] == len(of_day) and doc["bytes"] == sum(o["size_bytes"] for o in of_day)
+        assert doc["rows"] == sum(e["row_count"] for e in doc["entries"])
+        return doc
+
+    assert (manifest("2026-11-17")["rows"], manifest("2026-11-17")["objects"]) == (6, 2)
+    before = store.get_bytes(manifest_key(prefix, "2026-11-17"))
+    assert manifest("2026-11-18")["rows"] == 3
+    with env.DB.transaction() as conn:  # late rows for the second day, committed after the run
+        conn.execute(sa.insert(traffic_events), [
+            {"ts": second_day + 100 + i, "id": f"late-{i}", "method": "GET", "path": "/l", "status": 200,
+             "response_time_ms": 1.0, "host": "", "overflow": 0} for i in range(2)
+        ])  # fmt: skip
+    assert run_job(env, "archive", NOW)["manifests"] == 1
+    assert (manifest("2026-11-18")["rows"], manifest("2026-11-18")["objects"]) == (5, 2)
+    assert store.get_bytes(manifest_key(prefix, "2026-11-17")) == before
+    listed = replay.list_objects(store, prefix, ms("2026-11-17T00:00:00Z") / 1000, ms("2026-11-19T00:00:00Z") / 1000)
+    assert [o["key"] for o in listed] == [o["key"] for o in _objects(env)]
+    assert sorted(bucket_ids(env)) == sorted([*(f"ev-{i}" for i in (*range(6), 10, 11, 12)), "late-0", "late-1"])
+
+
+@freeze_time(NOW)
 def test_limits_per_object_and_per_run_resume(archive_env: Any) -> None:
     env = archive_env(archive={"max_rows_per_object": 4, "max_objects_per_run": 2})
     hour = ms("2026-11-18T09:00:00Z")
@@ -171,6 +209,47 @@ def test_upload_failing_midway_marks_and_deletes_nothing(archive_env: Any) -> No
     result = run_job(env, "archive", NOW)
     assert result["rows"] == 20
     assert sorted(bucket_ids(env)) == sorted(f"ev-{i}" for i in range(20))
+
+
+class ManifestFailingStore(FailingStore):
+    """The real store, except that every manifest `put` fails."""
+
+    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        if key.endswith(MANIFEST_NAME):
+            raise BindingError("s3 connection reset during upload")
+        return self.inner.put(key, body, metadata)
+
+
+@freeze_time(NOW)
+def test_manifests_follow_the_objects_written_and_never_fail_the_run(archive_env: Any) -> None:
+    """A failing manifest is reported, not fatal; a run that fails at its second object
+    still writes the manifest of the first object's day."""
+    env = archive_env()
+    real, prefix = env.ARCHIVE, env.config.archive.prefix
+    consume(env, [event(i, ms("2026-11-17T10:00:00Z") + i) for i in range(3)])
+    env.ARCHIVE = ManifestFailingStore(real, fail_puts=0)
+    result = run_job(env, "archive", NOW)
+    assert (result["objects"], result["rows"], result["manifests"]) == (1, 3, 0)
+    assert "BindingError" in result["manifest_error"] and len(hot_ids(env, (1,))) == 3
+    with env.DB.transaction() as conn:  # late rows, past the watermark the run raised
+        conn.execute(sa.insert(traffic_events), [
+            {"ts": ms(t), "id": f"late-{t}", "method": "GET", "path": "/l", "status": 200, "response_time_ms": 1.0,
+             "host": "", "overflow": 0} for t in ("2026-11-17T11:00:00Z", "2026-11-18T11:00:00Z")
+        ])  # fmt: skip
+    env.ARCHIVE = FailingStore(real, fail_puts=0)
+    real_put = FailingStore.put
+
+    def second_object_fails(self: FailingStore, key: str, body: BinaryIO, metadata: Any = None) -> ObjectInfo:
+        if "dt=2026-11-18/hour=" in key:
+            raise BindingError("s3 connection reset during upload")
+        return real_put(self, key, body, metadata)
+
+    env.ARCHIVE.put = second_object_fails.__get__(env.ARCHIVE)  # type: ignore[method-assign]
+    with pytest.raises(BindingError):
+        run_job(env, "archive", NOW)
+    doc = orjson.loads(real.get_bytes(manifest_key(prefix, "2026-11-17")))
+    assert (doc["objects"], doc["rows"]) == (2, 4)
+    assert not list(real.list(f"{prefix}/dt=2026-11-18/"))
 
 
 @freeze_time(NOW)
