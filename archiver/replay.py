@@ -34,6 +34,7 @@ te, psh = traffic_events, path_stats_hourly
 HOUR_S = 3600
 FETCH = 5000
 MAX_DAY_LISTINGS = 31
+Progress = Callable[[int, int], None]  # (objects read, objects in all)
 # A hot row as `fold` takes it: (ts, host, aggregated path, method, status, bytes, ms).
 HOT_FOLD_COLUMNS = (
     te.c.ts, te.c.host, sa.case((te.c.overflow != 0, OTHER_PATH), else_=te.c.path), te.c.method, te.c.status,
@@ -74,12 +75,24 @@ def list_objects(store: ObjectStore, prefix: str, start_s: float, end_s: float) 
     return out
 
 
+def _reading(
+    store: ObjectStore, keys: list[str], decoder: msgspec.json.Decoder[Any], progress: Progress | None
+) -> Iterator[tuple[str, list[Any] | IntegrityError]]:
+    """`read_objects`, calling `progress(objects read, objects in all)` after each."""
+    with closing(read_objects(store, keys, decoder)) as found:
+        for done, item in enumerate(found, 1):
+            if progress is not None:
+                progress(done, len(keys))
+            yield item
+
+
 def iter_objects(
     store: ObjectStore, prefix: str, start_s: float, end_s: float, bad: list[dict[str, str]],
-    decoder: msgspec.json.Decoder[Any] = ROW_DECODER,
+    decoder: msgspec.json.Decoder[Any] = ROW_DECODER, progress: Progress | None = None,
 ) -> Iterator[tuple[str, list[Any]]]:  # fmt: skip
     """(key, rows) of each sound object in range; bad ones are appended to `bad`."""
-    for key, rows in read_objects(store, [k for k, _h, _s in objects_in(store, prefix, start_s, end_s)], decoder):
+    keys = [k for k, _h, _s in objects_in(store, prefix, start_s, end_s)]
+    for key, rows in _reading(store, keys, decoder, progress):
         if isinstance(rows, IntegrityError):
             bad.append({"key": key, "error": str(rows)})
         else:
@@ -115,11 +128,12 @@ def aggregate_rows(rows: list[FoldRow], acc: Acc) -> None:
 
 
 def fold_archive(
-    store: ObjectStore, prefix: str, start_s: float, end_s: float, acc: Acc, bad: list[dict[str, str]]
-) -> tuple[int, int]:
+    store: ObjectStore, prefix: str, start_s: float, end_s: float, acc: Acc, bad: list[dict[str, str]],
+    progress: Progress | None = None,
+) -> tuple[int, int]:  # fmt: skip
     """Aggregate every sound object of the range into `acc`: (objects, rows)."""
     objects = rows = 0
-    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad, FOLD_DECODER):
+    for _key, obj_rows in iter_objects(store, prefix, start_s, end_s, bad, FOLD_DECODER, progress):
         aggregate_rows(obj_rows, acc)
         objects += 1
         rows += len(obj_rows)
@@ -218,7 +232,9 @@ def _hot_hour(row: Sequence[Any]) -> int:
     return int(row[0]) // 3_600_000 * HOUR_S
 
 
-def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float) -> dict[str, Any]:
+def verify(
+    db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float, progress: Progress | None = None
+) -> dict[str, Any]:
     """Recompute the hourly aggregates of [start, end) from the archive plus the hot rows
     and compare them with `path_stats_hourly`, one hour at a time: the objects (listed in
     key order), the hot rows (by ts) and the stored aggregates (by hour) are streamed side
@@ -231,7 +247,7 @@ def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s:
     objects = rows = hot = 0
     listing = objects_in(store, prefix, start_s, end_s)
     archive = _by_hour(listing, itemgetter(1))
-    bodies = read_objects(store, [key for key, _hour, _size in listing], FOLD_DECODER)
+    bodies = _reading(store, [key for key, _hour, _size in listing], FOLD_DECODER, progress)
     with _collector_paused(), closing(bodies), db.read() as conn:
         hot_rows = _by_hour(db.stream(conn, _HOT, ("lo", "hi"), (h0 * 1000, h1 * 1000), FETCH), _hot_hour)
         stored = _by_hour(db.stream(conn, _STORED, ("lo", "hi"), (h0, h1), FETCH), itemgetter(0))
@@ -266,7 +282,7 @@ def verify(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s:
 
 def export(
     store: ObjectStore, prefix: str, start_s: float, end_s: float, out: IO[str], fmt: str = "ndjson",
-    path: str | None = None,
+    path: str | None = None, progress: Progress | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Stream the archived rows with `start <= ts < end` (and `path`, if given) to `out`."""
     if fmt not in ("ndjson", "csv"):
@@ -277,7 +293,7 @@ def export(
     if writer is not None:
         writer.writerow(ROW_FIELDS)
     n = objects = 0
-    for _key, rows in iter_objects(store, prefix, start_s, end_s, bad):
+    for _key, rows in iter_objects(store, prefix, start_s, end_s, bad, progress=progress):
         objects += 1
         buf = io.StringIO()
         for r in rows:
@@ -293,7 +309,9 @@ def export(
     return {"ok": not bad, "objects": objects, "rows": n, "bad": bad}
 
 
-def restore(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float) -> dict[str, Any]:
+def restore(
+    db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float, progress: Progress | None = None
+) -> dict[str, Any]:
     """Put archived rows with `start <= ts < end` back into `traffic_events` in
     archive_state 2: idempotent (ON CONFLICT (ts, id) DO NOTHING), never aggregated, never
     counted as hot nor archived again (they are already counted in cold)."""
@@ -301,7 +319,7 @@ def restore(db: Database, store: ObjectStore, prefix: str, start_s: float, end_s
     bad: list[dict[str, str]] = []
     inserted = seen = objects = 0
     stmt = db.insert(te).on_conflict_do_nothing(index_elements=["ts", "id"]).returning(te.c.seq)
-    for _key, rows in iter_objects(store, prefix, start_s, end_s, bad):
+    for _key, rows in iter_objects(store, prefix, start_s, end_s, bad, progress=progress):
         objects += 1
         values = [
             {f: r[f] for f in ROW_FIELDS if f != "seq"} | {"archive_state": 2} for r in rows if lo <= r["ts"] < hi
@@ -330,7 +348,9 @@ def drop_restored(db: Database, start_s: float, end_s: float, batch: int = FETCH
             return {"ok": True, "deleted": deleted}
 
 
-def rebuild(store: ObjectStore, prefix: str, start_s: float, end_s: float, into: Database) -> dict[str, Any]:
+def rebuild(
+    store: ObjectStore, prefix: str, start_s: float, end_s: float, into: Database, progress: Progress | None = None
+) -> dict[str, Any]:
     """Rebuild the hourly aggregates of [start, end) into a fresh database from the archive
     alone (disaster recovery). Refuses a target that already has aggregates there."""
     h0, h1 = hour_range(start_s, end_s)
@@ -342,7 +362,7 @@ def rebuild(store: ObjectStore, prefix: str, start_s: float, end_s: float, into:
         )
     bad: list[dict[str, str]] = []
     acc: Acc = {}
-    objects, rows = fold_archive(store, prefix, start_s, end_s, acc, bad)
+    objects, rows = fold_archive(store, prefix, start_s, end_s, acc, bad, progress)
     values = [dict(zip(AGG_KEYS, key, strict=True)) | dict(zip(AGG_COLUMNS, a, strict=True)) for key, a in acc.items()]
     with into.transaction() as conn:
         for i in range(0, len(values), FETCH):

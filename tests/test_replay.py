@@ -157,6 +157,30 @@ def test_drop_restored_deletes_only_restored_rows_of_the_range_and_keeps_every_t
 
 
 @freeze_time(NOW)
+def test_long_replays_report_progress_object_by_object(make_env: Any, db_url: str, tmp_path: Path) -> None:
+    env = make_env(db_url)
+    _load(env)
+    store, prefix = env.ARCHIVE, env.config.archive.prefix
+    n = len(replay.objects_in(store, prefix, FROM, TO))
+    expected = [(i, n) for i in range(1, n + 1)]
+    for run in (
+        lambda progress: replay.verify(env.DB, store, prefix, FROM, TO, progress),
+        lambda progress: replay.export(store, prefix, FROM, TO, io.StringIO(), progress=progress),
+        lambda progress: replay.restore(env.DB, store, prefix, FROM, TO, progress),
+        lambda progress: replay.rebuild(store, prefix, FROM, TO, _fresh_db(tmp_path), progress),
+    ):
+        calls: list[tuple[int, int]] = []
+        assert run(lambda done, total, seen=calls: seen.append((done, total)))["ok"]
+        assert calls == expected and n > 10
+
+
+def _fresh_db(tmp_path: Path) -> Database:
+    db = Database(f"sqlite:///{tmp_path / 'rebuilt.db'}")
+    migrate.upgrade(db)
+    return db
+
+
+@freeze_time(NOW)
 def test_export_ndjson_and_csv_filtered(make_env: Any, db_url: str) -> None:
     env = make_env(db_url)
     events = _load(env)

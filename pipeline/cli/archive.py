@@ -1,12 +1,15 @@
 """`edgepipe stats`, `edgepipe verify` and `edgepipe replay …` (the archive side).
 
 Replay commands work from the bucket alone; a truncated or corrupt object is named on
-stderr and skipped, the others are processed, and the command exits 6 (integrity).
+stderr and skipped, the others are processed, and the command exits 6 (integrity). On a
+terminal, a progress bar over the range's objects is drawn on stderr.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -39,6 +42,22 @@ def _finish(result: dict[str, Any], as_json: bool, summary: str) -> None:
         click.echo(f"edgepipe: skipped {bad['key']}: {bad['error']}", err=True)
     if not result.get("ok", True):
         sys.exit(INTEGRITY_EXIT)
+
+
+@contextmanager
+def _object_progress(quiet: bool) -> Iterator[Any]:
+    """A progress bar over the range's archive objects on a terminal's stderr (stdout may
+    carry the output); None when `quiet` or when stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("objects"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("objects", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 range_options = [
@@ -122,7 +141,8 @@ def replay_verify(state: Any, start: str | None, end: str | None, as_json: bool)
     from archiver import replay as r
 
     env, store, prefix = _archive(state)
-    result = r.verify(env.DB, store, prefix, *_range(start, end))
+    with _object_progress(as_json) as progress:
+        result = r.verify(env.DB, store, prefix, *_range(start, end), progress)
     if not as_json:
         for m in result["mismatches"][:50]:
             click.echo(f"MISMATCH {clock.iso(m['hour'])} {m['host']} {m['method']} {m['path']} {m['column']}: "
@@ -145,7 +165,8 @@ def replay_export(state: Any, start: str | None, end: str | None, path: str | No
     from archiver import replay as r
 
     _, store, prefix = _archive(state)
-    result = r.export(store, prefix, *_range(start, end), output, fmt, path)
+    with _object_progress(False) as progress:
+        result = r.export(store, prefix, *_range(start, end), output, fmt, path, progress)
     output.flush()
     click.echo(f"exported {result['rows']:,} rows from {result['objects']} objects", err=True)
     _finish_quiet(result)
@@ -167,7 +188,8 @@ def replay_restore(state: Any, start: str | None, end: str | None, as_json: bool
     from archiver import replay as r
 
     env, store, prefix = _archive(state)
-    result = r.restore(env.DB, store, prefix, *_range(start, end))
+    with _object_progress(as_json) as progress:
+        result = r.restore(env.DB, store, prefix, *_range(start, end), progress)
     _finish(
         result, as_json, f"restored {result['inserted']:,} of {result['rows']:,} rows from {result['objects']} objects"
     )
@@ -200,7 +222,8 @@ def replay_rebuild(state: Any, start: str | None, end: str | None, into: str, as
     target = Database(into)
     try:
         migrate.upgrade(target)
-        result = r.rebuild(store, prefix, *_range(start, end), target)
+        with _object_progress(as_json) as progress:
+            result = r.rebuild(store, prefix, *_range(start, end), target, progress)
     finally:
         target.dispose()
     _finish(result, as_json, f"rebuilt {result['hourly_rows']:,} hourly rows from {result['rows']:,} archived rows")
