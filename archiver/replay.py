@@ -335,6 +335,7 @@ def drop_restored(db: Database, start_s: float, end_s: float, batch: int = FETCH
     """Delete the rows `restore` put back (archive_state 2) with `start <= ts < end`, in
     transactions of at most `batch` rows. They are in the bucket and counted in cold, never
     in hot nor in the aggregates, so no total changes; hot and archived rows are untouched."""
+    hour_range(start_s, end_s)  # the range is checked as every replay command checks it
     lo, hi = int(start_s * 1000), int(end_s * 1000)
     doomed = (
         sa.select(te.c.seq).where(te.c.ts >= lo, te.c.ts < hi, te.c.archive_state == 2).limit(batch).scalar_subquery()

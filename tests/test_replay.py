@@ -152,6 +152,8 @@ def test_drop_restored_deletes_only_restored_rows_of_the_range_and_keeps_every_t
     assert totals.stats(env.DB) == before and totals.verify(env.DB)["ok"]
     assert replay.drop_restored(env.DB, FROM, TO, batch=50) == {"ok": True, "deleted": len(restored) - len(dropped)}
     assert replay.drop_restored(env.DB, FROM, TO)["deleted"] == 0
+    res = _cli(tmp_path, env, "replay", "drop-restored", "--from", "2026-11-21", "--to", "2026-11-20")
+    assert res.exit_code == 3 and "--to" in res.stderr and "after --from" in res.stderr
     assert hot_ids(env, (2,)) == [] and sorted(hot_ids(env, (0, 1))) == others
     assert totals.stats(env.DB) == before and replay.verify(env.DB, store, prefix, FROM, TO)["ok"]
 
