@@ -170,8 +170,8 @@ def raise_watermark(env: Any, cutoff: int) -> int:
         return current
 
 
-MANIFEST_COLUMNS = (ao.c.key, ao.c.hour, ao.c.status, ao.c.row_count, ao.c.size_bytes, ao.c.sha256, ao.c.min_ts,
-                    ao.c.max_ts, ao.c.min_seq, ao.c.max_seq)  # fmt: skip
+MANIFEST_FIELDS = ("key", "hour", "status", "row_count", "size_bytes", "sha256", "min_ts", "max_ts", "min_seq",
+                   "max_seq")  # fmt: skip
 
 
 def write_manifests(env: Any, hours: set[int]) -> int:
@@ -182,11 +182,11 @@ def write_manifests(env: Any, hours: set[int]) -> int:
     for day in days:
         with env.DB.read() as conn:
             rows = conn.execute(
-                sa.select(*MANIFEST_COLUMNS)
+                sa.select(*(ao.c[f] for f in MANIFEST_FIELDS))
                 .where(ao.c.hour >= day, ao.c.hour < day + 86_400, ao.c.status != "pending")
                 .order_by(ao.c.key)
             ).all()
-        entries = [dict(zip((str(c.name) for c in MANIFEST_COLUMNS), r, strict=True)) for r in rows]
+        entries = [dict(zip(MANIFEST_FIELDS, r, strict=True)) for r in rows]
         name = clock.iso(day)[:10]
         totals = {"objects": len(entries), "rows": sum(e["row_count"] for e in entries)}
         totals["bytes"] = sum(e["size_bytes"] for e in entries)
