@@ -119,6 +119,7 @@ class Snapshots(Section):
     window_hours: int = Field(24, ge=1, le=24 * 366)
     keep: int = Field(5, ge=1, le=10_000)
     min_interval_s: float = Field(1.0, ge=0, le=3600)  # a refresh due sooner after the last one is skipped
+    build_in: Literal["process", "thread"] = "process"  # where the worker builds a snapshot (snapshots.builder)
 
 
 class Schedule(Section):

@@ -12,7 +12,8 @@ take milliseconds, and a snapshot per second is fresh enough). The batch counter
 in the `counters` table and is advanced inside the batch's own transaction, so it
 survives restarts and counts exactly the committed batches; the refresh itself runs in
 the background (`ctx.wait_until`) after the commit, and its failure is logged, never
-charged to the batch.
+charged to the batch. The snapshot document is built by a helper process
+(`snapshots.builder`, unless `[snapshots] build_in = "thread"`); the worker publishes it.
 
 `WorkerProcess` is `edgepipe worker`: this loop, a heartbeat row and the job scheduler in
 one process, with a graceful stop.
@@ -21,6 +22,7 @@ one process, with a graceful stop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -104,6 +106,7 @@ class Worker:
     snapshot_every: int | None = None  # None: `[consumer] snapshot_every_batches`; 0: never
     refresh: Callable[[Env], Any] | None = None  # None: `snapshots.refresh`
     refreshes: int = 0
+    builder: Any = None  # a SnapshotBuilder, when refreshes build in a helper process
     _refreshing: Future[Any] | None = None
     _last_refresh: float = float("-inf")
 
@@ -116,10 +119,21 @@ class Worker:
             from snapshots import refresh
 
             self.refresh = refresh
+            if self.env.config.snapshots.build_in == "process":
+                from snapshots.builder import SnapshotBuilder
+
+                self.builder = SnapshotBuilder(self.env.DB.url)
+                self.refresh = functools.partial(refresh, builder=self.builder)
 
     def request_stop(self) -> None:
         """Take no new batch; the one in hand finishes."""
         self.stop_requested = True
+
+    def close(self) -> None:
+        """Wait for background work, then end the snapshot builder's process."""
+        self.ctx.close()
+        if self.builder is not None:
+            self.builder.close()
 
     def _maybe_refresh(self, count: int | None) -> None:
         if not count or not self.snapshot_every or count % self.snapshot_every:
@@ -257,6 +271,6 @@ class WorkerProcess:
             self.heartbeat.beat("stopping", force=True)
             if self.scheduler is not None:
                 self.scheduler.stop(wait=True)
-            self.worker.ctx.close()
+            self.worker.close()
             self.heartbeat.beat("stopped", force=True)
             log.event("worker_stopped", holder=self.holder, batches=self.worker.batches)

@@ -217,3 +217,68 @@ def test_snapshot_commands(sqlite_url: str, make_env: Any) -> None:
     assert pruned["kept_versions"] == [5, 6, 7]
     assert cli("snapshot", "prune", "--keep", "0").exit_code == 2
     assert cli("snapshot", "show").exit_code == 0
+
+
+def test_builder_process_builds_the_same_document(db_url: str, make_env: Any, tmp_path: Any) -> None:
+    """The worker's helper process answers with exactly the document built in process; it
+    survives a failed build, is started again after it dies, and ends on `close()`."""
+    from pipeline.errors import BindingError
+    from snapshots.builder import SnapshotBuilder
+
+    env = make_env(db_url, snapshots={"top_n": 5})
+    with freeze_time(NOW):
+        now_s = clock.now_s()
+        _consume(env, _events(now_s, 600, seed=11))
+    expected = snapshots.build(env.DB, 24, 5, now_s)
+    assert len(expected["paths"]) == 5
+    builder = SnapshotBuilder(env.DB.url)
+    try:
+        assert builder.build(24, 5, now_s) == expected
+        first = builder._proc
+        assert first.is_alive() and builder.cpu_s > 0
+        first.kill()
+        first.join()
+        assert builder.build(24, 5, now_s) == expected  # a new helper
+        assert builder._proc is not first and builder._proc.is_alive()
+    finally:
+        builder.close()
+    assert not first.is_alive() and builder._proc is None
+
+    empty = SnapshotBuilder(f"sqlite:///{tmp_path / 'no-tables.db'}")
+    try:
+        with pytest.raises(BindingError, match="path_stats_hourly"):
+            empty.build(24, 5, now_s)
+        helper = empty._proc
+        with pytest.raises(BindingError, match="path_stats_hourly"):
+            empty.build(24, 5, now_s)
+        assert empty._proc is helper  # an error answered, not a crash
+    finally:
+        empty.close()
+
+
+def test_worker_refresh_builds_in_the_helper_process_or_in_a_thread(sqlite_url: str, make_env: Any) -> None:
+    docs = {}
+    for build_in in ("process", "thread"):
+        env = make_env(
+            sqlite_url.replace("edgepipe.db", f"{build_in}.db"),
+            consumer={"max_batch_size": 50, "snapshot_every_batches": 2},
+            snapshots={"min_interval_s": 0, "build_in": build_in},
+        )
+        with freeze_time(NOW):
+            env.QUEUE.send_batch(_events(clock.now_s(), 400, seed=12))
+            worker = Worker(env, TrafficConsumer(env.config).queue)
+            try:
+                for _ in range(8):
+                    assert worker.step(wait=0).ok
+                    worker.ctx.drain()
+                assert (worker.builder is not None) == (build_in == "process")
+                if worker.builder is not None:
+                    assert worker.builder.cpu_s > 0
+            finally:
+                worker.close()
+            assert worker.refreshes == 4
+            doc = snapshots.read_latest(env.KV)
+            assert doc is not None
+            assert doc == snapshots.build(env.DB, 24, 100, clock.now_s()) | {"version": 4}
+        docs[build_in] = doc
+    assert docs["process"] == docs["thread"]

@@ -131,7 +131,10 @@ def consume(state: Any, until_empty: bool, max_batches: int | None, as_json: boo
     env = state.env()
     worker = _worker(env)
     _install_signals(worker)
-    batches = worker.run(until_empty=until_empty, max_batches=max_batches)
+    try:
+        batches = worker.run(until_empty=until_empty, max_batches=max_batches)
+    finally:
+        worker.close()
     stats = env.QUEUE.stats()
     if as_json:
         emit_json({"batches": batches, **stats})
