@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import gc
 import io
+import logging
+import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,7 @@ import sqlalchemy as sa
 
 from archiver.objects import ROW_DECODER, ROW_FIELDS, key_hour, read_objects
 from consumers.traffic import AGG_COLUMNS, AGG_KEYS, Acc, fold
+from pipeline import log
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
 from pipeline.errors import IntegrityError, ValidationError
@@ -33,6 +36,9 @@ from pipeline.schema import OTHER_PATH, path_stats_hourly, traffic_events
 te, psh = traffic_events, path_stats_hourly
 HOUR_S = 3600
 FETCH = 5000
+# `verify` splits a range holding this many bytes of objects (~650,000 rows) between two
+# processes; starting the helper costs ~0.5 s, which a smaller range would not win back.
+SPLIT_BYTES = 32 * 2**20
 MAX_DAY_LISTINGS = 31
 Progress = Callable[[int, int], None]  # (objects read, objects in all)
 # A hot row as `fold` takes it: (ts, host, aggregated path, method, status, bytes, ms).
@@ -233,19 +239,120 @@ def _hot_hour(row: Sequence[Any]) -> int:
 
 
 def verify(
-    db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float, progress: Progress | None = None
-) -> dict[str, Any]:
+    db: Database, store: ObjectStore, prefix: str, start_s: float, end_s: float, progress: Progress | None = None,
+    config: Any = None, split_bytes: int = SPLIT_BYTES,
+) -> dict[str, Any]:  # fmt: skip
     """Recompute the hourly aggregates of [start, end) from the archive plus the hot rows
-    and compare them with `path_stats_hourly`, one hour at a time: the objects (listed in
-    key order), the hot rows (by ts) and the stored aggregates (by hour) are streamed side
-    by side, so memory holds one hour's aggregates (and the next objects' text, fetched
-    ahead by `read_objects`). Hours with a bad object are skipped."""
+    and compare them with `path_stats_hourly` (see `_verify`). Hours are independent: given
+    the bindings' `config` and at least `split_bytes` of objects in the range, the range is
+    cut at the hour that halves the objects' bytes and a helper process (bindings of its
+    own, from `config`) verifies the later part meanwhile; `processes` in the result says
+    how many did. A helper that fails leaves its part to this process."""
     h0, h1 = hour_range(start_s, end_s)
+    listing = objects_in(store, prefix, start_s, end_s)
+    cut = None
+    if config is not None and sum(size for _key, _hour, size in listing) >= split_bytes:
+        cut = _halving_hour(listing)
+    if cut is None:
+        return _verify(db, store, listing, h0, h1, progress) | {"processes": 1}
+    first, second = [o for o in listing if o[1] < cut], [o for o in listing if o[1] >= cut]
+    total = len(listing)
+
+    def report(done: int, _total: int = 0) -> None:  # objects read by both processes
+        if progress is not None:
+            progress(done + helper.done.value, total)
+
+    with _VerifyHelper(config, second, cut, h1) as helper:
+        mine = _verify(db, store, first, h0, cut, report)
+        theirs = helper.result(lambda: report(len(first)))
+    if theirs is not None:
+        return _merged(mine, theirs) | {"processes": 2}
+    helper.done.value = 0  # its part is read again, here
+    theirs = _verify(db, store, second, cut, h1, lambda n, _t: report(len(first) + n))
+    return _merged(mine, theirs) | {"processes": 1}
+
+
+def _halving_hour(listing: list[tuple[str, int, int]]) -> int | None:
+    """The first hour of the later part, where the objects' bytes reach half (None when
+    every object is of one hour)."""
+    total, acc = sum(size for _k, _h, size in listing), 0
+    for _key, hour, size in listing:
+        if acc >= total / 2 and hour > listing[0][1]:
+            return hour
+        acc += size
+    return None
+
+
+def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two `_verify` results of consecutive hour ranges as one."""
+    return {"ok": a["ok"] and b["ok"]} | {k: a[k] + b[k] for k in a if k != "ok"}
+
+
+class _VerifyHelper:
+    """A spawned process running `_verify` on bindings opened from `config`. `done` counts
+    the objects it has read; `result()` waits for its result, None if it failed."""
+
+    def __init__(self, config: Any, listing: list[tuple[str, int, int]], h0: int, h1: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads' locks
+        self._receive, send = ctx.Pipe(duplex=False)
+        self.done = ctx.Value("q", 0, lock=False)
+        self._proc = ctx.Process(target=_verify_part, args=(config, listing, h0, h1, self.done, send), daemon=True)
+        self._proc.start()
+        send.close()
+
+    def __enter__(self) -> _VerifyHelper:
+        return self
+
+    def result(self, tick: Callable[[], None]) -> dict[str, Any] | None:
+        """Wait for the result, calling `tick` every 0.2 s meanwhile."""
+        while not self._receive.poll(0.2):
+            tick()
+        tick()
+        try:
+            ok, value = self._receive.recv()
+        except EOFError:
+            ok, value = False, f"the helper process ended with exit code {self._proc.exitcode}"
+        if not ok:
+            log.event("replay_verify_helper_failed", logging.WARNING, error=value)
+            return None
+        return value  # type: ignore[no-any-return]
+
+    def __exit__(self, *_exc: Any) -> None:
+        self._receive.close()
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+def _verify_part(config: Any, listing: list[tuple[str, int, int]], h0: int, h1: int, done: Any, send: Any) -> None:
+    """The helper process of `verify`: sends (True, the `_verify` result) or (False, the
+    error)."""
+    from pipeline.env import open_env
+
+    try:
+        env = open_env(config, check_schema=False)
+        try:
+            result = _verify(env.DB, env.ARCHIVE, listing, h0, h1, lambda n, _t: setattr(done, "value", n))
+        finally:
+            env.close()
+        send.send((True, result))
+    except Exception as exc:
+        send.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+def _verify(
+    db: Database, store: ObjectStore, listing: list[tuple[str, int, int]], h0: int, h1: int,
+    progress: Progress | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Verify hours [h0, h1) whose objects are `listing`, one hour at a time: the objects
+    (in key order), the hot rows (by ts) and the stored aggregates (by hour) are streamed
+    side by side, so memory holds one hour's aggregates (and the next objects' text,
+    fetched ahead by `read_objects`). Hours with a bad object are skipped."""
     bad: list[dict[str, str]] = []
     mismatches: list[dict[str, Any]] = []
     unverified: list[int] = []
     objects = rows = hot = 0
-    listing = objects_in(store, prefix, start_s, end_s)
     archive = _by_hour(listing, itemgetter(1))
     bodies = _reading(store, [key for key, _hour, _size in listing], FOLD_DECODER, progress)
     with _collector_paused(), closing(bodies), db.read() as conn:

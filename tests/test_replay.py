@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from freezegun import freeze_time
@@ -310,3 +311,54 @@ def test_compare_is_exact_but_for_the_rounding_of_the_response_time_sum() -> Non
     got = [(m["path"], m["column"]) for m in replay.compare(acc, stored)]
     assert got == [("/b", "rt_sum_ms"), ("/c", "rt_min_ms"), ("/d", AGG_COLUMNS[-1]), ("/e", "row"), ("/f", "row")]
     assert replay.compare({r[:4]: list(r[4:]) for r in stored}, stored) == []
+
+
+@pytest.mark.parametrize("store", ["file", "moto_server"])
+@freeze_time(NOW)
+def test_verify_split_between_two_processes_reports_what_one_does(
+    make_env: Any, db_url: str, store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A range cut in two at an hour and verified by this process and a helper process
+    gives the one-process report: counts, a tampered aggregate and a corrupt object in
+    either part. A helper that cannot work leaves its part to this process."""
+    bindings = {}
+    if store == "moto_server":
+        request.getfixturevalue("aws_credentials")
+        endpoint = request.getfixturevalue("moto_server")
+        bucket = archive_support._bucket(endpoint)
+        bindings = {"archive": f"s3://{bucket}/archive?region=us-east-1&endpoint_url={endpoint}&addressing_style=path"}
+    env = make_env(db_url, bindings=bindings)
+    _load(env)
+    store_, prefix = env.ARCHIVE, env.config.archive.prefix
+    listing = replay.objects_in(store_, prefix, FROM, TO)
+    cut = replay._halving_hour(listing)
+    assert cut is not None and listing[0][1] < cut <= listing[-1][1]
+
+    def both() -> tuple[dict[str, Any], dict[str, Any]]:
+        one = replay.verify(env.DB, store_, prefix, FROM, TO)
+        calls: list[tuple[int, int]] = []
+        two = replay.verify(env.DB, store_, prefix, FROM, TO, lambda d, t: calls.append((d, t)), env.config, 1)
+        assert calls[-1] == (len(listing), len(listing))
+        assert [d for d, _t in calls] == sorted(d for d, _t in calls)
+        return one, two
+
+    one, two = both()
+    assert one["ok"] and one["processes"] == 1 and two["processes"] == 2
+    assert two == one | {"processes": 2} and two["archived_rows"] == 180
+
+    psh = path_stats_hourly
+    with env.DB.transaction() as conn:
+        for hour in (listing[0][1], listing[-1][1]):  # one in each part
+            conn.execute(sa.update(psh).where(psh.c.hour == hour).values(requests=psh.c.requests + 2))
+    garbled = listing[-2][0]
+    body = bytearray(store_.get_bytes(garbled))
+    body[len(body) // 2] ^= 0xFF
+    store_.put_bytes(garbled, bytes(body), store_.head(garbled).metadata)
+    one, two = both()
+    assert not two["ok"] and two == one | {"processes": 2}
+    assert [b["key"] for b in two["bad"]] == [garbled] and two["unverified_hours"] == [listing[-2][1]]
+    assert {m["hour"] for m in two["mismatches"]} == {listing[0][1], listing[-1][1]}
+
+    unusable = env.config.replace(bindings={"db": f"sqlite:///{tmp_path / 'no-tables.db'}"})
+    fallback = replay.verify(env.DB, store_, prefix, FROM, TO, None, unusable, 1)
+    assert fallback == one | {"processes": 1}

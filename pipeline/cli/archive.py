@@ -142,7 +142,7 @@ def replay_verify(state: Any, start: str | None, end: str | None, as_json: bool)
 
     env, store, prefix = _archive(state)
     with _object_progress(as_json) as progress:
-        result = r.verify(env.DB, store, prefix, *_range(start, end), progress)
+        result = r.verify(env.DB, store, prefix, *_range(start, end), progress, config=env.config)
     if not as_json:
         for m in result["mismatches"][:50]:
             click.echo(f"MISMATCH {clock.iso(m['hour'])} {m['host']} {m['method']} {m['path']} {m['column']}: "
