@@ -13,7 +13,6 @@ import csv
 import gc
 import io
 import logging
-import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,7 @@ import sqlalchemy as sa
 
 from archiver.objects import ROW_DECODER, ROW_FIELDS, key_hour, read_objects
 from consumers.traffic import AGG_COLUMNS, AGG_KEYS, Acc, fold
-from pipeline import log
+from pipeline import log, procs
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
 from pipeline.errors import IntegrityError, ValidationError
@@ -293,12 +292,10 @@ class _VerifyHelper:
     the objects it has read; `result()` waits for its result, None if it failed."""
 
     def __init__(self, config: Any, listing: list[tuple[str, int, int]], h0: int, h1: int) -> None:
-        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads' locks
-        self._receive, send = ctx.Pipe(duplex=False)
-        self.done = ctx.Value("q", 0, lock=False)
-        self._proc = ctx.Process(target=_verify_part, args=(config, listing, h0, h1, self.done, send), daemon=True)
-        self._proc.start()
-        send.close()
+        self.done = procs.CONTEXT.Value("q", 0, lock=False)
+        self._proc, self._receive = procs.start(
+            _verify_part, config, listing, h0, h1, self.done, name="edgepipe-replay-verify"
+        )
 
     def __enter__(self) -> _VerifyHelper:
         return self
@@ -317,12 +314,8 @@ class _VerifyHelper:
             return None
         return value  # type: ignore[no-any-return]
 
-    def __exit__(self, *_exc: Any) -> None:
-        self._receive.close()
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
+    def __exit__(self, exc_type: Any, *_exc: Any) -> None:
+        procs.end(self._proc, self._receive, wait=exc_type is None)  # interrupted: stop it now
 
 
 def _verify_part(config: Any, listing: list[tuple[str, int, int]], h0: int, h1: int, done: Any, send: Any) -> None:

@@ -14,17 +14,14 @@ in-memory SQLite database has nothing a second process could open).
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
-import signal
 import threading
 import time
 import weakref
 from typing import Any
 
+from pipeline import procs
 from pipeline.errors import BindingError
-
-JOIN_TIMEOUT_S = 5.0
 
 
 class SnapshotBuilder:
@@ -62,13 +59,8 @@ class SnapshotBuilder:
             self._stop()
 
     def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # fork would copy the worker's threads' locks
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(self.db_url, child), name="edgepipe-snapshot-builder", daemon=True)
-        proc.start()
-        child.close()
-        self._proc, self._conn = proc, parent
-        self._finalizer = weakref.finalize(self, _end, proc, parent)
+        self._proc, self._conn = procs.start(_serve, self.db_url, name="edgepipe-snapshot-builder")
+        self._finalizer = weakref.finalize(self, procs.end, self._proc, self._conn)
 
     def _stop(self) -> None:
         if self._finalizer is not None:
@@ -76,21 +68,9 @@ class SnapshotBuilder:
         self._proc = self._conn = self._finalizer = None
 
 
-def _end(proc: Any, conn: Any) -> None:
-    """Close the pipe (the helper exits on end of file); kill it if it does not."""
-    with contextlib.suppress(OSError):
-        conn.close()
-    proc.join(JOIN_TIMEOUT_S)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-
-
 def _serve(db_url: str, conn: Any) -> None:
     """The helper's loop: answer each (window_hours, top_n, now_s) with (ok, document or
     error, CPU seconds spent); exit when the worker closes the pipe or dies."""
-    # Ctrl-C reaches the whole process group; the worker decides when this process ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(19)  # like the worker's background thread: spare cycles first
     from pipeline.bindings.db import Database
