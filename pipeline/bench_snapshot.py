@@ -178,7 +178,7 @@ def consume_with_snapshots(
             for side, worker in (("off", off), ("on", on))[:: 1 if turn % 2 else -1]:
                 with meters[side]():
                     messages, _inserted = consume_slice(worker, SLICE_EVENTS, latencies[side])
-                    worker.ctx.drain()
+                    worker.drain()
                 moved += messages
             turn += 1
             if not moved:

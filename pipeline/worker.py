@@ -12,8 +12,9 @@ take milliseconds, and a snapshot per second is fresh enough). The batch counter
 in the `counters` table and is advanced inside the batch's own transaction, so it
 survives restarts and counts exactly the committed batches; the refresh itself runs in
 the background (`ctx.wait_until`) after the commit, and its failure is logged, never
-charged to the batch. The snapshot document is built by a helper process
-(`snapshots.builder`, unless `[snapshots] build_in = "thread"`); the worker publishes it.
+charged to the batch. By default the snapshot document is built by a helper process
+(`snapshots.builder`) and the worker publishes it between batches; with
+`[snapshots] build_in = "thread"` the whole refresh runs in the background thread.
 
 `WorkerProcess` is `edgepipe worker`: this loop, a heartbeat row and the job scheduler in
 one process, with a graceful stop.
@@ -22,7 +23,6 @@ one process, with a graceful stop.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
@@ -116,21 +116,28 @@ class Worker:
         if self.snapshot_every and self.env.KV is None:
             self.snapshot_every = 0  # no KV binding: nothing to publish to
         if self.snapshot_every and self.refresh is None:
-            from snapshots import refresh
-
-            self.refresh = refresh
             if self.env.config.snapshots.build_in == "process":
                 from snapshots.builder import SnapshotBuilder
 
                 self.builder = SnapshotBuilder(self.env.DB.url)
-                self.refresh = functools.partial(refresh, builder=self.builder)
+            else:
+                from snapshots import refresh
+
+                self.refresh = refresh
 
     def request_stop(self) -> None:
         """Take no new batch; the one in hand finishes."""
         self.stop_requested = True
 
+    def drain(self) -> None:
+        """Finish background work: a snapshot being built is published, background tasks
+        end (at shutdown, and in tests)."""
+        self._publish_built(wait=True)
+        self.ctx.drain()
+
     def close(self) -> None:
-        """Wait for background work, then end the snapshot builder's process."""
+        """`drain()`, then end the background thread and the snapshot builder's process."""
+        self.drain()
         self.ctx.close()
         if self.builder is not None:
             self.builder.close()
@@ -138,7 +145,9 @@ class Worker:
     def _maybe_refresh(self, count: int | None) -> None:
         if not count or not self.snapshot_every or count % self.snapshot_every:
             return
-        if self._refreshing is not None and not self._refreshing.done():
+        running = self.builder.pending if self.builder is not None else (
+            self._refreshing is not None and not self._refreshing.done())  # fmt: skip
+        if running:
             log.event("snapshot_refresh_skipped", logging.DEBUG, reason="previous refresh still running", batch=count)
             return
         now = clock.monotonic()
@@ -146,7 +155,29 @@ class Worker:
             log.event("snapshot_refresh_skipped", logging.DEBUG, reason="min_interval_s", batch=count)
             return
         self._last_refresh = now
-        self._refreshing = self.ctx.wait_until(self._refresh_quietly, count)
+        if self.builder is None:
+            self._refreshing = self.ctx.wait_until(self._refresh_quietly, count)
+            return
+        cfg = self.env.config.snapshots
+        try:
+            self.builder.submit(cfg.window_hours, cfg.top_n, clock.now_s())
+        except Exception as exc:
+            log.event("snapshot_refresh_failed", logging.WARNING, batch=count, error=f"{type(exc).__name__}: {exc}")
+
+    def _publish_built(self, wait: bool = False) -> None:
+        """Publish the document the builder has ready (with `wait`, the pending one). It
+        runs between batches: a write of two keys, where a background thread publishing
+        would contend with the batches for the interpreter and the write lock."""
+        builder = self.builder
+        if builder is None or not builder.pending or not (wait or builder.ready()):
+            return
+        from snapshots import publish
+
+        try:
+            publish(self.env, builder.take(), self._last_refresh)
+            self.refreshes += 1
+        except Exception as exc:
+            log.event("snapshot_refresh_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}")
 
     def _refresh_quietly(self, count: int) -> None:
         assert self.refresh is not None
@@ -162,6 +193,7 @@ class Worker:
         A queue that shares the DB binding's transaction is waited on outside it and
         received inside it, so taking the messages, the handler's writes and the acks are
         one commit; any other queue is received first and settled after the commit."""
+        self._publish_built()
         cfg = self.env.config.consumer
         queue = self.env.QUEUE
         wait_s = cfg.max_batch_timeout if wait is None else wait
@@ -229,7 +261,7 @@ class Worker:
                 clock.sleep(IDLE_SLEEP_S if self.env.config.consumer.max_batch_timeout == 0 else 0)
                 continue
             done += 1
-        self.ctx.drain()
+        self.drain()
         return done
 
 

@@ -52,20 +52,21 @@ def next_version(db: Any) -> int:
         return meta.increment(db, conn, VERSION_COUNTER)
 
 
-def refresh(env: Any, now_s: float | None = None, builder: Any = None) -> dict[str, Any]:
-    """Build and publish a new snapshot version; returns a summary of what was written.
-    `builder` (a `SnapshotBuilder`) builds the document in its helper process; without
-    one it is built here."""
+def refresh(env: Any, now_s: float | None = None) -> dict[str, Any]:
+    """Build and publish a new snapshot version; returns a summary of what was written."""
     cfg = env.config.snapshots
     started = clock.monotonic()
-    now_s = clock.now_s() if now_s is None else now_s
-    if builder is None:
-        doc = build(env.DB, cfg.window_hours, cfg.top_n, now_s)
-    else:
-        doc = builder.build(cfg.window_hours, cfg.top_n, now_s)
-    # One write transaction for the version and both puts (a KV binding in the DB binding's
-    # database joins it): the consumer waits for the write lock once per refresh, not three
-    # times, and `latest` is compared and moved atomically.
+    doc = build(env.DB, cfg.window_hours, cfg.top_n, now_s)
+    return publish(env, doc, started)
+
+
+def publish(env: Any, doc: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+    """Write a built document as the next version, then as `latest` if it is newer.
+
+    One write transaction for the version and both puts (a KV binding in the DB binding's
+    database joins it): the consumer waits for the write lock once per refresh, not three
+    times, and `latest` is compared and moved atomically."""
+    started = clock.monotonic() if started is None else started
     with env.DB.transaction():
         version = next_version(env.DB)
         doc = {"version": version, **doc}

@@ -270,7 +270,7 @@ def test_worker_refresh_builds_in_the_helper_process_or_in_a_thread(sqlite_url: 
             try:
                 for _ in range(8):
                     assert worker.step(wait=0).ok
-                    worker.ctx.drain()
+                    worker.drain()
                 assert (worker.builder is not None) == (build_in == "process")
                 if worker.builder is not None:
                     assert worker.builder.cpu_s > 0

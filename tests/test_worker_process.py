@@ -52,14 +52,14 @@ def test_counter_is_durable_and_refresh_runs_every_n_batches(db_url: str, make_e
     worker = Worker(env, TrafficConsumer(env.config).queue)
     for _ in range(7):
         assert worker.step(wait=0).ok
-        worker.ctx.drain()  # let each refresh finish (one still running when the next is due is skipped)
+        worker.drain()  # let each refresh finish (one still running when the next is due is skipped)
     assert _counter(env) == 7
     assert worker.refreshes == 2
     assert [v["version"] for v in snapshots.list_versions(env.KV)] == [1, 2]
 
     restarted = Worker(env, TrafficConsumer(env.config).queue)  # a new process: the count goes on
     assert restarted.run(until_empty=True) == 3
-    restarted.ctx.drain()
+    restarted.drain()
     assert _counter(env) == 10
     assert restarted.refreshes == 1  # at batch 9, not at its own 3rd batch
     assert snapshots.read_latest(env.KV)["version"] == 3
@@ -91,7 +91,7 @@ def test_failing_refresh_never_fails_or_delays_the_batch(sqlite_url: str, make_e
 
     worker = Worker(env, TrafficConsumer(env.config).queue, refresh=failing_refresh)
     assert worker.run(until_empty=True) == 5
-    worker.ctx.drain()
+    worker.drain()
     assert calls and worker.refreshes == 0
     assert _counter(env) == 5
     assert_aggregates_equal(env.DB, expected_aggregates(truths))
@@ -119,7 +119,7 @@ def test_refresh_runs_off_the_critical_path(sqlite_url: str, make_env: MakeEnv) 
         assert worker.step(wait=0).ok
     finally:
         release.set()
-        worker.ctx.drain()
+        worker.drain()
     assert worker.refreshes == 1
     assert _counter(env) == 3
 
@@ -297,10 +297,10 @@ def test_refreshes_are_at_least_min_interval_apart(sqlite_url: str, make_env: Ma
         worker = Worker(env, TrafficConsumer(env.config).queue)
         for _ in range(3):
             assert worker.step(wait=0).ok
-            worker.ctx.drain()
+            worker.drain()
         assert worker.refreshes == 1
         frozen.tick(5)
         assert worker.step(wait=0).ok
-        worker.ctx.drain()
+        worker.drain()
         assert worker.refreshes == 2
     assert _counter(env) == 4

@@ -89,6 +89,12 @@ class Database:
         # write lost up to a fifth of its throughput that way. Other processes still meet
         # the busy handler.
         self._writers: Any = threading.Lock() if self.dialect == "sqlite" else nullcontext()
+        # SQLite: every write transaction of this process runs on this one connection (the
+        # lock above already makes them take turns). A connection that sees another one's
+        # commit drops its whole page cache at its next transaction, and the pool hands out
+        # connections in turn: a snapshot refresh writing on a second connection made every
+        # later batch of the consumer start cold.
+        self._pinned: Connection | None = None
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -100,12 +106,29 @@ class Database:
         if outer is not None:
             yield outer
             return
-        with self._writers, translate_errors(), self._writer.begin() as conn:
+        with self._writers, translate_errors(), self._write_connection() as conn, conn.begin():
             token = self._current.set(conn)
             try:
                 yield conn
             finally:
                 self._current.reset(token)
+
+    @contextmanager
+    def _write_connection(self) -> Iterator[Connection]:
+        """The connection for a write transaction: on SQLite the pinned one (closed after a
+        failure, so the next transaction starts on a fresh one), else one from the pool."""
+        if self.dialect != "sqlite":
+            with self._writer.connect() as conn:
+                yield conn
+            return
+        if self._pinned is None:
+            self._pinned = self._writer.connect()
+        try:
+            yield self._pinned
+        except BaseException:
+            pinned, self._pinned = self._pinned, None
+            pinned.close()
+            raise
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -255,23 +278,24 @@ class Database:
         On PostgreSQL this is one `INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING` the
         new keys (see `_insert_json`). On SQLite it is a plain executemany, whose row count says
         whether all or none of the rows were new (the common cases); only a mix asks which:
-        the write transaction holds the database lock (BEGIN IMMEDIATE) and new rows of a
-        table keyed by an integer rowid get rowids above the maximum read just before."""
+        the write transaction holds the database lock (BEGIN IMMEDIATE), and the new rows of
+        a table keyed by an integer rowid got consecutive rowids (each the maximum plus one;
+        a skipped row takes none), the last of them `last_insert_rowid()`."""
         if not rows:
             return []
         (rowid,) = table.primary_key.columns
         shape = ("insert_new", table.name, tuple(key))
         if self.dialect == "sqlite":
             stmt = self.cached(shape, lambda: self.insert(table).on_conflict_do_nothing(index_elements=list(key)))
-            top = self.cached(("max", table.name), lambda: sa.select(sa.func.max(rowid)))
-            before = self.fetchall(conn, top)[0][0] or 0
             count = self.executemany(conn, stmt, columns, rows)
             if count in (0, len(rows)):
                 return list(range(count))
+            last = self.cached(("last_insert_rowid",), lambda: sa.select(sa.func.last_insert_rowid()))
             since = self.cached(
                 (*shape, "since"), lambda: sa.select(*(table.c[k] for k in key)).where(rowid > sa.bindparam("after"))
             )
-            new = set(self.fetchall(conn, since, ("after",), (before,)))
+            first = self.fetchall(conn, last)[0][0] - count
+            new = set(self.fetchall(conn, since, ("after",), (first,)))
         else:
             stmt = self.cached(
                 (*shape, tuple(columns)),
@@ -375,6 +399,10 @@ class Database:
         return self.insert(table).from_select(list(columns), sa.select(*values).select_from(r))
 
     def dispose(self) -> None:
+        with self._writers:
+            if self._pinned is not None:
+                self._pinned.close()
+                self._pinned = None
         self.engine.dispose()
 
 
