@@ -38,6 +38,7 @@ from pipeline.heartbeat import Heartbeat, process_name
 
 Handler = Callable[[MessageBatch, Env, "Context"], Any]
 IDLE_SLEEP_S = 0.2
+DRAIN_TIMEOUT_S = 30.0  # how long `drain()` waits for a snapshot being built
 BATCH_COUNTER = "consumed_batches"
 
 
@@ -165,11 +166,15 @@ class Worker:
             log.event("snapshot_refresh_failed", logging.WARNING, batch=count, error=f"{type(exc).__name__}: {exc}")
 
     def _publish_built(self, wait: bool = False) -> None:
-        """Publish the document the builder has ready (with `wait`, the pending one). It
-        runs between batches: a write of two keys, where a background thread publishing
-        would contend with the batches for the interpreter and the write lock."""
+        """Publish the document the builder has ready (with `wait`, the pending one, given
+        up after `DRAIN_TIMEOUT_S`). It runs between batches: a write of two keys, where a
+        background thread publishing would contend with the batches for the interpreter
+        and the write lock."""
         builder = self.builder
-        if builder is None or not builder.pending or not (wait or builder.ready()):
+        if builder is None or not builder.ready(DRAIN_TIMEOUT_S if wait else 0.0):
+            if wait and builder is not None and builder.pending:
+                log.event("snapshot_refresh_failed", logging.WARNING, error="the build did not finish in time")
+                builder.close(wait=False)
             return
         from snapshots import publish
 

@@ -56,9 +56,10 @@ class SnapshotBuilder:
             raise BindingError(f"snapshot builder process stopped: {type(exc).__name__} {exc}") from None
         self.pending = True
 
-    def ready(self) -> bool:
-        """Whether `take()` would return at once (the document, or the error)."""
-        return self.pending and self._conn.poll()
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Whether `take()` would return at once (the document, or the error), waiting up
+        to `timeout` seconds for it."""
+        return self.pending and self._conn.poll(timeout)
 
     def take(self) -> dict[str, Any]:
         """The pending request's document; raises BindingError if the build failed."""
@@ -75,17 +76,18 @@ class SnapshotBuilder:
             raise BindingError(f"snapshot builder: {value}")
         return value  # type: ignore[no-any-return]
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """End the helper (without `wait`, kill it at once)."""
         self.pending = False
-        self._stop()
+        self._stop(wait)
 
     def _start(self) -> None:
         self._proc, self._conn = procs.start(_serve, self.db_url, name="edgepipe-snapshot-builder")
         self._finalizer = weakref.finalize(self, procs.end, self._proc, self._conn)
 
-    def _stop(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
+    def _stop(self, wait: bool = True) -> None:
+        if self._finalizer is not None and self._finalizer.detach() is not None:
+            procs.end(self._proc, self._conn, wait)
         self._proc = self._conn = self._finalizer = None
 
 

@@ -282,3 +282,38 @@ def test_worker_refresh_builds_in_the_helper_process_or_in_a_thread(sqlite_url: 
             assert doc == snapshots.build(env.DB, 24, 100, clock.now_s()) | {"version": 4}
         docs[build_in] = doc
     assert docs["process"] == docs["thread"]
+
+
+def test_drain_gives_up_on_a_build_that_does_not_finish(
+    sqlite_url: str, make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper that stops answering holds up neither the batches nor the shutdown: the
+    build is given up after the drain timeout, and the next refresh starts a new helper."""
+    import os
+    import signal
+
+    import pipeline.worker
+
+    monkeypatch.setattr(pipeline.worker, "DRAIN_TIMEOUT_S", 0.5)
+    env = make_env(sqlite_url, consumer={"max_batch_size": 50, "snapshot_every_batches": 1},
+                   snapshots={"min_interval_s": 0})  # fmt: skip
+    env.QUEUE.send_batch(_events(clock.now_s(), 200, seed=13))
+    worker = Worker(env, TrafficConsumer(env.config).queue)
+    try:
+        assert worker.step(wait=0).ok
+        worker.drain()
+        assert worker.refreshes == 1
+        stuck = worker.builder._proc
+        os.kill(stuck.pid, signal.SIGSTOP)
+        assert worker.step(wait=0).ok  # submits to the stopped helper
+        assert worker.builder.pending
+        assert worker.step(wait=0).ok  # not held up: the build is still pending
+        worker.drain()
+        assert not worker.builder.pending and worker.refreshes == 1
+        assert not stuck.is_alive()
+        assert worker.step(wait=0).ok
+        worker.drain()
+        assert worker.refreshes == 2 and worker.builder._proc is not stuck
+    finally:
+        worker.close()
+    assert snapshots.read_latest(env.KV)["version"] == 2
