@@ -18,6 +18,7 @@ from bisect import bisect_left
 from collections import OrderedDict, defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,6 +46,7 @@ AGG_KEYS = ("hour", "host", "path", "method")
 # 1xx-5xx (1-5), bytes (6), rt sum (7), min (8), max (9), then the latency buckets (10-).
 AGG_COLUMNS = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", "rt_min_ms", "rt_max_ms", *BUCKET_COLUMNS)
 KNOWN_PATHS_HOURS = 48
+_CONTENT_TYPE = attrgetter("content_type")
 
 
 def _mark_overflow() -> sa.Update:
@@ -94,7 +96,7 @@ class TrafficConsumer:
         message, or single elements of a message that holds an array of events). A batch
         with nothing to refuse is checked in bulk (`decode_batch`); any other goes message
         by message."""
-        if all(msg.content_type == "json" for msg in batch):
+        if set(map(_CONTENT_TYPE, batch.messages)) == {"json"}:
             events = decode_batch([msg.raw for msg in batch], self.normalizer, now_ms, watermark)
             if events is not None:
                 report.received += len(events) - len(batch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
+from operator import attrgetter, methodcaller
 from typing import Annotated, Any
 
 import msgspec
@@ -168,24 +169,29 @@ def _complete(events: list[Event], normalizer: PathNormalizer, now_ms: int, min_
     changed nothing, leaves the verdict to the general path."""
     if not events:
         return True
-    ts = [ev.ts for ev in events]
+    ts = list(map(_TS, events))
     if min(ts) < max(min_ts, MIN_TS_MS) or max(ts) > now_ms + MAX_FUTURE_MS:
         return False
-    if not {ev.method for ev in events} <= _COMMON_METHODS:
+    if not set(map(_METHOD_OF, events)) <= _COMMON_METHODS:
         return False
-    if len(set(zip(ts, [ev.id for ev in events], strict=True))) != len(events):
+    if len(set(zip(ts, map(_ID, events), strict=True))) != len(events):
         return False
-    max_length, normalize = normalizer.cfg.max_length, normalizer.normalize
-    paths = {ev.path for ev in events}
-    if any(p[:1] != "/" or len(p) > max_length for p in paths):
+    paths = set(map(_PATH, events))
+    if max(map(len, paths)) > normalizer.cfg.max_length or not all(map(_ROOTED, paths)):
         return False
-    # Checked: from here on, complete the events (few distinct paths and hosts per batch).
-    path_of = {p: normalize(p) for p in paths}
-    host_of = {h: h.lower() for h in {ev.host for ev in events}}
-    for ev in events:
-        ev.path = path_of[ev.path]
-        ev.host = host_of[ev.host]
+    # Checked: from here on, complete the events (few distinct paths and hosts per batch;
+    # most are already normal, and then the events are left as they are).
+    path_of = {p: n for p, n in zip(paths, map(normalizer.normalize, paths), strict=True) if n != p}
+    host_of = {h: low for h in set(map(_HOST, events)) if (low := h.lower()) != h}
+    if path_of or host_of:
+        for ev in events:
+            ev.path = path_of.get(ev.path, ev.path)
+            ev.host = host_of.get(ev.host, ev.host)
     return True
+
+
+_TS, _ID, _PATH, _HOST, _METHOD_OF = (attrgetter(f) for f in ("ts", "id", "path", "host", "method"))
+_ROOTED = methodcaller("startswith", "/")
 
 
 def decode_batch(raws: list[bytes], normalizer: PathNormalizer, now_ms: int, min_ts: int) -> list[Event] | None:
@@ -199,7 +205,7 @@ def decode_batch(raws: list[bytes], normalizer: PathNormalizer, now_ms: int, min
     except msgspec.DecodeError:
         return None
     events: list[Event] = got  # type: ignore[assignment]
-    if any(type(g) is list for g in got):
+    if list in set(map(type, got)):
         events = [ev for g in got for ev in (g if type(g) is list else (g,))]  # type: ignore[union-attr]
     return events if _complete(events, normalizer, now_ms, min_ts) else None
 

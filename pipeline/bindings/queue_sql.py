@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -41,6 +42,9 @@ POLL_INTERVAL_S = 0.05
 SEND_CHUNK = 1000
 RETURNED = (q.c.seq, q.c.message_id, q.c.enqueued_at, q.c.attempts, q.c.content_type, q.c.body)
 SEND_COLUMNS = ("queue", "message_id", "content_type", "body", "enqueued_at", "visible_at", "attempts")
+
+
+_DECISION, _PARTS, _HANDLE = attrgetter("decision"), attrgetter("dead_parts"), attrgetter("handle")
 
 
 class SqlQueue(Queue):
@@ -133,7 +137,10 @@ class SqlQueue(Queue):
         retries: list[tuple[Message, float]] = []
         dead: list[tuple[Message, str, str]] = []
         limit = 1 + self.settings.max_retries
-        for m in batch.messages:
+        messages = batch.messages
+        if failure is None and set(map(_DECISION, messages)) <= {None, "ack"} and not any(map(_PARTS, messages)):
+            acks, messages = list(map(_HANDLE, messages)), []  # the rule: every message acked, whole
+        for m in messages:
             decision = m.decision or "ack"
             if failure is not None and decision != "dead":
                 decision = "retry"  # the batch's writes rolled back: acks are void
