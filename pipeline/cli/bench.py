@@ -93,7 +93,7 @@ def _archive_bench(kind: str, rows: int, as_json: bool) -> None:
         [
             f"{kind:<8} {{rows_per_s:>10,}} rows/s  {{mb_per_s}} MB/s (NDJSON)  compression {{compression_ratio}}x",
             "reference {reference_rows_per_s:>9,} rows/s  ratio {ratio}",
-            *(["rounds    {round_ratios} (the median is reported)"] if kind == "replay" else []),
+            "rounds    {round_ratios} (the median is reported)",
             "peak RSS  {peak_rss_mb} MB",
         ],
     )
