@@ -77,6 +77,7 @@ class TrafficConsumer:
         self.max_paths = config.paths.max_paths_per_hour
         # hour -> distinct paths admitted in that hour (see _overflow).
         self._known: OrderedDict[int, set[str]] = OrderedDict()  # least recently used first
+        self._redelivering = False  # the last batch stored was all duplicates
 
     def queue(self, batch: MessageBatch, env: Any, ctx: Any = None) -> BatchReport:
         report = BatchReport(received=len(batch))
@@ -155,7 +156,8 @@ class TrafficConsumer:
             (ev.ts, ev.id, ev.method, ev.path, 0, ev.status, ev.response_time_ms, ev.host, ev.colo, ev.bytes)
             for ev in events
         ]  # Event.values(), inlined: this runs for every event
-        new = env.DB.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"))
+        new = env.DB.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"), likely_present=self._redelivering)
+        self._redelivering = not new  # a batch of duplicates: the next one probably is too
         if not new:
             return 0
         inserted = events if len(new) == len(events) else [events[i] for i in new]

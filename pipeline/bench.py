@@ -87,6 +87,7 @@ def race(worker: Any, rows: list[tuple[Any, ...]], raw_path: Path) -> dict[str, 
         while True:
             with meter():
                 messages, new = consume_slice(worker, SLICE_EVENTS, latencies)
+                worker.env.DB.wait_checkpoints()  # charged here: the raw side gets the disk alone
             inserted += new
             if not messages:
                 break

@@ -3,9 +3,15 @@ rows it inserted, and statements run on the driver's cursor fail like any other 
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 
+from pipeline.bindings.db import Database
 from pipeline.env import Env
 from pipeline.errors import BindingError
 from pipeline.events import EVENT_COLUMNS
@@ -30,15 +36,33 @@ def stored(env: Env) -> list[str]:
         ([4], [4, 0], [1]),
     ],
 )
+@pytest.mark.parametrize("likely_present", [False, True])
 def test_insert_new_returns_the_positions_it_inserted(
-    env: Env, first: list[int], second: list[int], expected: list[int]
+    env: Env, first: list[int], second: list[int], expected: list[int], likely_present: bool
 ) -> None:
+    """`likely_present` (SQLite counts the stored keys first) changes nothing in the result."""
     db = env.DB
     with db.transaction() as conn:
         assert db.insert_new(conn, te, EVENT_COLUMNS, [row(i) for i in first], ("ts", "id")) == list(range(len(first)))
     with db.transaction() as conn:
-        assert db.insert_new(conn, te, EVENT_COLUMNS, [row(i) for i in second], ("ts", "id")) == expected
+        got = db.insert_new(conn, te, EVENT_COLUMNS, [row(i) for i in second], ("ts", "id"), likely_present)
+        assert got == expected
     assert stored(env) == sorted(f"id-{i}" for i in set(first) | set(second))
+
+
+def test_stored_keys_are_counted_exactly_whatever_the_id(env: Env) -> None:
+    """The count behind `likely_present` carries keys as JSON: ids with quotes, escapes and
+    non-ASCII text, and the largest timestamps, match exactly as stored."""
+    ids = ['q"uote', "back\\slash", "tab\tnew\nline", "ünïcødé-✓", "\u2028", "{}[],:"]
+    rows = [(2**63 - 1 - i, ident, *row(i)[2:]) for i, ident in enumerate(ids)]
+    db = env.DB
+    with db.transaction() as conn:
+        assert db.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id")) == list(range(len(rows)))
+    again = [*rows, (rows[0][0], "new", *rows[0][2:])]
+    with db.transaction() as conn:
+        assert db.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"), likely_present=True) == []
+        assert db.insert_new(conn, te, EVENT_COLUMNS, again, ("ts", "id"), likely_present=True) == [len(rows)]
+    assert stored(env) == sorted([*ids, "new"])
 
 
 def test_fast_path_errors_are_mapped_and_roll_back(env: Env) -> None:
@@ -86,3 +110,78 @@ def test_writers_of_one_process_queue_for_the_write_lock(tmp_path, monkeypatch: 
     finally:
         db.dispose()
     assert errors == [] and order == [("first", 1), ("second", 2)]
+
+
+def _blob_commits(db: Database, start: int, n: int, wait: bool = False) -> None:
+    for i in range(start, start + n):
+        with db.transaction() as conn:  # about four WAL pages a commit
+            conn.exec_driver_sql("INSERT INTO blobs VALUES (?, ?)", (i, bytes(8000)))
+        if wait:
+            db.wait_checkpoints()
+
+
+def _wal_pages(path: Path) -> float:
+    return path.stat().st_size / (4096 + 24)
+
+
+BlobDb = tuple[Database, Path, Any]  # the database, its WAL file, the binding's module
+
+
+@pytest.fixture
+def blob_db(tmp_path: Path) -> Iterator[BlobDb]:
+    from pipeline.bindings import db as dbm
+
+    db = dbm.Database(f"sqlite:///{tmp_path / 'c.db'}")
+    with db.transaction() as conn:  # the first commit
+        conn.exec_driver_sql("CREATE TABLE blobs (n INTEGER PRIMARY KEY, b BLOB)")
+    yield db, tmp_path / "c.db-wal", dbm
+    db.dispose()
+
+
+def test_the_writer_leaves_checkpoints_to_the_background(blob_db: BlobDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a wake-up the WAL only grows: SQLite's auto-checkpoint would have started it
+    over at 1000 pages."""
+    db, wal, dbm = blob_db
+    monkeypatch.setattr(dbm, "CHECKPOINT_COMMITS", 10**9)
+    monkeypatch.setattr(dbm, "CHECKPOINT_CHANGES", 10**9)
+    _blob_commits(db, 0, 500)
+    db.wait_checkpoints()
+    assert db._checkpointer.runs == 0
+    assert _wal_pages(wal) > 1400
+
+
+def test_background_checkpoints_keep_the_wal_small(blob_db: BlobDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken every 5 commits, the checkpointer copies the WAL back (past the page limit, once
+    more holding the writer lock), and the next commit starts the WAL over: 800 pages
+    written through a file that never holds 30."""
+    db, wal, dbm = blob_db
+    monkeypatch.setattr(dbm, "CHECKPOINT_COMMITS", 5)
+    monkeypatch.setattr(dbm, "WAL_LIMIT_PAGES", 10)
+    _blob_commits(db, 0, 199, wait=True)  # with the table's, 200 commits: 40 wake-ups
+    cp = db._checkpointer
+    assert (cp.runs, cp.locked_runs) == (40, 40)
+    assert _wal_pages(wal) < 30
+    con = sqlite3.connect(db.engine.url.database)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert con.execute("SELECT count(*) FROM blobs").fetchone() == (199,)
+    con.close()
+
+
+def test_a_failed_checkpoint_is_tried_again(blob_db: BlobDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    db, _wal, dbm = blob_db
+    monkeypatch.setattr(dbm, "CHECKPOINT_COMMITS", 3)
+    real, calls = db.engine.raw_connection, []
+
+    def flaky() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real()
+
+    monkeypatch.setattr(db.engine, "raw_connection", flaky)
+    _blob_commits(db, 0, 3)
+    db.wait_checkpoints()
+    assert (len(calls), db._checkpointer.runs) == (1, 0)
+    _blob_commits(db, 3, 3)
+    db.wait_checkpoints()
+    assert (len(calls), db._checkpointer.runs) == (2, 1)
