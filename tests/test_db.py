@@ -62,6 +62,9 @@ def test_stored_keys_are_counted_exactly_whatever_the_id(env: Env) -> None:
     with db.transaction() as conn:
         assert db.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"), likely_present=True) == []
         assert db.insert_new(conn, te, EVENT_COLUMNS, again, ("ts", "id"), likely_present=True) == [len(rows)]
+        if db.dialect == "sqlite":  # the count itself (a wrong one would only cost the insert)
+            keys = [r[:2] for r in again] + [(rows[0][0] - 9, ids[0]), (rows[0][0], ids[0] + " ")]
+            assert db._count_present(conn, te, ("ts", "id"), keys) == len(again)
     assert stored(env) == sorted([*ids, "new"])
 
 
@@ -185,3 +188,24 @@ def test_a_failed_checkpoint_is_tried_again(blob_db: BlobDb, monkeypatch: pytest
     _blob_commits(db, 3, 3)
     db.wait_checkpoints()
     assert (len(calls), db._checkpointer.runs) == (2, 1)
+
+
+def test_stored_keys_of_a_one_column_key_are_counted(env: Env) -> None:
+    meta = sa.MetaData()
+    keyed = sa.Table(
+        "one_key", meta, sa.Column("seq", sa.Integer, primary_key=True), sa.Column("k", sa.String(8), unique=True)
+    )
+    db = env.DB
+    meta.create_all(db.engine)
+    try:
+        with db.transaction() as conn:
+            assert db.insert_new(conn, keyed, ("k",), [("a",), ("b",)], ("k",)) == [0, 1]
+        with db.transaction() as conn:
+            assert db.insert_new(conn, keyed, ("k",), [("a",), ("c",)], ("k",), likely_present=True) == [1]
+            assert db.insert_new(conn, keyed, ("k",), [("b",), ("c",)], ("k",), likely_present=True) == []
+        with db.read() as conn:
+            assert sorted(conn.execute(sa.select(keyed.c.k)).scalars()) == ["a", "b", "c"]
+            if db.dialect == "sqlite":
+                assert db._count_present(conn, keyed, ("k",), ["a", "c", "z", "A"]) == 2
+    finally:
+        meta.drop_all(db.engine)

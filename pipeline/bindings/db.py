@@ -412,12 +412,16 @@ class Database:
         return [i for i, r in enumerate(rows) if tuple(r[j] for j in at) in new]
 
     def _count_present(self, conn: Connection, table: sa.Table, key: Sequence[str], keys: list[Any]) -> int:
-        """SQLite: how many of `keys` (values of the `key` columns) `table` holds."""
+        """SQLite: how many of `keys` (a value per row for a one-column `key`, else a tuple of
+        the `key` columns' values) `table` holds."""
 
         def build() -> Any:
             j = sa.func.json_each(sa.bindparam("keys")).table_valued("value").alias("j")
             item = j.c.value.op("->>")
-            match = [table.c[k] == item(sa.literal_column(str(i))) for i, k in enumerate(key)]
+            if len(key) == 1:
+                match = [table.c[key[0]] == j.c.value]
+            else:
+                match = [table.c[k] == item(sa.literal_column(str(i))) for i, k in enumerate(key)]
             return sa.select(sa.func.count()).select_from(j.join(table, sa.and_(*match)))
 
         stmt = self.cached(("count_present", table.name, tuple(key)), build)
