@@ -4,8 +4,10 @@ Per batch, in the one transaction the worker loop holds:
 1. validate each message, which holds one event or a JSON array of events; an invalid
    event is dead-lettered with a reason naming the field (no retries for poison: the
    message, or the single array element) and its valid siblings go on;
-2. insert the events with ON CONFLICT (ts, id) DO NOTHING … RETURNING, learning which rows
-   this transaction actually inserted;
+2. insert the events with ON CONFLICT (ts, id) DO NOTHING, learning which rows this
+   transaction actually inserted (after a batch of nothing but duplicates, as when a backlog
+   is delivered again, SQLite first counts the stored keys and skips an insert that would
+   add nothing: `Database.insert_new`'s `likely_present`);
 3. fold only those into hourly rows (`fold`) and add them to `path_stats_hourly` with
    additive upserts.
 A redelivered, retried or re-ingested event is therefore never counted twice: its insert
