@@ -76,7 +76,7 @@ class Checkpointer:
 
     A checkpoint ends with two fsyncs (the WAL, then the database file) whose cost follows
     the data written since the last one: done by SQLite's auto-checkpoint inside a commit
-    every 1000 pages, it took a third of a batch of 100 duplicates' time. Here the pinned
+    every 1000 pages, it took a quarter of a batch of 100 duplicates' time. Here the pinned
     writer connection has auto-checkpoints off (`wal_autocheckpoint=0`) and, every
     `CHECKPOINT_COMMITS` commits or `CHECKPOINT_CHANGES` changed rows, wakes this thread,
     which runs a PASSIVE checkpoint on its own connection (it waits for no reader or
