@@ -1,5 +1,6 @@
 """The DB binding's hot-path helpers on every database: `insert_new` reports exactly the
-rows it inserted, and statements run on the driver's cursor fail like any other statement."""
+rows it inserted (counting stored keys first or not), and statements run on the driver's
+cursor fail like any other statement. On SQLite, WAL checkpoints run in the background."""
 
 from __future__ import annotations
 
@@ -66,6 +67,27 @@ def test_stored_keys_are_counted_exactly_whatever_the_id(env: Env) -> None:
             keys = [r[:2] for r in again] + [(rows[0][0] - 9, ids[0]), (rows[0][0], ids[0] + " ")]
             assert db._count_present(conn, te, ("ts", "id"), keys) == len(again)
     assert stored(env) == sorted([*ids, "new"])
+
+
+def test_stored_keys_of_a_one_column_key_are_counted(env: Env) -> None:
+    meta = sa.MetaData()
+    keyed = sa.Table(
+        "one_key", meta, sa.Column("seq", sa.Integer, primary_key=True), sa.Column("k", sa.String(8), unique=True)
+    )
+    db = env.DB
+    meta.create_all(db.engine)
+    try:
+        with db.transaction() as conn:
+            assert db.insert_new(conn, keyed, ("k",), [("a",), ("b",)], ("k",)) == [0, 1]
+        with db.transaction() as conn:
+            assert db.insert_new(conn, keyed, ("k",), [("a",), ("c",)], ("k",), likely_present=True) == [1]
+            assert db.insert_new(conn, keyed, ("k",), [("b",), ("c",)], ("k",), likely_present=True) == []
+        with db.read() as conn:
+            assert sorted(conn.execute(sa.select(keyed.c.k)).scalars()) == ["a", "b", "c"]
+            if db.dialect == "sqlite":
+                assert db._count_present(conn, keyed, ("k",), ["a", "c", "z", "A"]) == 2
+    finally:
+        meta.drop_all(db.engine)
 
 
 def test_fast_path_errors_are_mapped_and_roll_back(env: Env) -> None:
@@ -188,24 +210,3 @@ def test_a_failed_checkpoint_is_tried_again(blob_db: BlobDb, monkeypatch: pytest
     _blob_commits(db, 3, 3)
     db.wait_checkpoints()
     assert (len(calls), db._checkpointer.runs) == (2, 1)
-
-
-def test_stored_keys_of_a_one_column_key_are_counted(env: Env) -> None:
-    meta = sa.MetaData()
-    keyed = sa.Table(
-        "one_key", meta, sa.Column("seq", sa.Integer, primary_key=True), sa.Column("k", sa.String(8), unique=True)
-    )
-    db = env.DB
-    meta.create_all(db.engine)
-    try:
-        with db.transaction() as conn:
-            assert db.insert_new(conn, keyed, ("k",), [("a",), ("b",)], ("k",)) == [0, 1]
-        with db.transaction() as conn:
-            assert db.insert_new(conn, keyed, ("k",), [("a",), ("c",)], ("k",), likely_present=True) == [1]
-            assert db.insert_new(conn, keyed, ("k",), [("b",), ("c",)], ("k",), likely_present=True) == []
-        with db.read() as conn:
-            assert sorted(conn.execute(sa.select(keyed.c.k)).scalars()) == ["a", "b", "c"]
-            if db.dialect == "sqlite":
-                assert db._count_present(conn, keyed, ("k",), ["a", "c", "z", "A"]) == 2
-    finally:
-        meta.drop_all(db.engine)

@@ -108,6 +108,24 @@ def test_ground_truth_can_fail(sqlite_url: str, make_env: MakeEnv) -> None:
             assert_aggregates_equal(env.DB, expected_aggregates([*truths, truths[0]]))
 
 
+def test_new_events_after_a_redelivered_batch_are_counted(sqlite_url: str, make_env: MakeEnv) -> None:
+    """After a batch of nothing but duplicates the consumer counts stored keys before it
+    inserts; the next batches, half new and all new, still store and count exactly their
+    new events."""
+    with freeze_time(NOW):
+        env = make_env(sqlite_url, consumer={"max_batch_size": 10})
+        pairs = make_events(seed=5, n=25, now_ms=NOW_MS)
+        bodies = [b for b, _ in pairs]
+        for part in (bodies[:10], bodies[:10], bodies[5:15], bodies[15:25]):
+            env.QUEUE.send_batch(part)
+        worker = Worker(env, TrafficConsumer(env.config).queue)
+        reports = []
+        while (result := worker.step(wait=0)) is not None:
+            reports.append((result.report.inserted, result.report.duplicates))
+        assert reports == [(10, 0), (0, 10), (5, 5), (10, 0)]
+        assert_aggregates_equal(env.DB, expected_aggregates([t for _, t in pairs]))
+
+
 # -- property: random interleavings ------------------------------------------------------
 
 plans = st.fixed_dictionaries(
