@@ -12,6 +12,7 @@ out-of-range number raises `ConfigError` whose one-line message names the key.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +53,15 @@ class Bindings(Section):
     @field_validator("db")
     @classmethod
     def _db(cls, v: str) -> str:
-        return _check_url(v, DB_SCHEMES)
+        _check_url(v, DB_SCHEMES)
+        parts = urlsplit(v)
+        if parts.scheme == "sqlite" and parts.netloc:
+            raise ValueError(f"{v!r}: a SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc}") from None
+        return v
 
     @field_validator("queue")
     @classmethod
@@ -80,8 +89,23 @@ class Consumer(Section):
 
 
 class PathRule(Section):
+    """A regex substitution applied to normalised paths; both halves are compiled here, so
+    a rule that cannot run fails at start-up instead of in every batch it matches."""
+
     pattern: str
     replacement: str
+
+    @model_validator(mode="after")
+    def _compiles(self) -> PathRule:
+        try:
+            compiled = re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {exc}") from None
+        try:
+            compiled.sub(self.replacement, "")  # the template is compiled even without a match
+        except (re.error, IndexError) as exc:
+            raise ValueError(f"replacement {self.replacement!r} does not fit pattern {self.pattern!r}: {exc}") from None
+        return self
 
 
 class Paths(Section):

@@ -56,6 +56,13 @@ class TransientError(BindingError):
     code = "transient_error"
 
 
+class DataError(BindingError):
+    """A backend refused a value (a constraint, an out-of-range number, text it cannot
+    store): the input is poison, and retrying it can never succeed."""
+
+    code = "data_error"
+
+
 class IntegrityError(EdgepipeError):
     """Stored data does not check out (checksum, row count, invariant)."""
 

@@ -8,16 +8,22 @@ the same fast path over a whole batch of bodies, checked in bulk.
 
 Fields: `id` (≤ 128 chars, the idempotency key; when absent the queue message id is
 used, which stays the same across redeliveries), `ts` (epoch milliseconds or RFC 3339,
-UTC; at most 5 minutes in the future), `method`, `path`, `status` (100–599),
-`response_time_ms` (finite, ≥ 0), optional `host`, `colo`, `bytes` (int ≥ 0). Unknown
-fields are ignored.
+UTC, an RFC 3339 string must carry its offset; at most 5 minutes in the future),
+`method`, `path`, `status` (100–599), `response_time_ms` (finite, 0 to `MAX_RESPONSE_TIME_MS`),
+optional `host`, `colo`, `bytes` (int, 0 to `MAX_BYTES`). Unknown fields are ignored.
+
+The bounds are what every backend can store and sum: `bytes` ≤ 2^40 (1 TiB) per event
+leaves an hourly row's 64-bit `bytes_sum` room for 8,388,608 maximal events (and any
+realistic hour), a response time of at most a day keeps `rt_sum_ms` finite, and no text
+field may hold NUL or a lone surrogate, which PostgreSQL cannot store. A value past them is
+refused at the door, naming the field, rather than failing a batch in the database.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from operator import attrgetter, methodcaller
 from typing import Annotated, Any
 
@@ -30,7 +36,11 @@ from pipeline.paths import PathNormalizer
 MAX_ID_LEN = 128
 MAX_FUTURE_MS = 5 * 60 * 1000
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_BYTES = 2**40
+MAX_RESPONSE_TIME_MS = 86_400_000.0  # a day
 _METHOD = re.compile(r"[A-Za-z]{1,16}")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, lone surrogates
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)")
 
 
 class Event(msgspec.Struct, gc=False):
@@ -43,10 +53,10 @@ class Event(msgspec.Struct, gc=False):
     method: str
     path: str  # normalised
     status: Annotated[int, msgspec.Meta(ge=100, le=599)]
-    response_time_ms: Annotated[float, msgspec.Meta(ge=0)]
+    response_time_ms: Annotated[float, msgspec.Meta(ge=0, le=MAX_RESPONSE_TIME_MS)]
     host: Annotated[str, msgspec.Meta(max_length=255)] = ""  # lower-cased
     colo: Annotated[str, msgspec.Meta(max_length=16)] | None = None
-    bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)] | None = None
 
     def values(self, overflow: int = 0) -> tuple[Any, ...]:
         """The `traffic_events` row, in `EVENT_COLUMNS` order."""
@@ -82,6 +92,14 @@ def _str(obj: dict[str, Any], name: str, max_len: int, default: str | None = Non
         raise ValidationError(name, f"must be a string, got {type(v).__name__}")
     if len(v) > max_len:
         raise ValidationError(name, f"longer than {max_len} characters ({len(v)})")
+    _storable(name, v)
+    return v
+
+
+def _storable(name: str, v: str) -> str:
+    bad = _UNSTORABLE.search(v)
+    if bad is not None:
+        raise ValidationError(name, f"contains {bad.group()!r} at position {bad.start()}, which cannot be stored")
     return v
 
 
@@ -94,11 +112,11 @@ def parse_ts(v: Any, now_ms: int) -> int:
         ts = int(v)
     elif isinstance(v, str):
         try:
+            if not _RFC3339.fullmatch(v):
+                raise ValueError(v)
             dt = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            raise ValidationError("ts", f"not RFC 3339: {v[:40]!r}") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
+            raise ValidationError("ts", f"not RFC 3339 with a UTC offset: {v[:40]!r}") from None
         ts = int(dt.timestamp() * 1000)
     else:
         raise ValidationError("ts", f"must be epoch milliseconds or an RFC 3339 string, got {type(v).__name__}")
@@ -125,7 +143,7 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
     if ts is None or method is None or path is None or status is None or rt is None:
         raise ValidationError(next(n for n in _REQUIRED if get(n) is None), "required")
     event_id = get("id")
-    if type(event_id) is not str or not 0 < len(event_id) <= MAX_ID_LEN:
+    if type(event_id) is not str or not 0 < len(event_id) <= MAX_ID_LEN or _UNSTORABLE.search(event_id):
         event_id = _str(obj, "id", MAX_ID_LEN) or fallback_id
     if not event_id:
         raise ValidationError("id", "required (or must be assigned by the producer)")
@@ -135,27 +153,30 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
         if not isinstance(method, str) or not _METHOD.fullmatch(method):
             raise ValidationError("method", f"must be an HTTP method token, got {str(method)[:20]!r}")
         method = method.upper()
-    if type(path) is not str or len(path) > normalizer.cfg.max_length:
+    if type(path) is not str or len(path) > normalizer.cfg.max_length or _UNSTORABLE.search(path):
         path = _str(obj, "path", normalizer.cfg.max_length)
     if not path.startswith("/"):
         raise ValidationError("path", "must start with '/'")
     if type(status) is not int or not 100 <= status <= 599:
         status = _int(obj, "status", 100, 599)
-    if type(rt) is not float or not 0 <= rt < math.inf:  # NaN fails the comparison too
+    if type(rt) is not float or not 0 <= rt <= MAX_RESPONSE_TIME_MS:  # NaN fails the comparison too
         if isinstance(rt, bool) or not isinstance(rt, int | float):
             raise ValidationError("response_time_ms", f"must be a number, got {type(rt).__name__}")
-        if not math.isfinite(rt) or rt < 0:
-            raise ValidationError("response_time_ms", f"must be finite and ≥ 0, got {rt}")
+        if not math.isfinite(rt) or not 0 <= rt <= MAX_RESPONSE_TIME_MS:
+            raise ValidationError("response_time_ms", f"must be between 0 and {MAX_RESPONSE_TIME_MS:.0f}, got {rt}")
         rt = float(rt)
     host = get("host")
     if host is not None:
         host = (host if type(host) is str and len(host) <= 255 else _str(obj, "host", 255)).lower()  # type: ignore[union-attr]
+        _storable("host", host)
     colo = get("colo")
     if colo is not None and (type(colo) is not str or len(colo) > 16):
         colo = _str(obj, "colo", 16)
+    if colo:
+        _storable("colo", colo)
     nbytes = get("bytes")
-    if nbytes is not None and (type(nbytes) is not int or nbytes < 0):
-        nbytes = _int(obj, "bytes", 0)
+    if nbytes is not None and (type(nbytes) is not int or not 0 <= nbytes <= MAX_BYTES):
+        nbytes = _int(obj, "bytes", 0, MAX_BYTES)
     return Event(event_id, ts, method, normalizer.normalize(path), status, rt, host or "", colo, nbytes)
 
 
@@ -179,10 +200,14 @@ def _complete(events: list[Event], normalizer: PathNormalizer, now_ms: int, min_
     paths = set(map(_PATH, events))
     if max(map(len, paths)) > normalizer.cfg.max_length or not all(map(_ROOTED, paths)):
         return False
+    hosts = set(map(_HOST, events))
+    colos = {c for c in map(_COLO, events) if c}
+    if "\x00" in "".join((*paths, *hosts, *colos, *map(_ID, events))):  # decoded JSON holds no lone surrogate
+        return False
     # Checked: from here on, complete the events (few distinct paths and hosts per batch;
     # most are already normal, and then the events are left as they are).
     path_of = {p: n for p, n in zip(paths, map(normalizer.normalize, paths), strict=True) if n != p}
-    host_of = {h: low for h in set(map(_HOST, events)) if (low := h.lower()) != h}
+    host_of = {h: low for h in hosts if (low := h.lower()) != h}
     if path_of or host_of:
         for ev in events:
             ev.path = path_of.get(ev.path, ev.path)
@@ -190,7 +215,7 @@ def _complete(events: list[Event], normalizer: PathNormalizer, now_ms: int, min_
     return True
 
 
-_TS, _ID, _PATH, _HOST, _METHOD_OF = (attrgetter(f) for f in ("ts", "id", "path", "host", "method"))
+_TS, _ID, _PATH, _HOST, _COLO, _METHOD_OF = (attrgetter(f) for f in ("ts", "id", "path", "host", "colo", "method"))
 _ROOTED = methodcaller("startswith", "/")
 
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from pipeline.bindings.db import Database
 from pipeline.env import Env
-from pipeline.errors import BindingError
+from pipeline.errors import BindingError, DataError
 from pipeline.events import EVENT_COLUMNS
 from pipeline.schema import traffic_events as te
 
@@ -93,13 +93,14 @@ def test_stored_keys_of_a_one_column_key_are_counted(env: Env) -> None:
 def test_fast_path_errors_are_mapped_and_roll_back(env: Env) -> None:
     db = env.DB
     plain = sa.insert(te)  # no ON CONFLICT: a duplicate key is an integrity error
-    with pytest.raises(sa.exc.IntegrityError), db.transaction() as conn:
+    with pytest.raises(DataError, match="uq_traffic_events_ts_id|UNIQUE constraint"), db.transaction() as conn:
         db.executemany(conn, plain, EVENT_COLUMNS, [row(1), row(2)])
         db.executemany(conn, plain, EVENT_COLUMNS, [row(3), row(2)])
     assert stored(env) == []
     missing = sa.table("no_such_table", sa.column("x")).select()
-    with pytest.raises(BindingError, match="no_such_table"), db.transaction() as conn:
+    with pytest.raises(BindingError, match="no_such_table") as caught, db.transaction() as conn:
         db.fetchall(conn, missing)
+    assert type(caught.value) is BindingError  # neither transient nor poison
 
 
 def test_writers_of_one_process_queue_for_the_write_lock(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,9 +24,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.errors import BindingError, TransientError
+from pipeline.errors import BindingError, ConfigError, DataError, TransientError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # The background checkpointer (see `Checkpointer`) is woken after this many commits or rows
@@ -167,14 +167,14 @@ class Database:
         self.url = url
         try:
             parsed = sa.make_url(url)
-        except sa.exc.ArgumentError as exc:
-            raise BindingError(f"bad database URL {url!r}: {exc}") from None
-        if parsed.get_backend_name() == "sqlite":
-            self.engine = _sqlite_engine(parsed)
-        else:
-            if parsed.drivername == "postgresql":
-                parsed = parsed.set(drivername="postgresql+psycopg")
-            self.engine = sa.create_engine(parsed, pool_pre_ping=True)
+            if parsed.get_backend_name() == "sqlite":
+                self.engine = _sqlite_engine(parsed)
+            else:
+                if parsed.drivername == "postgresql":
+                    parsed = parsed.set(drivername="postgresql+psycopg")
+                self.engine = sa.create_engine(parsed, pool_pre_ping=True)
+        except (sa.exc.ArgumentError, ValueError) as exc:
+            raise ConfigError(f"config error: bindings.db: bad database URL {url!r}: {str(exc).splitlines()[0]}") from None
         self.dialect: str = self.engine.dialect.name
         self._writer = self.engine.execution_options(edgepipe_begin="BEGIN IMMEDIATE")
         self._current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
@@ -549,17 +549,51 @@ def _json_rows(rows: Sequence[Sequence[Any]]) -> dict[str, str]:
     return {"rows": orjson.dumps(rows).decode()}
 
 
+# How a failed statement is classified (see `classify`): by SQLite's primary result code
+# and PostgreSQL's SQLSTATE, never by message text.
+SQLITE_TRANSIENT = {5, 6, 7, 8, 10, 13, 14, 15}  # BUSY LOCKED NOMEM READONLY IOERR FULL CANTOPEN PROTOCOL
+SQLITE_DATA = {18, 19, 20, 25}  # TOOBIG CONSTRAINT MISMATCH RANGE
+PG_TRANSIENT = ("08", "40", "53", "55P03", "57", "58")  # connection, rollback, resources, lock, shutdown, I/O
+PG_DATA = ("22", "23")  # data exception, integrity constraint violation
+
+
+def classify(exc: BaseException) -> type[BindingError]:
+    """The edgepipe error class of a driver exception (or SQLAlchemy's wrapper of one):
+    TransientError for faults that pass (a lock, a full disk, an I/O error, a dropped
+    connection, a serialization failure), DataError for values the database refuses
+    (constraints, overflows, text it cannot store: poison), BindingError otherwise."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return TransientError
+        exc = exc.orig or exc
+    if isinstance(exc, OverflowError):  # sqlite3: an int that does not fit in 64 bits
+        return DataError
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        primary = code & 0xFF
+        return TransientError if primary in SQLITE_TRANSIENT else DataError if primary in SQLITE_DATA else BindingError
+    state = getattr(exc, "sqlstate", None)
+    if state:
+        if state.startswith(PG_TRANSIENT):
+            return TransientError
+        return DataError if state.startswith(PG_DATA) else BindingError
+    if type(exc).__name__ in ("OperationalError", "InterfaceError"):  # psycopg: no SQLSTATE, the link broke
+        return TransientError
+    return BindingError
+
+
+_WHAT = {TransientError: "database unavailable", DataError: "database refused the data"}
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Map SQLAlchemy's exceptions into edgepipe's hierarchy at the binding boundary."""
+    """Map driver and SQLAlchemy exceptions into edgepipe's hierarchy at the binding
+    boundary (`classify`): no SQLAlchemy exception crosses it."""
     try:
         yield
-    except OperationalError as exc:
-        text = str(exc.orig)
-        if "locked" in text or "busy" in text or "could not connect" in text:
-            raise TransientError(f"database unavailable: {text}") from exc
-        raise BindingError(f"database error: {text}") from exc
-    except SQLAlchemyError as exc:
-        if isinstance(exc, sa.exc.IntegrityError):
-            raise
-        raise BindingError(f"database error: {exc}") from exc
+    except (SQLAlchemyError, OverflowError) as exc:
+        orig = getattr(exc, "orig", None) or exc
+        kind = classify(exc)
+        what = _WHAT.get(kind, "database error")
+        text = "; ".join(line.strip() for line in str(orig).splitlines() if line.strip())
+        raise kind(f"{what}: {type(orig).__name__}: {text}") from exc
