@@ -83,9 +83,13 @@ class Consumer(Section):
     max_batch_size: int = Field(100, ge=1, le=10_000)
     max_batch_timeout: float = Field(5.0, ge=0, le=60)
     max_retries: int = Field(3, ge=0, le=100)
-    retry_delay: float = Field(0.0, ge=0, le=43_200)
+    retry_delay: float = Field(10.0, ge=0, le=43_200)
     visibility_timeout: float = Field(30.0, ge=1, le=43_200)
     snapshot_every_batches: int = Field(10, ge=0, le=1_000_000)
+    # After a transient fault (a lock, a full disk, a dropped connection) the worker waits
+    # backoff_initial_s, doubling per failure up to backoff_max_s (jittered), and tries again.
+    backoff_initial_s: float = Field(0.5, gt=0, le=60)
+    backoff_max_s: float = Field(30.0, gt=0, le=3600)
 
 
 class PathRule(Section):

@@ -44,6 +44,7 @@ class Heartbeat:
     last_batch_at: float | None = None
     last_job_at: float | None = None
     batches: int = 0
+    state: str = "running"  # running, degraded (backing off a transient fault), stopping, stopped
     _last_beat: float = 0.0
 
     def batch_done(self) -> None:
@@ -53,9 +54,13 @@ class Heartbeat:
     def job_done(self) -> None:
         self.last_job_at = clock.now_s()
 
-    def beat(self, state: str = "running", force: bool = False) -> None:
-        """Write the row when due (or `force`). A failed write is logged, never raised:
-        the heartbeat must not stop the work it reports on."""
+    def beat(self, state: str | None = None, force: bool = False) -> None:
+        """Write the row when due (or `force`), in `state` (which becomes the current one).
+        A failed write is logged, never raised: the heartbeat must not stop the work it
+        reports on (a worker backing off a database fault cannot write it either)."""
+        if state is not None:
+            self.state = state
+        state = self.state
         now = clock.now_s()
         if not force and now - self._last_beat < BEAT_EVERY_S:
             return
@@ -81,7 +86,7 @@ class Heartbeat:
 
 
 def status(db: Any, queue_depth: int | None = None, now_s: float | None = None) -> dict[str, Any]:
-    """Every known worker with a verdict (`ok`, `stuck`, `stale`, `stopped`), and `healthy`:
+    """Every known worker with a verdict (`ok`, `degraded`, `stuck`, `stale`, `stopped`), and `healthy`:
     at least one worker is running and none is stuck or stale."""
     now = clock.now_s() if now_s is None else now_s
     with db.read() as conn:
@@ -93,6 +98,8 @@ def status(db: Any, queue_depth: int | None = None, now_s: float | None = None) 
         verdict, reason = "ok", ""
         if r.state == "stopped":
             verdict = "stopped"
+        elif r.state == "degraded" and now - r.last_seen_at <= STALE_AFTER_S:
+            verdict, reason = "degraded", "backing off a transient fault (see its log: event=worker_degraded)"
         elif now - r.last_seen_at > STALE_AFTER_S:
             verdict, reason = "stale", f"no heartbeat for {now - r.last_seen_at:.0f} s"
         elif queue_depth and (idle := now - (r.last_batch_at or r.started_at)) > IDLE_STUCK_AFTER_S:

@@ -25,15 +25,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pipeline import clock, log, meta
-from pipeline.bindings.queue import MessageBatch
+from pipeline.bindings.queue import DeadReason, MessageBatch
 from pipeline.env import Env
+from pipeline.errors import DataError, TransientError, ValidationError
 from pipeline.heartbeat import Heartbeat, process_name
 
 Handler = Callable[[MessageBatch, Env, "Context"], Any]
@@ -89,10 +93,13 @@ def _log_failure(fut: Future[Any]) -> None:
 @dataclass
 class StepResult:
     messages: int
-    ok: bool
+    ok: bool  # the batch committed whole at its first attempt
     report: Any = None
-    error: str | None = None
+    error: str | None = None  # the first failure, when not ok
     ms: float = 0.0
+    transient: bool = False  # a transient fault: nothing settled, the worker backs off `retry_in` seconds
+    retry_in: float = 0.0
+    isolated: int = 0  # messages that failed alone after the batch was split (dead-lettered or retried)
 
 
 @dataclass
@@ -110,6 +117,8 @@ class Worker:
     builder: Any = None  # a SnapshotBuilder, when refreshes build in a helper process
     _refreshing: Future[Any] | None = None
     _last_refresh: float = float("-inf")
+    _failures: int = 0  # transient failures in a row
+    _wake: threading.Event = field(default_factory=threading.Event)  # cuts a back-off short at a stop
 
     def __post_init__(self) -> None:
         if self.snapshot_every is None:
@@ -129,6 +138,7 @@ class Worker:
     def request_stop(self) -> None:
         """Take no new batch; the one in hand finishes."""
         self.stop_requested = True
+        self._wake.set()
 
     def drain(self) -> None:
         """Finish background work: a snapshot being built is published, background tasks
@@ -197,44 +207,146 @@ class Worker:
 
         A queue that shares the DB binding's transaction is waited on outside it and
         received inside it, so taking the messages, the handler's writes and the acks are
-        one commit; any other queue is received first and settled after the commit."""
+        one commit; any other queue is received first and settled after the commit.
+
+        A batch that fails inside its transaction is split to find its poison
+        (`_isolate`); a transient fault (`TransientError`: a lock, a full disk, a dropped
+        connection) settles nothing and counts no delivery: the step reports it and the
+        loop backs off (`_back_off`) until the fault clears."""
         self._publish_built()
         cfg = self.env.config.consumer
         queue = self.env.QUEUE
         wait_s = cfg.max_batch_timeout if wait is None else wait
-        shared = queue.shares_transaction
-        batch: MessageBatch | None = None
-        if shared:
-            queue.wait(cfg.max_batch_size, wait_s)
-        else:
-            batch = queue.receive(cfg.max_batch_size, wait_s)
-            if not batch.messages:
-                return None
+        received: MessageBatch | None = None
+        taken: list[MessageBatch] = []
         started = clock.monotonic()
-        count = None
         try:
-            with self.env.DB.transaction() as conn:
-                if shared:
-                    batch = queue.receive(cfg.max_batch_size, 0.0)
-                    if not batch.messages:
-                        return None
-                report = self.handler(batch, self.env, self.ctx)
-                if shared:
-                    queue.settle(batch)
-                if self.snapshot_every:  # last: the counter's row lock is held only to the commit
-                    count = meta.increment(self.env.DB, conn, BATCH_COUNTER)
-            if not shared:
-                queue.settle(batch)
-            result = StepResult(len(batch), True, report)
-        except Exception as exc:
-            if batch is None or not batch.messages:
+            if queue.shares_transaction:
+                queue.wait(cfg.max_batch_size, wait_s)
+                take = partial(queue.receive, cfg.max_batch_size, 0.0)
+            else:
+                received = queue.receive(cfg.max_batch_size, wait_s)
+                if not received.messages:
+                    return None
+                take = partial(_same, received)
+            started = clock.monotonic()
+            try:
+                report, count = self._transact(take, taken)
+                if not taken[-1].messages:
+                    return None
+                result = StepResult(len(taken[-1]), True, report)
+            except TransientError:
                 raise
-            error = f"{type(exc).__name__}: {exc}"
-            queue.settle(batch, failure=error)
-            result = StepResult(len(batch), False, error=error)
+            except Exception as exc:
+                if not taken or not taken[-1].messages:
+                    raise
+                result, count = self._isolate(taken[-1], exc), None
+        except TransientError as exc:
+            return self._back_off(received or (taken[-1] if taken else None), exc)
+        if self._failures:
+            log.event("worker_recovered", logging.WARNING, after_failures=self._failures)
+            self._failures = 0
+            if self.heartbeat is not None:
+                self.heartbeat.state = "running"
+        return self._done(result, started, count)
+
+    def _transact(self, take: Callable[[], MessageBatch], taken: list[MessageBatch]) -> tuple[Any, int | None]:
+        """Take a batch (`take` runs inside the transaction), run the handler and settle,
+        as one commit when the queue shares the DB's transaction. The batch taken is
+        appended to `taken`, so a caller can see it after a failure. Returns the handler's
+        report and the batch counter (None when no snapshots are due)."""
+        queue, count = self.env.QUEUE, None
+        with self.env.DB.transaction() as conn:
+            batch = take()
+            taken.append(batch)
+            if not batch.messages:
+                return None, None
+            report = self.handler(batch, self.env, self.ctx)
+            if queue.shares_transaction:
+                queue.settle(batch)
+            if self.snapshot_every:  # last: the counter's row lock is held only to the commit
+                count = meta.increment(self.env.DB, conn, BATCH_COUNTER)
+        if not queue.shares_transaction:
+            queue.settle(batch)
+        return report, count
+
+    def _isolate(self, batch: MessageBatch, exc: Exception) -> StepResult:
+        """Find the poison of a batch that failed inside its transaction, as Kafka Connect
+        does with errant records: split it in halves, each taken again (`Queue.retake`),
+        handled and committed in its own transaction, down to single messages. Every
+        message that can commit commits exactly once; one that fails alone is settled on
+        its own (`_fail_alone`). A batch of n messages with one poison costs about
+        2·log2(n) more transactions; nothing changes on the happy path."""
+        result = StepResult(len(batch), False, error=f"{type(exc).__name__}: {exc}")
+        reports: list[Any] = []
+        pending = [(batch, exc)]
+        while pending:
+            failed, error = pending.pop()
+            if len(failed) == 1:
+                self._fail_alone(failed, error)
+                result.isolated += 1
+                continue
+            mid = len(failed) // 2
+            for half in (failed.messages[:mid], failed.messages[mid:]):
+                sub = MessageBatch(failed.queue, half, failed.lease, None)
+                taken: list[MessageBatch] = []
+                try:
+                    report, count = self._transact(partial(self.env.QUEUE.retake, sub), taken)
+                except TransientError:
+                    raise
+                except Exception as inner:
+                    if taken and taken[-1].messages:
+                        pending.append((taken[-1], inner))
+                    continue
+                reports.append(report)
+                self._maybe_refresh(count)
+        result.report = _merged(reports)
+        return result
+
+    def _fail_alone(self, batch: MessageBatch, exc: Exception) -> None:
+        """A message that failed in a transaction of its own: poison (a value the database
+        refuses, an invalid event) goes to the DLQ at once with the real error; any other
+        error retries it, counted toward `max_retries`."""
+        msg = batch.messages[0]
+        error = f"{type(exc).__name__}: {exc}"
+        msg.decision = msg.error = msg.dead_parts = None
+        if isinstance(exc, DataError | ValidationError):
+            msg.dead_letter(DeadReason.POISON, error)
+        log.event("message_failed", logging.WARNING, message_id=msg.id, poison=msg.decision is not None, error=error)
+        self.env.QUEUE.settle(batch, failure=error)
+
+    def _back_off(self, batch: MessageBatch | None, exc: TransientError) -> StepResult:
+        """A transient fault: release a leased batch uncounted (a batch taken inside the
+        transaction went back with the rollback), report the worker degraded and wait
+        exponentially longer (capped, jittered) before the next try."""
+        if batch is not None and not self.env.QUEUE.shares_transaction:
+            with contextlib.suppress(Exception):  # the fault may stop this too: the lease then expires
+                self.env.QUEUE.release(batch)
+        cfg = self.env.config.consumer
+        self._failures += 1
+        ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** min(self._failures - 1, 30))
+        delay = random.uniform(ceiling / 2, ceiling)
+        error = f"{type(exc).__name__}: {exc}"
+        log.event("worker_degraded", logging.WARNING, failures=self._failures, backoff_s=round(delay, 2), error=error)
+        if self.heartbeat is not None:
+            self.heartbeat.state = "degraded"
+            self.heartbeat.beat(force=True)
+        result = StepResult(len(batch) if batch else 0, False, error=error, transient=True, retry_in=delay)
+        for callback in self.on_batch:
+            callback(result)
+        return result
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the last step met a transient fault (cleared by the next good step)."""
+        return self._failures > 0
+
+    def _done(self, result: StepResult, started: float, count: int | None) -> StepResult:
         result.ms = (clock.monotonic() - started) * 1000
         self.batches += 1
         fields = result.report.as_dict() if hasattr(result.report, "as_dict") else {}
+        if isinstance(result.report, dict):
+            fields = result.report
         log.event(
             "batch",
             logging.INFO if result.ok else logging.WARNING,
@@ -242,12 +354,11 @@ class Worker:
             ok=result.ok,
             ms=round(result.ms, 1),
             **fields,
-            **({"error": result.error} if result.error else {}),
+            **({"isolated": result.isolated, "error": result.error} if result.error else {}),
         )
-        if result.ok:
-            if self.heartbeat is not None:
-                self.heartbeat.batch_done()
-            self._maybe_refresh(count)
+        if self.heartbeat is not None and result.messages > result.isolated:  # something was committed
+            self.heartbeat.batch_done()
+        self._maybe_refresh(count)
         for callback in self.on_batch:
             callback(result)
         return result
@@ -260,6 +371,9 @@ class Worker:
             if self.heartbeat is not None:
                 self.heartbeat.beat()
             result = self.step(wait=0.0 if until_empty else None)
+            if result is not None and result.transient:
+                self._wake.wait(result.retry_in)
+                continue
             if result is None:
                 if until_empty:
                     break
@@ -268,6 +382,19 @@ class Worker:
             done += 1
         self.drain()
         return done
+
+
+def _same(batch: MessageBatch) -> MessageBatch:
+    return batch
+
+
+def _merged(reports: list[Any]) -> dict[str, int]:
+    """The counts of the handler reports of a split batch, added up."""
+    total: Counter[str] = Counter()
+    for report in reports:
+        if hasattr(report, "as_dict"):
+            total.update(report.as_dict())
+    return dict(total)
 
 
 class WorkerProcess:

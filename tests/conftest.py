@@ -81,6 +81,7 @@ def make_env(tmp_path: Path) -> Iterator[MakeEnv]:
         base = {"db": url, "archive": f"file://{tmp_path / 'archive'}"}
         sections["bindings"] = base | sections.get("bindings", {})
         sections.setdefault("consumer", {}).setdefault("max_batch_timeout", 0)
+        sections["consumer"].setdefault("retry_delay", 0)  # tests redeliver at once unless they say otherwise
         sections["cleaner"] = {"stats_file": str(tmp_path / "stats" / "lifetime_stats.json")} | sections.get(
             "cleaner", {}
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy as sa
+
 from consumers.traffic import TrafficConsumer
 from pipeline.bindings.queue import MessageBatch
 from pipeline.config import Config
@@ -38,3 +40,67 @@ class FaultyHandler:
         if call in self.fail:
             raise RuntimeError(f"injected failure in call {call}")
         return report
+
+
+def refuse_id(env: Env, event_id: str) -> None:
+    """A database that refuses the event `event_id` at insert, as it would an out-of-range
+    value: a trigger raising a constraint error (SQLite) or SQLSTATE 22003 (PostgreSQL)."""
+    with env.DB.transaction() as conn:
+        if env.DB.dialect == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER fault_refuse BEFORE INSERT ON traffic_events "
+                f"WHEN NEW.id = '{event_id}' BEGIN SELECT RAISE(ABORT, 'value out of range'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION fault_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.id = '{event_id}' THEN RAISE EXCEPTION 'value out of range' USING ERRCODE = '22003'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER fault_refuse BEFORE INSERT ON traffic_events "
+                "FOR EACH ROW EXECUTE FUNCTION fault_refuse()"
+            )
+
+
+class DiskFull:
+    """While `on`, every insert into `traffic_events` fails the way a full disk makes it
+    fail: SQLITE_FULL on SQLite (`max_page_count` pinned to the file's size on the writer
+    connection and on every connection checked out meanwhile) and SQLSTATE 53100 on PostgreSQL
+    (a trigger reading a flag table). A transient fault: nothing about the events is wrong."""
+
+    def __init__(self, env: Env) -> None:
+        self.env, self.on = env, False
+        if env.DB.dialect == "sqlite":
+            sa.event.listen(env.DB.engine, "checkout", self._pin)
+            return
+        with env.DB.transaction() as conn:
+            conn.exec_driver_sql("CREATE TABLE fault_disk_full (on_ boolean)")
+            conn.exec_driver_sql(
+                "CREATE FUNCTION fault_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF EXISTS (SELECT 1 FROM fault_disk_full) THEN "
+                "RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = '53100'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER fault_disk_full BEFORE INSERT ON traffic_events "
+                "FOR EACH ROW EXECUTE FUNCTION fault_disk_full()"
+            )
+
+    def _pin(self, dbapi_conn: Any, *_: Any) -> None:
+        pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages if self.on else 1073741823}")
+
+    def set(self, on: bool) -> None:
+        self.on = on
+        db = self.env.DB
+        if db.dialect == "sqlite":
+            with db.transaction() as conn:  # the pinned writer connection
+                raw = conn.connection.driver_connection
+                pages = raw.execute("PRAGMA page_count").fetchone()[0]
+                raw.execute(f"PRAGMA max_page_count = {pages if on else 1073741823}")
+            return
+        with db.transaction() as conn:
+            conn.exec_driver_sql("DELETE FROM fault_disk_full")
+            if on:
+                conn.exec_driver_sql("INSERT INTO fault_disk_full VALUES (true)")

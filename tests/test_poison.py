@@ -287,7 +287,7 @@ def test_rolled_back_batches_do_not_spend_the_path_budget(db_url: str, make_env:
     not count against the hour's cap afterwards."""
     env = make_env(db_url, paths={"max_paths_per_hour": 2}, consumer={"max_batch_size": 10, "max_retries": 0})
     hour_ms = (NOW_MS - 3 * HOUR_MS) // HOUR_MS * HOUR_MS
-    handler = FaultyHandler(env.config, fail={0}, crash=set())
+    handler = FaultyHandler(env.config, fail={0, 1, 2}, crash=set())  # the batch, then each half
     env.QUEUE.send_batch([path_event(0, "/gone1", hour_ms), path_event(1, "/gone2", hour_ms + 1)])
     drain(env, handler)
     assert env.QUEUE.stats()["dlq_retries_exhausted"] == 2  # nothing of that batch was stored

@@ -16,7 +16,7 @@ from freezegun.api import FrozenDateTimeFactory
 
 from pipeline.bindings.queue import MAX_MESSAGE_BYTES, REASON_INVALID, REASON_RETRIES, Message, MessageBatch
 from pipeline.env import Env
-from pipeline.errors import MessageTooLarge, ValidationError
+from pipeline.errors import DataError, MessageTooLarge, ValidationError
 from pipeline.schema import queue_messages
 from pipeline.worker import Worker
 from tests.conftest import MakeEnv
@@ -249,18 +249,40 @@ def test_failure_retries_everything_but_dead_letters(env: Env) -> None:
 
 
 def test_handler_exception_through_worker(env: Env) -> None:
+    """A handler error isolates the message that causes it: the rest of the batch commits
+    (the invalid one to the DLQ), the culprit alone is retried, its delivery counted."""
     env.QUEUE.send_batch([{"n": i} for i in range(5)])
 
     def handler(batch: MessageBatch, env: Env, ctx: Any) -> None:
-        batch.messages[0].ack()
-        batch.messages[1].dead_letter(REASON_INVALID, "n: poison")
-        raise ValueError("handler broke")
+        for m in batch:
+            if m.body["n"] == 1:
+                m.dead_letter(REASON_INVALID, "n: poison")
+        if any(m.body["n"] == 3 for m in batch):
+            raise ValueError("handler broke")
 
     result = Worker(env, handler).step(wait=0)
     assert result is not None and not result.ok
     assert result.error == "ValueError: handler broke"
-    assert stats(env) == {"pending": 4, "in_flight": 0, "dlq": 1}
+    assert result.isolated == 1
+    assert stats(env) == {"pending": 1, "in_flight": 0, "dlq": 1}
     assert env.QUEUE.dlq_list()[0]["error"] == "n: poison"
+    (left,) = receive_all(env).messages
+    assert (left.body, left.attempts) == ({"n": 3}, 2)
+
+
+def test_a_value_the_database_refuses_is_dead_lettered_alone_as_poison(env: Env) -> None:
+    env.QUEUE.send_batch([{"n": i} for i in range(8)])
+
+    def handler(batch: MessageBatch, env: Env, ctx: Any) -> None:
+        if any(m.body["n"] == 5 for m in batch):
+            raise DataError("database refused the data: integer out of range")
+
+    result = Worker(env, handler).step(wait=0)
+    assert result is not None and result.isolated == 1
+    assert env.QUEUE.stats() == {"pending": 0, "in_flight": 0, "dlq": 1, "dlq_poison": 1}
+    (dead,) = env.QUEUE.dlq_list()
+    assert dead["body"] == '{"n":5}'
+    assert dead["reason"] == "poison" and dead["error"] == "DataError: database refused the data: integer out of range"
 
 
 def test_handler_writes_roll_back_with_the_batch(env: Env) -> None:
@@ -353,12 +375,13 @@ def test_failing_handler_exhausts_retries_through_the_worker(make_env: MakeEnv, 
 
     worker = Worker(env, handler)
     while worker.step(wait=0) is not None:
-        assert len(calls) <= 3, calls
-    assert calls == [[1, 1], [2, 2], [3, 3]]
+        assert len(calls) <= 9, calls
+    # each delivery: the batch, then each half alone (which finds no single culprit)
+    assert calls == [[1, 1], [1], [1], [2, 2], [2], [2], [3, 3], [3], [3]]
     assert stats(env) == {"pending": 0, "in_flight": 0, "dlq": 2}
     dead = env.QUEUE.dlq_list()
     assert {d["reason"] for d in dead} == {REASON_RETRIES}
-    assert all("broken handler, call 3" in d["error"] for d in dead)
+    assert {d["error"].rsplit(", call ", 1)[1] for d in dead} == {"8", "9"}
 
 
 def test_explicit_retries_also_exhaust(make_env: MakeEnv, db_url: str) -> None:

@@ -174,7 +174,8 @@ class Database:
                     parsed = parsed.set(drivername="postgresql+psycopg")
                 self.engine = sa.create_engine(parsed, pool_pre_ping=True)
         except (sa.exc.ArgumentError, ValueError) as exc:
-            raise ConfigError(f"config error: bindings.db: bad database URL {url!r}: {str(exc).splitlines()[0]}") from None
+            reason = str(exc).splitlines()[0]
+            raise ConfigError(f"config error: bindings.db: bad database URL {url!r}: {reason}") from None
         self.dialect: str = self.engine.dialect.name
         self._writer = self.engine.execution_options(edgepipe_begin="BEGIN IMMEDIATE")
         self._current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(

@@ -27,6 +27,7 @@ import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import msgspec
@@ -37,10 +38,17 @@ from pipeline.errors import MessageTooLarge, ValidationError
 MAX_MESSAGE_BYTES = 128 * 1024
 MAX_BATCH_MESSAGES = 10_000
 
-# Reasons recorded in the DLQ.
-REASON_INVALID = "invalid"
-REASON_RETRIES = "retries_exhausted"
-REASON_TOO_LATE = "too_late"
+
+class DeadReason(StrEnum):
+    """Why a message is in the DLQ (its `reason`; the `error` column has the detail)."""
+
+    INVALID = "invalid"  # the validator refused it, naming the field
+    TOO_LATE = "too_late"  # older than the archive watermark
+    POISON = "poison"  # it failed alone, in a transaction of its own, on a value the database refuses
+    RETRIES = "retries_exhausted"  # it failed 1 + max_retries deliveries
+
+
+REASON_INVALID, REASON_TOO_LATE, REASON_RETRIES = DeadReason.INVALID, DeadReason.TOO_LATE, DeadReason.RETRIES
 
 
 def encode_body(body: Any) -> tuple[bytes, str]:
@@ -181,6 +189,20 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     def settle(self, batch: MessageBatch, failure: str | None = None) -> None:
         """Apply the batch's decisions (see the module docstring)."""
+
+    def retake(self, batch: MessageBatch) -> MessageBatch:
+        """The messages of `batch` (part of a batch whose transaction failed) as a fresh
+        batch with no decision taken, to be handled again: the worker splits a failed batch
+        to find its poison. Backends that share the DB binding's transaction take them again
+        inside the caller's transaction (those still waiting; another consumer may have
+        taken some meanwhile); the others still hold them under the batch's lease."""
+        fresh = [msgspec.structs.replace(m, decision=None, delay=None, error=None, dead_parts=None) for m in batch]
+        return MessageBatch(batch.queue, fresh, batch.lease, batch.taken_at)
+
+    def release(self, batch: MessageBatch) -> None:  # noqa: B027 (nothing to do for most backends)
+        """Make a leased batch's messages visible again at once without counting the
+        delivery (a transient fault stopped the consumer, not the messages). Messages
+        already settled are left alone."""
 
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:

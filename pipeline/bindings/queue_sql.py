@@ -101,6 +101,34 @@ class SqlQueue(Queue):
         bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
         return [Message(mid, at, n + bump, data, kind, seq) for seq, mid, at, n, kind, data in rows]
 
+    def retake(self, batch: MessageBatch) -> MessageBatch:
+        if batch.lease:
+            return super().retake(batch)
+        stmt = self.db.cached(("queue_retake", self.name), self._retake_statement)
+        now = clock.now_s()
+        with self.db.transaction() as conn:
+            rows = conn.execute(stmt, {"now": now, "seqs": [m.handle for m in batch]}).all()
+        messages = [Message(mid, at, n + 1, data, kind, seq) for seq, mid, at, n, kind, data in rows]
+        return MessageBatch(self.name, messages)  # no taken_at: settle deletes these rows, never a range
+
+    def _retake_statement(self) -> sa.Select[Any]:
+        stmt = (
+            sa.select(*RETURNED)
+            .where(q.c.seq.in_(sa.bindparam("seqs", expanding=True)), q.c.visible_at <= sa.bindparam("now"))
+            .order_by(q.c.seq)
+        )
+        return stmt.with_for_update(skip_locked=True) if self.db.dialect == "postgresql" else stmt
+
+    def release(self, batch: MessageBatch) -> None:
+        if not batch.lease:
+            return  # taken inside a transaction: its rollback released them
+        with self.db.transaction() as conn:
+            conn.execute(
+                q.update()
+                .where(q.c.seq.in_([m.handle for m in batch]), q.c.lease == batch.lease)
+                .values(attempts=q.c.attempts - 1, visible_at=clock.now_s(), lease=None)
+            )
+
     def wait(self, max_messages: int, wait_seconds: float) -> None:
         deadline = clock.monotonic() + wait_seconds
         if wait_seconds <= 0:
@@ -159,7 +187,8 @@ class SqlQueue(Queue):
         with self.db.transaction() as conn:
             if acks and batch.lease and len(acks) == len(batch.messages):  # a range guarded by the lease
                 conn.execute(self._delete_range(), {"lo": min(acks), "hi": max(acks), "lease": batch.lease})
-            elif acks and not batch.lease and len(acks) == len(batch.messages) and self.db.dialect == "sqlite":
+            elif acks and not batch.lease and len(acks) == len(batch.messages) and batch.taken_at is not None \
+                    and self.db.dialect == "sqlite":  # fmt: skip
                 # Taken in this transaction under SQLite's write lock: the rows of the range
                 # that the take's own condition selects are exactly the batch.
                 self.db.execute(

@@ -1,0 +1,135 @@
+"""A failure inside a batch's transaction never takes valid events with it: a poison message
+is found by splitting the batch and dead-lettered alone with the real error; a transient
+fault (a full disk, a lock, a dropped connection) dead-letters nothing and counts no
+delivery, and the worker resumes when it clears. Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from freezegun import freeze_time
+
+from consumers.traffic import TrafficConsumer
+from pipeline.env import Env
+from pipeline.heartbeat import Heartbeat
+from pipeline.heartbeat import status as worker_status
+from pipeline.schema import queue_messages
+from pipeline.worker import Worker
+from tests.conftest import MakeEnv
+from tests.faults import NOW, NOW_MS, DiskFull, refuse_id
+from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
+
+
+@pytest.fixture(autouse=True)
+def frozen() -> Iterator[Any]:
+    with freeze_time(NOW) as f:
+        yield f
+
+
+def _send(env: Env, n: int, seed: int = 3) -> list[Any]:
+    pairs = make_events(seed=seed, n=n, now_ms=NOW_MS)
+    env.QUEUE.send_batch([body for body, _ in pairs])
+    return pairs
+
+
+def _attempts(env: Env) -> set[int]:
+    with env.DB.read() as conn:
+        return set(conn.execute(sa.select(queue_messages.c.attempts)).scalars())
+
+
+def test_one_poison_in_a_batch_of_1000(db_url: str, make_env: MakeEnv) -> None:
+    env = make_env(db_url, consumer={"max_batch_size": 1000})
+    pairs = _send(env, 1000)
+    poison_body, poison = pairs[617]
+    refuse_id(env, poison.id)
+    worker = Worker(env, TrafficConsumer(env.config).queue)
+
+    result = worker.step(wait=0)
+    assert result is not None and result.messages == 1000 and result.isolated == 1
+    assert result.report["inserted"] == 999
+    assert worker.step(wait=0) is None  # nothing left to retry
+    stats = env.QUEUE.stats()
+    assert (stats["pending"], stats["dlq"], stats["dlq_poison"]) == (0, 1, 1)
+    (dead,) = env.QUEUE.dlq_list()
+    assert poison.id in dead["body"]
+    assert dead["error"].startswith("DataError: database refused the data") and "out of range" in dead["error"]
+    assert_aggregates_equal(env.DB, expected_aggregates(t for i, (_, t) in enumerate(pairs) if i != 617))
+
+
+def test_redriven_poison_comes_back_alone(db_url: str, make_env: MakeEnv) -> None:
+    env = make_env(db_url, consumer={"max_batch_size": 100})
+    pairs = _send(env, 100)
+    refuse_id(env, pairs[40][1].id)
+    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker.step(wait=0)
+    _send(env, 50, seed=4)
+    assert env.QUEUE.dlq_redrive() == 1
+    result = worker.step(wait=0)
+    assert result is not None and result.messages == 51 and result.isolated == 1
+    assert result.report["inserted"] == 50
+    assert env.QUEUE.stats()["dlq_poison"] == 1
+
+
+def test_a_transient_fault_dead_letters_nothing(db_url: str, make_env: MakeEnv) -> None:
+    env = make_env(db_url, consumer={"max_batch_size": 100, "max_retries": 1})
+    pairs = _send(env, 1000)
+    fault = DiskFull(env)
+    heartbeat = Heartbeat(env.DB, "test-worker")
+    worker = Worker(env, TrafficConsumer(env.config).queue, heartbeat=heartbeat)
+    fault.set(True)
+    for _ in range(6):  # more failures than max_retries allows deliveries
+        result = worker.step(wait=0)
+        assert result is not None and result.transient, result
+        assert result.messages == 100 and result.retry_in > 0
+        assert worker.degraded and heartbeat.state == "degraded"
+    stats = env.QUEUE.stats()
+    assert (stats["pending"], stats["dlq"]) == (1000, 0)
+    assert _attempts(env) == {0}  # no delivery counted
+    (seen,) = worker_status(env.DB)["workers"]
+    assert seen["verdict"] == "degraded"
+    fault.set(False)
+    while (result := worker.step(wait=0)) is not None:
+        assert result.ok, result
+    assert not worker.degraded and heartbeat.state == "running"
+    heartbeat.beat(force=True)
+    assert worker_status(env.DB)["workers"][0]["verdict"] == "ok"
+    stats = env.QUEUE.stats()
+    assert (stats["pending"], stats["dlq"]) == (0, 0)
+    assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
+
+
+def test_back_off_doubles_up_to_its_cap(sqlite_url: str, make_env: MakeEnv) -> None:
+    env = make_env(sqlite_url, consumer={"backoff_initial_s": 1, "backoff_max_s": 4})
+    _send(env, 1000)  # enough that a batch needs new pages
+    fault = DiskFull(env)
+    fault.set(True)
+    worker = Worker(env, TrafficConsumer(env.config).queue)
+    delays = [worker.step(wait=0).retry_in for _ in range(5)]  # type: ignore[union-attr]
+    for delay, ceiling in zip(delays, (1, 2, 4, 4, 4), strict=True):
+        assert ceiling / 2 <= delay <= ceiling  # jittered below the ceiling
+
+
+def test_the_loop_waits_out_the_fault_and_resumes(sqlite_url: str, make_env: MakeEnv) -> None:
+    """`run()` itself: it backs off (here the wait is replaced by one that clears the fault
+    after three waits, so no real time passes) and drains once the fault is gone."""
+    env = make_env(sqlite_url, consumer={"max_batch_size": 50})
+    pairs = _send(env, 200)
+    fault = DiskFull(env)
+    fault.set(True)
+    worker = Worker(env, TrafficConsumer(env.config).queue)
+    waits: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 3:
+            fault.set(False)
+        return False
+
+    worker._wake.wait = wait  # type: ignore[method-assign]
+    assert worker.run(until_empty=True) == 4
+    assert len(waits) == 3
+    assert env.QUEUE.stats()["dlq"] == 0
+    assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
