@@ -184,7 +184,7 @@ def test_ingest_all_valid_exits_0(ready: Cli, tmp_path: Path) -> None:
 def test_ingest_malformed_array(ready: Cli) -> None:
     result = ready("ingest", "-", "--json", input=b'[{"a": 1},')
     assert result.exit_code == 3
-    assert orjson.loads(result.stdout) == {"enqueued": 0, "rejected": 1}
+    assert orjson.loads(result.stdout) == {"enqueued": 0, "rejected": 2}  # element 1 (no ts), then the fault
     assert "malformed JSON array" in result.stderr
 
 

@@ -77,35 +77,50 @@ def db_current(state: Any) -> None:
 def ingest(state: Any, source: Any, as_json: bool) -> None:
     """Validate events from SOURCE (NDJSON or a JSON array, `-` for stdin) and enqueue them.
 
-    Rejected lines are reported on stderr with their line numbers; the valid ones are
-    enqueued. Exits 3 when any line was rejected."""
+    Rejected lines (array elements are numbered as lines) are reported on stderr with their
+    line numbers; the valid ones are enqueued. Exits 3 when any line was rejected. When the
+    queue fails part-way, says how many events were enqueued, through which line, and exits
+    with the error's code (`--json` adds "last_line" and "error")."""
+    from pipeline.errors import EdgepipeError
     from pipeline.paths import PathNormalizer
+    from pipeline.producer import IngestResult, read_records
     from pipeline.producer import ingest as run_ingest
-    from pipeline.producer import read_records
 
     env = state.env()
     normalizer = PathNormalizer(env.config.paths)
     stream = source
     if not hasattr(stream, "peek"):  # a JSON array is recognised by peeking at its first bytes
         stream = getattr(stream, "buffer", None) or io.BufferedReader(stream)
-    if sys.stderr.isatty() and not as_json:
-        from rich.progress import Progress, SpinnerColumn, TextColumn
+    result = IngestResult()  # filled as it goes: still there when the queue fails
+    failure: EdgepipeError | None = None
+    try:
+        if sys.stderr.isatty() and not as_json:
+            from rich.progress import Progress, SpinnerColumn, TextColumn
 
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:
-            task = bar.add_task("enqueued 0 events")
-            done = [0]
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:
+                task = bar.add_task("enqueued 0 events")
+                done = [0]
 
-            def advance(n: int) -> None:
-                done[0] += n
-                bar.update(task, description=f"enqueued {done[0]:,} events")
+                def advance(n: int) -> None:
+                    done[0] += n
+                    bar.update(task, description=f"enqueued {done[0]:,} events")
 
-            result = run_ingest(read_records(stream), env.QUEUE, normalizer, advance)
-    else:
-        result = run_ingest(read_records(stream), env.QUEUE, normalizer)
+                run_ingest(read_records(stream), env.QUEUE, normalizer, advance, result=result)
+        else:
+            run_ingest(read_records(stream), env.QUEUE, normalizer, result=result)
+    except EdgepipeError as exc:
+        failure = exc
     for number, reason in result.rejected[:50]:
         click.echo(f"line {number}: {reason}", err=True)
     if len(result.rejected) > 50:
         click.echo(f"… and {len(result.rejected) - 50} more rejected lines", err=True)
+    if failure is not None:
+        if as_json:
+            emit_json({"enqueued": result.enqueued, "rejected": len(result.rejected),
+                       "last_line": result.last_line, "error": str(failure)})  # fmt: skip
+        lines = f" (lines 1-{result.last_line})" if result.enqueued else ""
+        click.echo(f"edgepipe: enqueued {result.enqueued} events{lines} before the failure: {failure}", err=True)
+        sys.exit(failure.exit_code)
     if as_json:
         emit_json({"enqueued": result.enqueued, "rejected": len(result.rejected)})
     else:
