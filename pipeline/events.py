@@ -103,6 +103,15 @@ def _storable(name: str, v: str) -> str:
     return v
 
 
+def storable(text: str) -> str:
+    """`text` with what no backend can store (NUL, lone surrogates) percent-encoded: for a
+    producer that records what it saw rather than validating it (the traffic collector,
+    where a request for `/a%00b` arrives decoded as `/a\x00b`)."""
+    if _UNSTORABLE.search(text) is None:
+        return text
+    return _UNSTORABLE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), text)
+
+
 def parse_ts(v: Any, now_ms: int) -> int:
     if isinstance(v, bool):
         raise ValidationError("ts", "must be epoch milliseconds or an RFC 3339 string, got bool")

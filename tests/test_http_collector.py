@@ -260,3 +260,25 @@ async def test_event_fields_host_time_and_size() -> None:
 
 async def _discard(message: Any) -> None:
     return None
+
+
+async def test_a_path_with_nul_is_recorded_percent_encoded_and_stored(make_env: Any, sqlite_url: str) -> None:
+    """A request for `/files/a%00b` reaches the app decoded, with a NUL that no backend can
+    store: the collector records it percent-encoded, so the consumer stores the event."""
+    env = make_env(sqlite_url)
+    stats = CollectorStats()
+    app = small_app(queue=env.QUEUE, stats=stats)
+    async with lifespan(app), client_for(app) as c:
+        await c.get("/files/a%00b")
+        await c.get("/files/plain")
+    consume_all(env)
+    assert env.QUEUE.stats()["dlq"] == 0
+    assert {r["path"] for r in queries.hourly(env.DB)} == {"/files/a%00b", "/files/plain"}
+
+
+def test_storable_encodes_only_what_cannot_be_stored() -> None:
+    from pipeline.events import storable
+
+    assert storable("/plain/ü") == "/plain/ü"
+    assert storable("/a\x00b") == "/a%00b"
+    assert storable("/s\ud800") == "/s%ED%A0%80"

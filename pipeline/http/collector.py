@@ -29,6 +29,7 @@ from typing import Any
 from pipeline import clock, log
 from pipeline.bindings.queue import Queue
 from pipeline.config import Paths
+from pipeline.events import MAX_RESPONSE_TIME_MS, storable
 from pipeline.http.client import HttpSink, QueueSink, Sink
 from pipeline.ids import uuid7_batch
 from pipeline.paths import PathNormalizer
@@ -205,7 +206,8 @@ class TrafficCollector:
             uuid7_batch(len(records) // FIELDS), *[fields] * FIELDS, strict=True
         ):
             template = getattr(route, "path_format", None)
-            full = (root_path + template if template else self.normalizer.normalize(root_path + path))[:max_length]
+            full = storable(root_path + template if template else self.normalizer.normalize(root_path + path))
+            full = full[:max_length]
             if type(host) is bytes:
                 host = _hostname(host)
             event = {
@@ -214,7 +216,7 @@ class TrafficCollector:
                 "method": method,
                 "path": full,
                 "status": status,
-                "response_time_ms": round((ended - started) * 1000, 3),
+                "response_time_ms": min(round((ended - started) * 1000, 3), MAX_RESPONSE_TIME_MS),
                 "host": self.host or host,
                 "bytes": nbytes,
             }
