@@ -21,9 +21,10 @@ from pipeline.errors import EdgepipeError, ValidationError
 class State:
     """Lazily loaded configuration and bindings, shared by the sub-commands of one call."""
 
-    def __init__(self, config_path: str | None, env_name: str | None) -> None:
+    def __init__(self, config_path: str | None, env_name: str | None, debug: bool = False) -> None:
         self.config_path = config_path
         self.env_name = env_name
+        self.debug = debug
         self._env: Env | None = None
 
     @cached_property
@@ -42,6 +43,10 @@ class State:
 
 
 class App(click.Group):
+    """Maps errors to one line on stderr and an exit code: edgepipe's own by their class, any
+    other (a bug, an unmapped library error) to exit 1, its traceback logged at DEBUG and
+    printed with `--debug`."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -50,6 +55,15 @@ class App(click.Group):
             ctx.exit(exc.exit_code)
         except BrokenPipeError:
             sys.stderr.close()
+            ctx.exit(1)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if isinstance(ctx.obj, State) and ctx.obj.debug:
+                raise
+            log.logger.debug("unexpected error", exc_info=True)
+            text = " ".join(str(exc).split())[:500]
+            click.echo(f"edgepipe: unexpected error: {type(exc).__name__}: {text} (--debug shows where)", err=True)
             ctx.exit(1)
 
 
@@ -61,12 +75,13 @@ class App(click.Group):
 @click.option(
     "--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
 )
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (and log at DEBUG).")
 @click.version_option(package_name="edgepipe")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, env_name: str | None, log_level: str) -> None:
+def main(ctx: click.Context, config_path: str | None, env_name: str | None, log_level: str, debug: bool) -> None:
     """edgepipe: a self-hosted edge traffic pipeline."""
-    log.setup(log_level)
-    state = State(config_path, env_name)
+    log.setup("DEBUG" if debug else log_level)
+    state = State(config_path, env_name, debug)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
