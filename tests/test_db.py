@@ -93,7 +93,7 @@ def test_stored_keys_of_a_one_column_key_are_counted(env: Env) -> None:
 def test_fast_path_errors_are_mapped_and_roll_back(env: Env) -> None:
     db = env.DB
     plain = sa.insert(te)  # no ON CONFLICT: a duplicate key is an integrity error
-    with pytest.raises(DataError, match="uq_traffic_events_ts_id|UNIQUE constraint"), db.transaction() as conn:
+    with pytest.raises(DataError, match=r"uq_traffic_events_ts_id|UNIQUE constraint"), db.transaction() as conn:
         db.executemany(conn, plain, EVENT_COLUMNS, [row(1), row(2)])
         db.executemany(conn, plain, EVENT_COLUMNS, [row(3), row(2)])
     assert stored(env) == []

@@ -418,5 +418,5 @@ def test_a_batch_with_nul_goes_the_slow_way_and_names_the_field() -> None:
     raws = [orjson.dumps(good(id=f"e{i}", method="GET", path="/ok")) for i in range(3)]
     raws.append(orjson.dumps(good(id="bad", method="GET", path="/x\x00y")))
     assert decode_batch(raws, NORM, NOW_MS, 0) is None
-    with pytest.raises(ValidationError, match="^path: "):
+    with pytest.raises(ValidationError, match=r"^path: "):
         decode_message(raws[-1], NORM, NOW_MS)

@@ -43,7 +43,7 @@ def _attempts(env: Env) -> set[int]:
 def test_one_poison_in_a_batch_of_1000(db_url: str, make_env: MakeEnv) -> None:
     env = make_env(db_url, consumer={"max_batch_size": 1000})
     pairs = _send(env, 1000)
-    poison_body, poison = pairs[617]
+    _, poison = pairs[617]
     refuse_id(env, poison.id)
     worker = Worker(env, TrafficConsumer(env.config).queue)
 
