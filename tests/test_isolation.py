@@ -133,3 +133,22 @@ def test_the_loop_waits_out_the_fault_and_resumes(sqlite_url: str, make_env: Mak
     assert len(waits) == 3
     assert env.QUEUE.stats()["dlq"] == 0
     assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
+
+
+def test_metrics_show_a_degraded_consumer(sqlite_url: str, make_env: MakeEnv) -> None:
+    from pipeline.http.metrics import Metrics
+
+    env = make_env(sqlite_url)
+    _send(env, 1000)
+    metrics = Metrics(env)
+    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker.on_batch.append(metrics.observe_batch)
+    fault = DiskFull(env)
+    fault.set(True)
+    worker.step(wait=0)
+    text = metrics.render().decode()
+    assert "edgepipe_consumer_degraded 1.0" in text
+    assert 'edgepipe_batches_total{outcome="transient"} 1.0' in text
+    fault.set(False)
+    worker.step(wait=0)
+    assert "edgepipe_consumer_degraded 0.0" in metrics.render().decode()

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -82,11 +82,20 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.batches = Counter("edgepipe_batches", "Consumer batches by outcome", ["outcome"], registry=r)
+        self.batches = Counter(
+            "edgepipe_batches", "Consumer batches by outcome (ok, failed, transient)", ["outcome"], registry=r
+        )
+        self.degraded = Gauge(
+            "edgepipe_consumer_degraded", "1 while a consumer of this process backs off a transient fault", registry=r
+        )
         r.register(_BindingCollector(env))
 
     def observe_batch(self, result: Any) -> None:
         """A `Worker.on_batch` callback."""
+        self.degraded.set(1 if result.transient else 0)
+        if result.transient:
+            self.batches.labels("transient").inc()
+            return
         self.batch_latency.observe(result.ms / 1000)
         self.batches.labels("ok" if result.ok else "failed").inc()
 
