@@ -5,6 +5,7 @@ delivery, and the worker resumes when it clears. Runs on SQLite and PostgreSQL."
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -152,3 +153,29 @@ def test_metrics_show_a_degraded_consumer(sqlite_url: str, make_env: MakeEnv) ->
     fault.set(False)
     worker.step(wait=0)
     assert "edgepipe_consumer_degraded 0.0" in metrics.render().decode()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_killed_postgresql_connection_is_transient(db_url: str, make_env: MakeEnv) -> None:
+    """The server ends the consumer's connection in the middle of a batch (as a restart or an
+    administrator would): the batch is not counted as a delivery, and the next step, on a new
+    connection, commits it."""
+    env = make_env(db_url, consumer={"max_batch_size": 100})
+    pairs = _send(env, 300)
+    inner = TrafficConsumer(env.config).queue
+    calls = itertools.count()
+
+    def handler(batch: Any, env: Env, ctx: Any) -> Any:
+        report = inner(batch, env, ctx)
+        if next(calls) == 1:
+            with env.DB.transaction() as conn:
+                conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        return report
+
+    worker = Worker(env, handler)
+    outcomes = []
+    while (result := worker.step(wait=0)) is not None:
+        outcomes.append("transient" if result.transient else result.ok)
+    assert outcomes == [True, "transient", True, True]
+    assert env.QUEUE.stats()["dlq"] == 0
+    assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
