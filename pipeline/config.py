@@ -133,6 +133,9 @@ class Archive(Section):
     max_objects_per_run: int = Field(1000, ge=1, le=1_000_000)
     verify: Literal["full", "head"] = "full"
     multipart_threshold: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    connect_timeout: float = Field(5.0, gt=0, le=600)  # seconds to open a connection to the object store
+    read_timeout: float = Field(60.0, gt=0, le=3600)  # seconds of silence on an open connection before giving up
+    max_attempts: int = Field(5, ge=1, le=20)  # attempts per object-store operation (each retry is logged)
 
 
 class Cleaner(Section):
@@ -195,6 +198,7 @@ class Http(Section):
     snapshot_max_age: float = Field(900, ge=0)  # seconds; an older KV snapshot is not served
     heartbeat_max_age: float = Field(60, ge=1)  # seconds; /ready fails when no worker was seen since
     ready_timeout: float = Field(5.0, gt=0, le=60)  # seconds per /ready check
+    body_timeout: float = Field(30.0, gt=0, le=3600)  # seconds to receive a whole POST /v1/events body (else 408)
 
 
 class Config(Section):

@@ -49,7 +49,14 @@ def _file_archive(url: str, db: Database, cfg: Config) -> Any:
 def _s3_archive(url: str, db: Database, cfg: Config) -> Any:
     from pipeline.bindings.archive_s3 import S3Store
 
-    return S3Store.from_url(url, multipart_threshold=cfg.archive.multipart_threshold)
+    a = cfg.archive
+    return S3Store.from_url(
+        url,
+        multipart_threshold=a.multipart_threshold,
+        connect_timeout=a.connect_timeout,
+        read_timeout=a.read_timeout,
+        max_attempts=a.max_attempts,
+    )
 
 
 ARCHIVE_BACKENDS.update({"file": _file_archive, "s3": _s3_archive})

@@ -91,9 +91,15 @@ class SnapshotBuilder:
         self._proc = self._conn = self._finalizer = None
 
 
+# What the pipe raises once the worker's end is gone (closed, or its process killed):
+# EOFError on a read, BrokenPipeError / ConnectionResetError (OSErrors) on a write.
+PIPE_GONE = (EOFError, OSError)
+
+
 def _serve(db_url: str, conn: Any) -> None:
     """The helper's loop: answer each (window_hours, top_n, now_s) with (ok, document or
-    error, CPU seconds spent); exit when the worker closes the pipe or dies."""
+    error, CPU seconds spent); exit quietly (status 0, nothing on stderr) when the worker
+    closes the pipe or dies, whether it was waiting for a request or answering one."""
     # Only CPU time nothing else wants: the scheduler then places a waking consumer on this
     # CPU as on an idle one. At nice 19 instead, a busy loop beside the consumer cost it
     # 3-11% of its throughput; under SCHED_IDLE, nothing measurable.
@@ -110,13 +116,16 @@ def _serve(db_url: str, conn: Any) -> None:
         while True:
             try:
                 window_hours, top_n, now_s = conn.recv()
-            except EOFError:
+            except PIPE_GONE:  # the worker closed its end, or died
                 return
             cpu = time.process_time()
             try:
                 reply: tuple[bool, Any] = (True, build(db, window_hours, top_n, now_s))
             except Exception as exc:
                 reply = (False, f"{type(exc).__name__}: {exc}")
-            conn.send((*reply, time.process_time() - cpu))
+            try:
+                conn.send((*reply, time.process_time() - cpu))
+            except PIPE_GONE:  # the worker went away while this build ran: nobody to answer
+                return
     finally:
         db.dispose()

@@ -56,7 +56,7 @@ def test_defaults_without_any_file(no_env: Path) -> None:
     assert cfg.bindings.queue == "db"
     assert cfg.bindings.archive == "file://data/archive"
     assert (cfg.consumer.max_batch_size, cfg.consumer.max_batch_timeout) == (100, 5.0)
-    assert (cfg.consumer.max_retries, cfg.consumer.retry_delay, cfg.consumer.visibility_timeout) == (3, 0.0, 30.0)
+    assert (cfg.consumer.max_retries, cfg.consumer.retry_delay, cfg.consumer.visibility_timeout) == (3, 10.0, 30.0)
     assert cfg.paths.max_paths_per_hour == 10_000
 
 

@@ -23,15 +23,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
-from pipeline import clock
+from pipeline import clock, log
 from pipeline.errors import TransientError
 
 CHUNK = 1024 * 1024
 RETRY_ATTEMPTS = 5
 RETRY_BASE_S = 0.2
+RETRY_MAX_S = 30.0  # the longest pause between two attempts
 
 T = TypeVar("T")
-log = logging.getLogger("edgepipe.archive")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class ObjectStore(abc.ABC):
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
 
+    def cleanup(self, older_than_s: float) -> int:
+        """Remove what killed or failed writes left behind (temp files, incomplete
+        multipart uploads) started more than `older_than_s` seconds ago; return how many.
+        Never touches a stored object. The default: a backend with nothing to clean."""
+        return 0
+
     # -- helpers built on the primitives ----------------------------------------------
 
     def put_bytes(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> ObjectInfo:
@@ -88,15 +94,19 @@ class ObjectStore(abc.ABC):
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
-    """Call `fn`, retrying TransientError with exponential backoff; other errors pass."""
+    """Call `fn` up to `attempts` times, retrying TransientError with exponential backoff
+    (capped at `RETRY_MAX_S`); other errors pass at once. Each retry logs `archive_retry`
+    and a last failed attempt `archive_gave_up` (both WARNING), naming the operation."""
+    attempts = max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except TransientError as exc:
             if attempt == attempts:
+                log.event("archive_gave_up", logging.WARNING, op=what, attempts=attempts, error=exc)
                 raise
-            delay = RETRY_BASE_S * 2 ** (attempt - 1)
-            log.warning("archive_retry op=%s attempt=%d delay_s=%.1f error=%s", what, attempt, delay, exc)
+            delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S)
+            log.event("archive_retry", logging.WARNING, op=what, attempt=attempt, delay_s=round(delay, 3), error=exc)
             clock.sleep(delay)
     raise AssertionError("unreachable")
 

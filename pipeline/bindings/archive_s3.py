@@ -5,9 +5,15 @@ AWS chain (env vars, profile, instance role). Checksums are computed and validat
 when the operation requires them, because several S3-compatible stores reject the CRC
 checksums newer botocore sends by default; edgepipe keeps its own sha256 in the metadata.
 
-Errors are mapped here: throttling, 5xx and connection failures become TransientError
-(retried with backoff); access denied, a missing bucket or anything else BindingError; a
-missing key NotFound. A failed multipart upload is aborted, so nothing partial is visible.
+Errors are mapped here: throttling, 5xx, connection failures and timeouts become
+TransientError; access denied, a missing bucket or anything else BindingError; a missing key
+NotFound. A failed multipart upload is aborted, so nothing partial is visible.
+
+Every request has a connect timeout and a read timeout (`[archive] connect_timeout`,
+`read_timeout`), and botocore makes one attempt only: all retries are `with_retries`'s, up
+to `[archive] max_attempts` attempts per operation, each one logged (`archive_retry`), so an
+endpoint that accepts connections and never answers fails after about
+`max_attempts * (read_timeout + backoff)` seconds instead of minutes of silent retries.
 """
 
 from __future__ import annotations
@@ -20,7 +26,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import boto3
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectionError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import TimeoutError as URLLib3TimeoutError
 
 from pipeline.bindings.archive import CHUNK, ObjectInfo, ObjectStore, with_retries
 from pipeline.errors import BindingError, ConfigError, NotFound, TransientError
@@ -38,6 +56,17 @@ TRANSIENT_CODES = {
     "500",
 }
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# Failures of the connection rather than answers of the store: worth another attempt.
+TRANSIENT_ERRORS = (
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ResponseStreamingError,  # the connection broke while a body streamed in
+    ConnectionError,
+    ProtocolError,  # urllib3's, when it escapes botocore's wrapping (e.g. while streaming)
+    URLLib3TimeoutError,
+)
 
 
 @contextmanager
@@ -54,10 +83,29 @@ def translate() -> Iterator[None]:
         if code in TRANSIENT_CODES or status in (500, 502, 503, 504):
             raise TransientError(message) from exc
         raise BindingError(message) from exc
-    except (EndpointConnectionError, ConnectionError) as exc:
-        raise TransientError(f"s3 connection failed: {exc}") from exc
+    except TRANSIENT_ERRORS as exc:
+        raise TransientError(f"s3 connection failed: {type(exc).__name__}: {exc}") from exc
+    except HTTPClientError as exc:
+        if isinstance(exc.kwargs.get("error"), (ProtocolError, URLLib3TimeoutError)):
+            raise TransientError(f"s3 connection failed: {type(exc).__name__}: {exc}") from exc
+        raise BindingError(f"s3 error: {exc}") from exc
     except BotoCoreError as exc:
         raise BindingError(f"s3 error: {exc}") from exc
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """ConfigError unless `endpoint` is an http(s) URL with a host (and a valid port)."""
+    parts = urlsplit(endpoint)
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(
+            f"config error: bindings.archive: endpoint_url must be an http:// or https:// URL with a host "
+            f"(got {endpoint!r})"
+        )
 
 
 class S3Store(ObjectStore):
@@ -70,23 +118,36 @@ class S3Store(ObjectStore):
         addressing_style: str = "auto",
         multipart_threshold: int = 8 * 1024 * 1024,
         client: Any = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 5,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.multipart_threshold = multipart_threshold
         self.page_size = 1000  # keys per list request (S3's maximum)
+        self.max_attempts = max(1, max_attempts)
         config = BotoConfig(
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             s3={"addressing_style": addressing_style},
-            retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},  # no hidden retries: with_retries does them
         )
         self.client = client or boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
         )
 
     @classmethod
-    def from_url(cls, url: str, multipart_threshold: int = 8 * 1024 * 1024) -> S3Store:
+    def from_url(
+        cls,
+        url: str,
+        multipart_threshold: int = 8 * 1024 * 1024,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 5,
+    ) -> S3Store:
         parts = urlsplit(url)
         if not parts.netloc:
             raise ConfigError(f"config error: bindings.archive: no bucket in {url!r}")
@@ -97,13 +158,19 @@ class S3Store(ObjectStore):
         style = query.get("addressing_style", "auto")
         if style not in ("auto", "path", "virtual"):
             raise ConfigError("config error: bindings.archive: addressing_style must be auto, path or virtual")
+        endpoint = query.get("endpoint_url")
+        if endpoint is not None:
+            _check_endpoint(endpoint)
         return cls(
             parts.netloc,
             parts.path,
-            endpoint_url=query.get("endpoint_url"),
+            endpoint_url=endpoint,
             region=query.get("region"),
             addressing_style=style,
             multipart_threshold=multipart_threshold,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
         )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -111,7 +178,7 @@ class S3Store(ObjectStore):
             with translate():
                 return fn()
 
-        return with_retries(attempt, what)
+        return with_retries(attempt, what, self.max_attempts)
 
     def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
         full = self.prefix + key
@@ -197,3 +264,32 @@ class S3Store(ObjectStore):
 
     def close(self) -> None:
         self.client.close()
+
+    def cleanup(self, older_than_s: float) -> int:
+        """Abort the incomplete multipart uploads under the prefix initiated more than
+        `older_than_s` seconds ago (a killed process never completed or aborted them; the
+        store keeps and bills their parts until then). One that is gone meanwhile is skipped."""
+        from pipeline import clock
+
+        limit = clock.now_s() - older_than_s
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+        aborted = 0
+        while True:
+            page = self._call("list_multipart", lambda k=dict(kwargs): self.client.list_multipart_uploads(**k))  # type: ignore[misc]
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() >= limit:
+                    continue
+                try:
+                    self._call(
+                        "abort_multipart",
+                        lambda u=upload: self.client.abort_multipart_upload(  # type: ignore[misc]
+                            Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]
+                        ),
+                    )
+                    aborted += 1
+                except (NotFound, BindingError) as exc:
+                    if "NoSuchUpload" not in str(exc):
+                        raise
+            if not page.get("IsTruncated"):
+                return aborted
+            kwargs |= {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}

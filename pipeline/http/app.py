@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pipeline import clock, log
 from pipeline.env import Env
@@ -43,9 +44,11 @@ from pipeline.http.models import ERRORS, Accepted, Checks, ErrorBody, event_requ
 from pipeline.paths import PathNormalizer
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
-                503: "unavailable"}  # fmt: skip
+                405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
+                415: "unsupported_media_type", 503: "unavailable"}  # fmt: skip
 RETRY_AFTER_S = 1
+KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive: an idle kept-alive connection is closed after this
+CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
 
 
 class ApiError(Exception):
@@ -130,26 +133,39 @@ def _lifespan(worker: Any) -> Any:
             yield
         finally:
             if thread is not None:
-                worker.stop_requested = True
+                worker.request_stop()
                 await to_thread.run_sync(thread.join)
             await to_thread.run_sync(app.state.tokens.close)
 
     return lifespan
 
 
-def run_server(app: FastAPI, host: str, port: int) -> None:
+def run_server(app: FastAPI, host: str, port: int, keep_alive_s: int = KEEP_ALIVE_S) -> None:
     """Serve `app` as `edgepipe serve` does: uvicorn, no access log (one line per request is
     the collector's job, and it never logs headers). Everything built at start-up (modules,
     the schema, the routes) is first moved out of the garbage collector's sight
     (`gc.freeze`): the server's heap is mostly such objects, and every full collection
-    would walk them all again while requests wait."""
+    would walk them all again while requests wait.
+
+    Slow clients: an idle kept-alive connection is closed after `keep_alive_s` seconds and a
+    POST /v1/events body must arrive within `[http] body_timeout`, but uvicorn puts no limit
+    on a connection that sends nothing or trickles its request line and headers; in front
+    of untrusted clients, a reverse proxy must time those out."""
     import gc
 
     import uvicorn
 
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=keep_alive_s,
+    )
 
 
 def create_app(env: Env, require_token: bool = False, worker: Any = None) -> FastAPI:
@@ -206,7 +222,7 @@ def _add_events_route(app: FastAPI) -> None:
         "/v1/events",
         status_code=202,
         response_model=Accepted,
-        responses=ERRORS,
+        responses=ERRORS | {408: {"model": ErrorBody, "description": "Body not received within body_timeout"}},
         openapi_extra=event_request_body() | BEARER,
     )
     async def post_events(request: Request) -> Response:
@@ -228,11 +244,18 @@ def _add_events_route(app: FastAPI) -> None:
                 raise body.BodyError(
                     413, "payload_too_large", f"body exceeds max_body_bytes ({cfg.max_body_bytes} bytes)"
                 )
-            data = await body.read_body(request.stream(), gzipped, cfg.max_body_bytes)
+            data = await body.read_body(request.stream(), gzipped, cfg.max_body_bytes, cfg.body_timeout)
             values = body.decode(data, kind, cfg.max_events_per_request)
         except body.BodyError as exc:
             metrics.refused.labels(exc.code).inc()
-            return error_response(exc.status, exc.code, exc.detail)
+            # A timed-out body may still be arriving: the connection cannot carry another request.
+            headers = {"Connection": "close"} if exc.status == 408 else None
+            return error_response(exc.status, exc.code, exc.detail, headers)
+        except ClientDisconnect:
+            # The client went away mid-body: nothing to enqueue and nobody to answer.
+            metrics.refused.labels("client_disconnect").inc()
+            log.event("http_client_disconnect", logging.DEBUG, method="POST", path="/v1/events")
+            return Response(status_code=CLIENT_CLOSED)
         checked = body.validate(values, state.normalizer, clock.now_ms())
         # The events are encoded in checked.messages: free the decoded ones before waiting
         # for the commit, so concurrent requests do not keep thousands of dicts alive for the

@@ -1,10 +1,12 @@
 """Reading and validating a `POST /v1/events` body.
 
-Limits are enforced while the body streams in, before anything is parsed: the raw size and,
-for `Content-Encoding: gzip`, the decompressed size (a small gzip bomb must not become a
-large allocation). Each event is validated with `pipeline.events.parse_event`, the same
-rules the consumer applies, so a bad event is reported to its sender instead of surfacing
-later in the DLQ; the accepted ones leave as queue message bodies (`validate`).
+Limits are enforced while the body streams in, before anything is parsed: the raw size,
+for `Content-Encoding: gzip` the decompressed size (a small gzip bomb must not become a
+large allocation), and the time the whole body takes to arrive (`[http] body_timeout`: a
+client that trickles or stalls its body gets 408 instead of holding a request open). Each
+event is validated with `pipeline.events.parse_event`, the same rules the consumer
+applies, so a bad event is reported to its sender instead of surfacing later in the DLQ;
+the accepted ones leave as queue message bodies (`validate`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import orjson
 
 from pipeline.bindings.queue import MAX_MESSAGE_BYTES
@@ -100,8 +103,19 @@ class _Gunzip:
             raise BodyError(400, "malformed_body", "body: truncated gzip stream")
 
 
-async def read_body(stream: AsyncIterator[bytes], gzipped: bool, limit: int) -> bytes:
-    """The (decompressed) body, or BodyError 413 as soon as a limit is crossed."""
+async def read_body(stream: AsyncIterator[bytes], gzipped: bool, limit: int, timeout: float | None = None) -> bytes:
+    """The (decompressed) body, or BodyError 413 as soon as a limit is crossed, or 408 when
+    the whole body has not arrived within `timeout` seconds."""
+    if timeout is None:
+        return await _read_body(stream, gzipped, limit)
+    try:
+        with anyio.fail_after(timeout):
+            return await _read_body(stream, gzipped, limit)
+    except TimeoutError:
+        raise BodyError(408, "request_timeout", f"body not received within body_timeout ({timeout:g} s)") from None
+
+
+async def _read_body(stream: AsyncIterator[bytes], gzipped: bool, limit: int) -> bytes:
     parts: list[bytes] = []
     raw = 0
     gunzip = _Gunzip(limit) if gzipped else None
