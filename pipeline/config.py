@@ -26,8 +26,8 @@ from pipeline.errors import ConfigError, ValidationError
 ENV_PREFIX = "EDGEPIPE_"
 DEFAULT_FILE = "edgepipe.toml"
 DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
-QUEUE_SCHEMES = ("db", "redis", "rediss")
-KV_SCHEMES = ("db", "redis", "rediss")
+QUEUE_SCHEMES = ("db",)  # tables in the DB binding's database
+KV_SCHEMES = ("db",)
 ARCHIVE_SCHEMES = ("file", "s3")
 
 

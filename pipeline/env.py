@@ -2,13 +2,13 @@
 
 Workers receive an `Env` and see only its bindings: `DB`, `QUEUE`, `KV`, `ARCHIVE`, plus
 the validated `config`. Backends are imported lazily, so an embedded deployment never
-imports boto3 or redis.
+imports boto3.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.bindings.db import Database
@@ -83,7 +83,6 @@ class Env:
     QUEUE: Queue
     KV: Any = None
     ARCHIVE: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         for binding in (self.QUEUE, self.KV, self.ARCHIVE):

@@ -20,7 +20,6 @@ from pipeline.config import Config
 from pipeline.env import Env, open_env
 
 PG_URL = os.environ.get("EDGEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("EDGEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -45,12 +44,6 @@ def require_service(name: str, url: str, port: int) -> None:
 def pg_server_url() -> str:
     require_service("PostgreSQL", PG_URL, 5432)
     return PG_URL
-
-
-@pytest.fixture(scope="session")
-def redis_server_url() -> str:
-    require_service("Redis", REDIS_URL, 6379)
-    return REDIS_URL
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

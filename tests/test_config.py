@@ -240,8 +240,8 @@ def test_bad_binding_url_names_the_key(no_env: Path, key: str, value: str) -> No
         ("db", "postgresql+psycopg://u@h/d"),
         ("db", "postgresql://u@h/d"),
         ("db", "sqlite:///x.db"),
-        ("queue", "redis://localhost:6379/0"),
-        ("kv", "rediss://localhost:6379/0"),
+        ("queue", "db"),
+        ("kv", "db"),
         ("archive", "s3://bucket/prefix?endpoint_url=http://minio:9000"),
     ],
 )

@@ -115,9 +115,8 @@ def test_compose_file_has_the_services() -> None:
     yaml = pytest.importorskip("yaml")
     compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text(encoding="utf-8"))
     services = compose["services"]
-    assert {"postgres", "minio", "redis"} <= set(services)
+    assert {"postgres", "minio"} <= set(services)
     assert services["postgres"]["image"].startswith("postgres:")
-    assert services["redis"]["image"].startswith("redis:")
     for name in ("postgres", "minio"):
         values = " ".join(str(v) for v in services[name]["environment"].values())
         assert "${" in values  # credentials come from the environment

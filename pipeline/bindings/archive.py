@@ -109,8 +109,3 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS)
             log.event("archive_retry", logging.WARNING, op=what, attempt=attempt, delay_s=round(delay, 3), error=exc)
             clock.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def read_chunks(body: BinaryIO, size: int) -> Iterator[bytes]:
-    while chunk := body.read(size):
-        yield chunk

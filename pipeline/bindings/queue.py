@@ -36,7 +36,6 @@ import orjson
 from pipeline.errors import MessageTooLarge, ValidationError
 
 MAX_MESSAGE_BYTES = 128 * 1024
-MAX_BATCH_MESSAGES = 10_000
 
 
 class DeadReason(StrEnum):
