@@ -208,6 +208,21 @@ class Queue(abc.ABC):
         """`{"pending": n, "in_flight": n, "dlq": n}` plus `dlq_<reason>` counts."""
 
     @abc.abstractmethod
+    def oldest_age_s(self) -> float:
+        """Consumer lag: seconds since the oldest message still in the queue was enqueued
+        (0 when empty)."""
+
+    def dlq_counts(self) -> dict[str, int]:
+        """Dead letters per reason."""
+        return {k.removeprefix("dlq_"): v for k, v in self.stats().items() if k.startswith("dlq_")}
+
+    def depth_estimate(self, limit: int) -> tuple[int, bool]:
+        """(depth, True), or (an upper bound of it, False) when a backend can bound the depth
+        more cheaply than it counts and the bound is within `limit`: what HTTP backpressure
+        asks many times a second."""
+        return self.depth(), True
+
+    @abc.abstractmethod
     def dlq_list(self, limit: int = 100) -> list[dict[str, Any]]:
         """Dead letters, oldest first: message_id, attempts, reason, error, failed_at, body."""
 

@@ -19,16 +19,13 @@ an upper bound found in two index lookups rather than a count.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import orjson
-import sqlalchemy as sa
 from anyio import to_thread
 
 from pipeline import clock
 from pipeline.bindings.queue import MAX_MESSAGE_BYTES, Queue
-from pipeline.schema import queue_messages
 
 MAX_GROUP_MESSAGES = 256  # per transaction: at most 32 MiB of bodies
 
@@ -125,11 +122,8 @@ class DepthGauge:
     a request's worth), from a reading that is reused for `interval` seconds (plus the
     messages this process enqueued since).
 
-    A reading is cheap on the SQL queue: the span of the queue's sequence numbers (max -
-    min + 1, two primary-key lookups) bounds its depth from above, so the queue is counted
-    (a scan of the table: ~70 ms at 500k messages) only when that bound exceeds the limit,
-    i.e. when the queue is nearly full or has wide gaps (messages held back by retries).
-    Other backends are counted every time. One reading at a time: requests arriving while
+    A reading is `Queue.depth_estimate`: a backend may answer with a cheap upper bound while
+    that bound is within the limit (the SQL queue does). One reading at a time: requests arriving while
     the queue is being read wait for that reading."""
 
     def __init__(self, queue: Queue, limit: int, interval: float) -> None:
@@ -140,7 +134,6 @@ class DepthGauge:
         self._exact = True  # whether _value is a count (else an upper bound)
         self._at: float | None = None
         self._reading: asyncio.Future[None] | None = None
-        self._span = _span_reader(queue)
 
     async def over_limit(self) -> bool:
         stale = self._at is None or clock.monotonic() - self._at >= self.interval
@@ -159,31 +152,8 @@ class DepthGauge:
 
     def _read(self) -> tuple[int, bool]:
         """(depth or an upper bound of it, whether that is the depth itself)"""
-        bound = self._span() if self._span is not None else None
-        if bound is not None and bound <= self.limit:
-            return bound, False
-        return self.queue.depth(), True
+        return self.queue.depth_estimate(self.limit)
 
     def add(self, n: int) -> None:
         """Count `n` messages this process enqueued since the reading."""
         self._value += n
-
-
-def _span_reader(queue: Queue) -> Callable[[], int] | None:
-    """For the SQL queue, a function reading max(seq) - min(seq) + 1 over its messages
-    (0 when empty); None for other backends."""
-    from pipeline.bindings.queue_sql import SqlQueue
-
-    if not isinstance(queue, SqlQueue):
-        return None
-    q = queue_messages
-    ends = [sa.select(q.c.seq).where(q.c.queue == queue.name).order_by(order).limit(1).scalar_subquery()
-            for order in (q.c.seq, q.c.seq.desc())]  # fmt: skip
-    stmt = sa.select(*ends)
-
-    def span() -> int:
-        with queue.db.read() as conn:
-            first, last = conn.execute(stmt).one()
-        return 0 if first is None else int(last) - int(first) + 1
-
-    return span

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from pipeline import clock
 from pipeline.env import Env
 from pipeline.errors import NotFound
-from pipeline.schema import job_runs, queue_messages, worker_heartbeats
+from pipeline.schema import job_runs, worker_heartbeats
 
 NOT_CONFIGURED = "not configured"
 PROBE_KEY = "_edgepipe/ready-probe"
@@ -69,16 +69,7 @@ CHECKS = {"db": check_db, "queue": check_queue, "kv": check_kv, "archive": check
 
 def oldest_message_age(env: Env) -> float:
     """Consumer lag: seconds since the oldest message still in the queue was enqueued."""
-    queue = env.QUEUE
-    own = getattr(queue, "oldest_age_seconds", None)
-    if callable(own):
-        return float(own())
-    if not getattr(queue, "shares_transaction", False):
-        return 0.0
-    q = queue_messages
-    with env.DB.read() as conn:
-        oldest = conn.execute(sa.select(sa.func.min(q.c.enqueued_at)).where(q.c.queue == queue.name)).scalar()
-    return max(0.0, clock.now_s() - float(oldest)) if oldest is not None else 0.0
+    return env.QUEUE.oldest_age_s()
 
 
 def job_run_counts(env: Env) -> list[tuple[str, str, int]]:
