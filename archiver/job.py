@@ -18,7 +18,19 @@ step 4), so the bucket never holds the same event twice; the re-run writes the s
 
 Before selecting anything, the run raises the archive watermark to the cutoff: from then
 on the consumer refuses older events as `too_late`, because once their hour is cleaned a
-duplicate could no longer be detected.
+duplicate could no longer be detected (`watermark_status` / `repair_watermark` inspect and
+lower a watermark that a future-dated run pushed too far).
+
+Before archiving, the run also repairs what earlier failures left: temp files and
+incomplete multipart uploads older than an hour (`ObjectStore.cleanup`), pending records
+(above), manifests still due (below), and objects the cleaner flagged `corrupt` or
+`mismatch`, whose rows go back to the archive queue and into new objects of this very run
+(`repair_flagged`).
+
+Manifests: the day of every object recorded `pending` is marked due (`meta.MANIFEST_DUE`)
+in the same transaction; the run writes the manifest of every due day at its start and at
+its end, and unmarks a day only once its manifest is written, so the next run makes good a
+killed run or a failed manifest upload.
 """
 
 from __future__ import annotations
@@ -30,9 +42,20 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from archiver.objects import ROW_FIELDS, check_stored, encode, manifest_key, object_key
+from archiver.objects import (
+    FLAGGED,
+    HOLDS_NOTHING,
+    PENDING,
+    REPLACED,
+    ROW_FIELDS,
+    VERIFIED,
+    check_stored,
+    encode,
+    manifest_key,
+    object_key,
+)
 from pipeline import clock, meta
-from pipeline.errors import IntegrityError
+from pipeline.errors import IntegrityError, TransientError
 from pipeline.jobs import job
 from pipeline.schema import archive_objects, traffic_events
 
@@ -40,12 +63,20 @@ log = logging.getLogger("edgepipe.archiver")
 te = traffic_events
 ao = archive_objects
 HOUR_MS = 3_600_000
+DAY_S = 86_400
+TMP_MAX_AGE_S = 3600.0  # temp files and multipart uploads older than this were left by a dead writer
+AHEAD_SLACK_MS = 60_000  # a watermark further than this past the retention cutoff is "ahead"
 SELECT_COLUMNS = [te.c[c] for c in ROW_FIELDS]
 FETCH = 5000
 
 
 def cutoff_ms(env: Any, scheduled_for: datetime) -> int:
     return int((scheduled_for - timedelta(days=env.config.retention.detail_days)).timestamp() * 1000)
+
+
+def day_of(hour_s: int) -> str:
+    """`YYYY-MM-DD` of the UTC day holding an hour (epoch seconds)."""
+    return clock.iso(hour_s - hour_s % DAY_S)[:10]
 
 
 def _in_hour(hour_s: int) -> Any:
@@ -78,11 +109,11 @@ def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = 0
 def recover_pending(env: Any) -> int:
     """Delete the objects (and records) of uploads a crashed run never recorded."""
     with env.DB.read() as conn:
-        keys = list(conn.execute(sa.select(ao.c.key).where(ao.c.status == "pending")).scalars())
+        keys = list(conn.execute(sa.select(ao.c.key).where(ao.c.status == PENDING)).scalars())
     for key in keys:
         env.ARCHIVE.delete(key)
         with env.DB.transaction() as conn:
-            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == "pending"))
+            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == PENDING))
         log.warning("archive_recovered key=%s", key)
     return len(keys)
 
@@ -116,10 +147,11 @@ def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int, whole_hour:
             key = _free_key(conn, cfg.prefix, hour_s, enc.min_seq, enc.max_seq)  # type: ignore[arg-type]
             conn.execute(
                 sa.insert(ao).values(
-                    key=key, hour=hour_s, status="pending", row_count=enc.rows, min_seq=enc.min_seq,
+                    key=key, hour=hour_s, status=PENDING, row_count=enc.rows, min_seq=enc.min_seq,
                     max_seq=enc.max_seq, created_at=clock.now_s(),
                 )
             )  # fmt: skip
+            meta.mark(db, conn, meta.MANIFEST_DUE, day_of(hour_s))
         try:
             store.put(key, enc.body, enc.metadata())
             problem = check_stored(store, key, enc.size, enc.sha256, cfg.verify)
@@ -144,7 +176,7 @@ def _mark(env: Any, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
             sa.update(ao)
             .where(ao.c.key == key)
             .values(
-                status="verified", size_bytes=enc.size, sha256=enc.sha256, min_ts=enc.min_ts, max_ts=enc.max_ts,
+                status=VERIFIED, size_bytes=enc.size, sha256=enc.sha256, min_ts=enc.min_ts, max_ts=enc.max_ts,
                 verified_at=clock.now_s(),
             )
         )  # fmt: skip
@@ -156,9 +188,136 @@ def _abandon(env: Any, key: str) -> None:
     try:
         env.ARCHIVE.delete(key)
         with env.DB.transaction() as conn:
-            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == "pending"))
+            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == PENDING))
     except Exception as exc:
         log.warning("archive_abandon_failed key=%s error=%s", key, exc)
+
+
+def clean_temp(env: Any, result: dict[str, Any]) -> int:
+    """Best effort: remove what killed or failed uploads left in the store (temp files,
+    incomplete multipart uploads) older than `TMP_MAX_AGE_S`; a failure is logged and
+    reported (`tmp_cleanup_error`), never fatal."""
+    try:
+        return int(env.ARCHIVE.cleanup(TMP_MAX_AGE_S))
+    except Exception as exc:
+        log.warning("archive_tmp_cleanup_failed error=%s", exc)
+        result["tmp_cleanup_error"] = f"{type(exc).__name__}: {exc}"
+        return 0
+
+
+# -- taking back flagged objects -------------------------------------------------------
+
+
+def _rows_still_held(obj: Any) -> Any:
+    """The rows an object holds in the database: its hour, its seq range, state 1 (the
+    cleaner's and `totals.check_archive`'s definition)."""
+    return sa.and_(_in_hour(obj.hour), te.c.seq.between(obj.min_seq, obj.max_seq), te.c.archive_state == 1)
+
+
+def _replace(env: Any, obj: Any) -> int | None:
+    """In one transaction: mark the flagged record `replaced` (the reason in `error`),
+    return its rows still marked archived to state 0 and mark its day's manifest due.
+    The rows reset, or None when the record was no longer in the state read."""
+    with env.DB.transaction() as conn:
+        reason = f"replaced: was {obj.status}: {obj.error or '?'}"
+        record = sa.update(ao).where(ao.c.key == obj.key, ao.c.status == obj.status)
+        taken = conn.execute(record.values(status=REPLACED, error=reason[:2000])).rowcount
+        if not taken:
+            return None
+        reset = conn.execute(sa.update(te).where(_rows_still_held(obj)).values(archive_state=0)).rowcount
+        meta.mark(env.DB, conn, meta.MANIFEST_DUE, day_of(obj.hour))
+    return int(reset)
+
+
+def repair_flagged(env: Any, result: dict[str, Any]) -> None:
+    """Take back every object the cleaner flagged (`corrupt`: the stored object is missing
+    or does not match; `mismatch`: its rows do not match its count), so that this run
+    archives its rows again, in a new object under a new key:
+    1. delete its key from the bucket: when that fails, it is logged and the object stays
+       flagged for the next run, so the bucket never holds it beside its replacement;
+    2. `_replace` (one transaction).
+    An object already partly cleaned stays flagged (`repair_skipped`): its cleaned rows
+    exist only in that object, deleting it would lose their detail; an operator decides."""
+    cols = (ao.c.key, ao.c.hour, ao.c.status, ao.c.min_seq, ao.c.max_seq, ao.c.cleaned_rows, ao.c.error)
+    with env.DB.read() as conn:
+        flagged = conn.execute(sa.select(*cols).where(ao.c.status.in_(FLAGGED)).order_by(ao.c.hour, ao.c.key)).all()
+    for obj in flagged:
+        if obj.cleaned_rows:
+            log.error("archive_repair_skipped key=%s cleaned_rows=%d reason=partly_cleaned", obj.key, obj.cleaned_rows)
+            result.setdefault("repair_skipped", []).append(obj.key)
+            continue
+        try:
+            env.ARCHIVE.delete(obj.key)
+        except Exception as exc:
+            log.warning("archive_repair_delete_failed key=%s error=%s", obj.key, exc)
+            result.setdefault("repair_skipped", []).append(obj.key)
+            continue
+        reset = _replace(env, obj)
+        if reset is not None:
+            log.warning("archive_replaced key=%s was=%s rows_reset=%d", obj.key, obj.status, reset)
+            result["repaired"] += 1
+
+
+# -- manifests -------------------------------------------------------------------------
+
+MANIFEST_FIELDS = ("key", "hour", "status", "row_count", "size_bytes", "sha256", "min_ts", "max_ts", "min_seq",
+                   "max_seq")  # fmt: skip
+
+
+def write_manifest(env: Any, day: str) -> bool:
+    """Rewrite the manifest of `day` (`YYYY-MM-DD`): every object of the day in the bucket
+    (recorded in `archive_objects`, neither pending nor replaced) with its status and
+    metadata, in key order, and the day's totals. False, writing nothing, when the day has
+    no record at all (an upload that failed)."""
+    day_s = int(clock.parse_time(day))
+    with env.DB.read() as conn:
+        rows = conn.execute(
+            sa.select(*(ao.c[f] for f in MANIFEST_FIELDS))
+            .where(ao.c.hour >= day_s, ao.c.hour < day_s + DAY_S, ao.c.status != PENDING)
+            .order_by(ao.c.key)
+        ).all()
+    if not rows:
+        return False
+    entries = [dict(zip(MANIFEST_FIELDS, r, strict=True)) for r in rows if r.status != REPLACED]
+    totals = {"objects": len(entries), "rows": sum(e["row_count"] for e in entries)}
+    totals["bytes"] = sum(e["size_bytes"] for e in entries)
+    doc = {"format": "edgepipe-manifest/1", "day": day, "generated_at": clock.iso(clock.now_s()), **totals}
+    env.ARCHIVE.put_bytes(
+        manifest_key(env.config.archive.prefix, day),
+        orjson.dumps(doc | {"entries": entries}, option=orjson.OPT_INDENT_2),
+        {k: str(v) for k, v in totals.items()},
+    )
+    return True
+
+
+def _manifest_failed(result: dict[str, Any], day: str, exc: Exception) -> None:
+    log.warning("archive_manifest_failed day=%s error=%s", day, exc)
+    result["manifest_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def write_due_manifests(env: Any, result: dict[str, Any]) -> None:
+    """Write the manifest of every day marked due and unmark the day once it is written
+    (unless it was marked again meanwhile). Never raises: a failure is logged and reported
+    (`manifest_error`), the day stays due and the next run writes it; the objects and
+    their records are what counts."""
+    try:
+        with env.DB.read() as conn:
+            due = meta.marks(conn, meta.MANIFEST_DUE)
+    except Exception as exc:
+        _manifest_failed(result, "*", exc)
+        return
+    for day, token in sorted(due.items()):
+        try:
+            written = write_manifest(env, day)
+            with env.DB.transaction() as conn:
+                meta.unmark(conn, meta.MANIFEST_DUE, day, token)
+        except Exception as exc:
+            _manifest_failed(result, day, exc)
+            continue
+        result["manifests"] += int(written)
+
+
+# -- the watermark ---------------------------------------------------------------------
 
 
 def raise_watermark(env: Any, cutoff: int) -> int:
@@ -170,33 +329,68 @@ def raise_watermark(env: Any, cutoff: int) -> int:
         return current
 
 
-MANIFEST_FIELDS = ("key", "hour", "status", "row_count", "size_bytes", "sha256", "min_ts", "max_ts", "min_seq",
-                   "max_seq")  # fmt: skip
+def _iso_ms(value: int) -> str | None:
+    return None if not value else clock.iso(value / 1000)
 
 
-def write_manifests(env: Any, hours: set[int]) -> int:
-    """Rewrite the manifest of each day holding one of `hours`: every object of the day
-    recorded in `archive_objects` (all but pending uploads), with its status and metadata,
-    key order, and the day's totals. Returns the number written."""
-    days = sorted({hour - hour % 86_400 for hour in hours})
-    for day in days:
-        with env.DB.read() as conn:
-            rows = conn.execute(
-                sa.select(*(ao.c[f] for f in MANIFEST_FIELDS))
-                .where(ao.c.hour >= day, ao.c.hour < day + 86_400, ao.c.status != "pending")
-                .order_by(ao.c.key)
-            ).all()
-        entries = [dict(zip(MANIFEST_FIELDS, r, strict=True)) for r in rows]
-        name = clock.iso(day)[:10]
-        totals = {"objects": len(entries), "rows": sum(e["row_count"] for e in entries)}
-        totals["bytes"] = sum(e["size_bytes"] for e in entries)
-        doc = {"format": "edgepipe-manifest/1", "day": name, "generated_at": clock.iso(clock.now_s()), **totals}
-        env.ARCHIVE.put_bytes(
-            manifest_key(env.config.archive.prefix, name),
-            orjson.dumps(doc | {"entries": entries}, option=orjson.OPT_INDENT_2),
-            {k: str(v) for k, v in totals.items()},
-        )
-    return len(days)
+def _watermark_facts(env: Any, conn: sa.Connection) -> tuple[int, int, int]:
+    """(watermark, policy cutoff, safe floor) in epoch ms. Policy cutoff = now −
+    `detail_days`; safe floor = max(policy cutoff, 1 + the newest `max_ts` of any recorded
+    object that is neither pending nor replaced): the rows of those objects have left or
+    will leave the hot table, so a duplicate of one could no longer be detected."""
+    watermark = meta.archive_watermark_ms(env.DB, conn)
+    policy = clock.now_ms() - env.config.retention.detail_days * DAY_S * 1000
+    newest_ts = sa.func.max(sa.func.coalesce(ao.c.max_ts, ao.c.hour * 1000 + HOUR_MS - 1))  # no max_ts: its hour's end
+    newest = conn.execute(sa.select(newest_ts).where(ao.c.status.not_in(HOLDS_NOTHING))).scalar()
+    return watermark, policy, policy if newest is None else max(policy, int(newest) + 1)
+
+
+def watermark_status(env: Any) -> dict[str, Any]:
+    """`edgepipe watermark show`: the watermark, the retention policy's cutoff, whether the
+    watermark is ahead of it (by more than `AHEAD_SLACK_MS`) and the safe floor."""
+    with env.DB.read() as conn:
+        watermark, policy, floor = _watermark_facts(env, conn)
+    return {
+        "watermark": _iso_ms(watermark),
+        "watermark_ms": watermark,
+        "policy_cutoff": clock.iso(policy / 1000),
+        "ahead": watermark > policy + AHEAD_SLACK_MS,
+        "safe_floor": clock.iso(floor / 1000),
+    }
+
+
+def repair_watermark(env: Any) -> dict[str, Any]:
+    """`edgepipe watermark repair`: when the watermark is ahead of the policy cutoff, lower
+    it to the safe floor (see `_watermark_facts`); otherwise change nothing. It never
+    raises the watermark. Runs under the archive job's lease (a TransientError while the
+    job runs), so no archive run raises the watermark or records objects meanwhile."""
+    from pipeline.heartbeat import process_name
+    from scheduler.runs import JobStore
+
+    with JobStore(env.DB).lease("archive", process_name(), env.config.schedule.lease_seconds) as held:
+        if not held:
+            raise TransientError("the archive job is running; repair the watermark once it is done")
+        with env.DB.transaction() as conn:
+            before, policy, floor = _watermark_facts(env, conn)
+            after = floor if before > policy + AHEAD_SLACK_MS and floor < before else before
+            if after != before:
+                meta.put(env.DB, conn, meta.ARCHIVE_WATERMARK_MS, str(after))
+    if after != before:
+        log.warning("archive_watermark_lowered before=%s after=%s", _iso_ms(before), _iso_ms(after))
+    return {"before": _iso_ms(before), "after": _iso_ms(after), "changed": after != before}
+
+
+# -- the job ---------------------------------------------------------------------------
+
+
+def _prepare(env: Any, cutoff: int, result: dict[str, Any]) -> None:
+    """Before archiving: clear what killed or failed writes left, write the manifests an
+    earlier run left due, raise the watermark, take back the flagged objects."""
+    result["tmp_cleaned"] = clean_temp(env, result)
+    result["recovered"] = recover_pending(env)
+    write_due_manifests(env, result)
+    result["watermark"] = clock.iso(raise_watermark(env, cutoff) / 1000)
+    repair_flagged(env, result)
 
 
 @job("archive")
@@ -204,28 +398,21 @@ def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
     cutoff = cutoff_ms(env, scheduled_for)
     result: dict[str, Any] = {"cutoff": clock.iso(cutoff / 1000), "dry_run": dry_run, "objects": 0, "rows": 0}
     result |= {"bytes": 0, "raw_bytes": 0, "recovered": 0, "complete": True, "manifests": 0}
+    result |= {"tmp_cleaned": 0, "repaired": 0}
     if not dry_run:
-        result["recovered"] = recover_pending(env)
-        result["watermark"] = clock.iso(raise_watermark(env, cutoff) / 1000)
+        _prepare(env, cutoff, result)
     with env.DB.read() as conn:
         hours = hour_counts(conn, cutoff)
-    touched: set[int] = set()
     try:
-        _archive_hours(env, hours, cutoff, dry_run, result, touched)
+        _archive_hours(env, hours, cutoff, dry_run, result)
     finally:  # the days of the objects written, even if a later one failed
-        if touched:
-            try:
-                result["manifests"] = write_manifests(env, touched)
-            except Exception as exc:  # the objects and their records are what counts
-                log.warning("archive_manifest_failed error=%s", exc)
-                result["manifest_error"] = f"{type(exc).__name__}: {exc}"
+        if not dry_run:
+            write_due_manifests(env, result)
     log.info("archive_run %s", " ".join(f"{k}={v}" for k, v in result.items()))
     return result
 
 
-def _archive_hours(
-    env: Any, hours: list[tuple[int, int]], cutoff: int, dry_run: bool, result: dict[str, Any], touched: set[int]
-) -> None:
+def _archive_hours(env: Any, hours: list[tuple[int, int]], cutoff: int, dry_run: bool, result: dict[str, Any]) -> None:
     cfg = env.config.archive
     for hour_s, count in hours:
         if dry_run:
@@ -242,7 +429,6 @@ def _archive_hours(
             if done is None:
                 break
             after = done["last_seq"]
-            touched.add(hour_s)
             result["objects"] += 1
             for k in ("rows", "bytes", "raw_bytes"):
                 result[k] += done[k]

@@ -5,8 +5,15 @@ object per row with the fields of `ROW_FIELDS`. Keys are Hive-style and determin
 `<prefix>/dt=YYYY-MM-DD/hour=HH/part-<first seq>-<last seq>.ndjson.gz`, so a re-run over
 the same rows rewrites the same key. Metadata (also kept in `archive_objects`): `rows`,
 `sha256` (of the compressed body), `min-ts`, `max-ts`, `min-seq`, `max-seq`. Each day
-also gets `<prefix>/dt=YYYY-MM-DD/_manifest.json` (see `archiver.job.write_manifests`),
+also gets `<prefix>/dt=YYYY-MM-DD/_manifest.json` (see `archiver.job.write_manifest`),
 for people and tools browsing the bucket; replay never reads it.
+
+The states of a record in `archive_objects` (`STATUSES`): `pending` (recorded before its
+upload; not yet an object of the archive), `verified` (uploaded, re-read, its rows marked
+archived), `cleaned` (every row moved to lifetime totals), `corrupt` (the stored object is
+missing or does not match), `mismatch` (its rows in the database do not match its count),
+`replaced` (a flagged object the archiver took back: its rows returned to the archive
+queue, its key deleted; it holds nothing).
 
 Encoding streams into a spooled temp file (bounded memory whatever the row count) while
 hashing the compressed bytes; decoding hashes the body as it streams in (one object's text
@@ -39,6 +46,11 @@ SPOOL_BYTES = 8 * 1024 * 1024
 _ROW_SEP, _ROW_NL = b'},{"seq":', b'}\n{"seq":'  # between two rows, whose first field is seq
 ROW_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()  # a row as a dict
 MANIFEST_NAME = "_manifest.json"
+PENDING, VERIFIED, CLEANED = "pending", "verified", "cleaned"
+CORRUPT, MISMATCH, REPLACED = "corrupt", "mismatch", "replaced"
+STATUSES = (PENDING, VERIFIED, CLEANED, CORRUPT, MISMATCH, REPLACED)
+FLAGGED = (CORRUPT, MISMATCH)  # found unsound by the cleaner; the next archive run replaces them
+HOLDS_NOTHING = (PENDING, REPLACED)  # records whose rows are not (or no longer) archived by them
 KEY_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/part-(\d+)-(\d+)(?:-r(\d+))?\.ndjson\.gz$")
 
 

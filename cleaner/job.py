@@ -2,7 +2,8 @@
 
 Only rows held by a `verified` object are deleted, and only after the object is checked
 again in the bucket (`[archive] verify`: `full` re-hashes the body, `head` compares size
-and stored checksum); an object that fails is flagged `corrupt` and its rows stay.
+and stored checksum); an object that fails is flagged `corrupt` and its rows stay (the
+next archive run takes a flagged object back: see `archiver.job.repair_flagged`).
 
 Each batch (`[cleaner] batch_size` rows of one object, at most `max_batches` per run) is
 ONE transaction that sums the rows in SQL, deletes exactly those rows (the deleted count
@@ -22,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from archiver.objects import check_stored
+from archiver.objects import CLEANED, CORRUPT, MISMATCH, VERIFIED, check_stored
 from cleaner import stats_file
 from pipeline import clock
 from pipeline.errors import IntegrityError
@@ -104,7 +105,7 @@ def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> tuple[int, 
         db.execute(conn, _SET_CLEANED, ("obj_key", "cleaned"), (obj.key, cleaned + n))
         done = cleaned + n == rows
         if done:
-            conn.execute(sa.update(ao).where(ao.c.key == obj.key).values(status="cleaned", cleaned_at=clock.now_s()))
+            conn.execute(sa.update(ao).where(ao.c.key == obj.key).values(status=CLEANED, cleaned_at=clock.now_s()))
     return n, done
 
 
@@ -119,7 +120,7 @@ def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> in
     cfg = env.config
     problem = check_stored(env.ARCHIVE, obj.key, obj.size_bytes, obj.sha256 or "", cfg.archive.verify)
     if problem:
-        flag(env, obj.key, "corrupt", problem)
+        flag(env, obj.key, CORRUPT, problem)
         result["refused"].append(obj.key)
         return 0
     used = 0
@@ -127,7 +128,7 @@ def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> in
         try:
             n, done = clean_batch(env, obj, cfg.cleaner.batch_size, first=used == 0)
         except IntegrityError as exc:
-            flag(env, obj.key, "mismatch", str(exc))
+            flag(env, obj.key, MISMATCH, str(exc))
             result["refused"].append(obj.key)
             return used
         if n:
@@ -162,7 +163,7 @@ def reclaim_space(env: Any) -> str:
 def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
     cfg = env.config.cleaner
     with env.DB.read() as conn:
-        objects = conn.execute(sa.select(ao).where(ao.c.status == "verified").order_by(ao.c.hour, ao.c.key)).all()
+        objects = conn.execute(sa.select(ao).where(ao.c.status == VERIFIED).order_by(ao.c.hour, ao.c.key)).all()
     result: dict[str, Any] = {"dry_run": dry_run, "objects": 0, "rows": 0, "batches": 0, "refused": []}
     if dry_run:
         result["objects"] = len(objects)

@@ -1,9 +1,11 @@
 """Small durable facts: durable counters (`counters`), and in `edgepipe_meta` the
-deployment start and the archive watermark (epoch ms below which detail rows may already have left the database, so the
-consumer can no longer deduplicate against them and refuses such events as `too_late`)."""
+deployment start, the archive watermark (epoch ms below which detail rows may already have left the database, so the
+consumer can no longer deduplicate against them and refuses such events as `too_late`), and durable sets of marks:
+one key per member under a prefix (e.g. `archive_manifest_due:2026-11-18`, a day whose manifest is due)."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,6 +16,7 @@ from pipeline.schema import counters, meta
 
 DEPLOYMENT_START = "deployment_started_at"
 ARCHIVE_WATERMARK_MS = "archive_watermark_ms"
+MANIFEST_DUE = "archive_manifest_due:"  # + YYYY-MM-DD: the day's manifest is to be (re)written
 
 
 _GET = sa.select(meta.c.value).where(meta.c.key == sa.bindparam("key"))
@@ -26,6 +29,24 @@ def get(conn: sa.Connection, key: str) -> str | None:
 def put(db: Database, conn: sa.Connection, key: str, value: str) -> None:
     stmt = db.insert(meta).values(key=key, value=value)
     conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value}))
+
+
+def mark(db: Database, conn: sa.Connection, prefix: str, member: str) -> None:
+    """Add `member` to the durable set `prefix`, in the caller's transaction. Its value is
+    a fresh token on every mark, so `unmark` can tell a mark made since it was read."""
+    put(db, conn, prefix + member, secrets.token_hex(8))
+
+
+def marks(conn: sa.Connection, prefix: str) -> dict[str, str]:
+    """The members of the durable set `prefix`, each with its token."""
+    rows = conn.execute(sa.select(meta.c.key, meta.c.value).where(meta.c.key.startswith(prefix, autoescape=True)))
+    return {key[len(prefix) :]: token for key, token in rows}
+
+
+def unmark(conn: sa.Connection, prefix: str, member: str, token: str) -> bool:
+    """Remove `member` from the set unless it was marked again since `token` was read."""
+    stmt = sa.delete(meta).where(meta.c.key == prefix + member, meta.c.value == token)
+    return bool(conn.execute(stmt).rowcount)
 
 
 def archive_watermark_ms(db: Database, conn: sa.Connection) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from archiver.objects import CLEANED, FLAGGED, VERIFIED
 from pipeline import meta
 from pipeline.bindings.db import Database
 from pipeline.schema import (
@@ -88,7 +89,10 @@ def check_totals(s: dict[str, Any]) -> list[str]:
 def check_archive(db: Database) -> list[str]:
     """Every recorded object agrees with the rows it claims in the database: a verified
     object still holds exactly `row_count` rows in state 1, a cleaned one none, and no
-    row is in state 1 without a verified object; flagged objects are reported."""
+    row is in state 1 without a verified (or flagged) object; flagged objects (`corrupt`,
+    `mismatch`) are reported. `pending` and `replaced` records hold nothing and are no
+    problem: a replaced object's rows went back to the archive queue (the state-1 rows in
+    its range, if any, are those of the object that replaced it)."""
     problems: list[str] = []
     state1 = sa.and_(te.c.archive_state == 1, te.c.ts >= ao.c.hour * 1000, te.c.ts < ao.c.hour * 1000 + 3_600_000)
     in_object = sa.and_(state1, te.c.seq.between(ao.c.min_seq, ao.c.max_seq))
@@ -99,13 +103,13 @@ def check_archive(db: Database) -> list[str]:
         marked = conn.execute(sa.select(sa.func.count()).where(te.c.archive_state == 1)).scalar_one()
     expected_marked = 0
     for key, status, rows, cleaned, error, held_rows in objects:
-        if status in ("corrupt", "mismatch"):
+        if status in FLAGGED:
             problems.append(f"{key}: flagged {status}: {error}")
-        elif status == "verified" and held_rows != rows - cleaned:
+        elif status == VERIFIED and held_rows != rows - cleaned:
             problems.append(f"{key}: {held_rows} archived rows in the database, expected {rows - cleaned}")
-        elif status == "cleaned" and held_rows:
+        elif status == CLEANED and held_rows:
             problems.append(f"{key}: cleaned but {held_rows} rows remain")
-        if status in ("verified", "corrupt", "mismatch"):
+        if status == VERIFIED or status in FLAGGED:
             expected_marked += held_rows
     if marked != expected_marked:
         problems.append(f"{marked} rows marked archived, {expected_marked} held by recorded objects")

@@ -3,8 +3,9 @@
 What an operator needs before the database fills or the archiver falls behind: size of
 the database and of each table, row counts, growth over the last 7 days and the projected
 days until `[monitor] capacity_bytes` (10 GB by default, D1's limit), the age of the
-oldest un-archived detail row, queue and DLQ depth, archive totals, and `alerts` naming
-every threshold crossed.
+oldest un-archived detail row, queue and DLQ depth, archive totals, the archive objects
+flagged corrupt or mismatch (`archive_flagged`), and `alerts` naming every threshold
+crossed.
 
 Sizes: on SQLite from the `dbstat` table when the library has it (else the whole file
 from page counts); on PostgreSQL `pg_total_relation_size` of edgepipe's own tables (the
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from archiver.objects import FLAGGED, HOLDS_NOTHING
 from pipeline import clock, log, meta
 from pipeline.jobs import job
 from pipeline.schema import job_runs, metadata, traffic_events
@@ -90,11 +92,28 @@ def _archive_totals(db: Any) -> dict[str, Any]:
     try:
         with db.read() as conn:
             objects, rows, size = conn.execute(
-                sa.select(sa.func.count(), sa.func.sum(table.c.row_count), sa.func.sum(table.c.size_bytes))
+                sa.select(sa.func.count(), sa.func.sum(table.c.row_count), sa.func.sum(table.c.size_bytes)).where(
+                    table.c.status.not_in(HOLDS_NOTHING)  # pending uploads and replaced objects are not in the bucket
+                )
             ).one()
     except Exception:  # the table is declared but not created in this database yet
         return {"available": False}
     return {"available": True, "objects": int(objects), "rows": int(rows or 0), "bytes": int(size or 0)}
+
+
+def _archive_flagged(db: Any) -> list[str]:
+    """Keys of the archive objects flagged corrupt or mismatch (the next archive run
+    replaces them; one still listed afterwards needs an operator)."""
+    table = metadata.tables.get("archive_objects")
+    if table is None:
+        return []
+    try:
+        with db.read() as conn:
+            return list(
+                conn.execute(sa.select(table.c.key).where(table.c.status.in_(FLAGGED)).order_by(table.c.key)).scalars()
+            )
+    except Exception:  # the table is declared but not created in this database yet
+        return []
 
 
 def _oldest_unarchived_ms(db: Any) -> int | None:
@@ -130,6 +149,7 @@ def report(env: Any, now_s: float | None = None) -> dict[str, Any]:
     out["queue_depth"] = stats["pending"] + stats["in_flight"]
     out["dlq_depth"] = stats["dlq"]
     out["archive"] = _archive_totals(env.DB)
+    out["archive_flagged"] = _archive_flagged(env.DB)
     out["alerts"] = alerts(out, cfg)
     return out
 
@@ -150,6 +170,10 @@ def alerts(r: dict[str, Any], cfg: Any) -> list[str]:
         found.append(f"queue: {r['queue_depth']} messages waiting (> {m.max_queue_depth})")
     if r["dlq_depth"] > m.max_dlq_depth:
         found.append(f"dlq: {r['dlq_depth']} dead letters (> {m.max_dlq_depth})")
+    flagged = r.get("archive_flagged") or []
+    if flagged:
+        keys = ", ".join(flagged[:5]) + (", …" if len(flagged) > 5 else "")
+        found.append(f"archive_corrupt: {len(flagged)} objects flagged corrupt/mismatch ({keys})")
     return found
 
 

@@ -15,12 +15,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline import clock, log
-from pipeline.errors import NotFound, TransientError
+from pipeline.errors import NotFound, TransientError, ValidationError
 from pipeline.heartbeat import process_name
 from pipeline.jobs import load_jobs
 from scheduler.cron import CronSpec
 from scheduler.decide import DRY_RUN, FAILED, SUCCEEDED, Due, Policy, decide_job
 from scheduler.runs import JobStore
+
+MAX_AHEAD_S = 60.0  # how far in the future a run by hand may be scheduled
 
 
 def new_holder() -> str:
@@ -102,9 +104,17 @@ def _call(env: Any, store: JobStore, fn: Any, run_id: int, out: Outcome, dry_run
 
 def run_by_hand(env: Any, name: str, when: datetime | None, dry_run: bool = False) -> Outcome:
     """`edgepipe jobs run NAME [--at T]`: the same lease and recording as scheduled runs.
-    Refuses (TransientError) while another process runs the job."""
-    store = JobStore(env.DB)
+    Refuses (TransientError) while another process runs the job, and (ValidationError
+    naming `--at`) a slot more than `MAX_AHEAD_S` in the future: a run scheduled ahead
+    archives rows early and raises the archive watermark past events still to come."""
     slot = clock.now() if when is None else when.astimezone(UTC)
+    if slot.timestamp() > clock.now_s() + MAX_AHEAD_S:
+        raise ValidationError(
+            "--at",
+            f"{clock.iso(slot.timestamp())} is more than {MAX_AHEAD_S:.0f} s in the future; a run scheduled ahead "
+            "would archive rows early and move the archive watermark past events still to come",
+        )
+    store = JobStore(env.DB)
     out = execute(env, store, name, slot, new_holder(), dry_run)
     if out.status == "skipped":
         lease = store.leases().get(name, {})

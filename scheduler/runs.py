@@ -5,10 +5,20 @@ deleted afterwards. Taking it is one conditional UPDATE (free, expired or alread
 so on SQLite (one writer at a time) and on PostgreSQL (the row lock re-checks the WHERE)
 exactly one contender wins. `job_runs` has a unique (job, scheduled_for, attempt) as a
 second line of defence: an attempt can be recorded once.
+
+A lease whose holder (`host:pid:tag`, `pipeline.heartbeat.process_name`) is a process of
+THIS host that no longer exists is taken over at once instead of after its expiry (a
+SIGKILLed `jobs run` would otherwise block the job for `lease_seconds`): one conditional
+UPDATE on that exact holder value, so of several contenders one wins. A holder that is
+alive, whose pid cannot be checked (another user's process: alive), of another host or
+not of that form is respected until it expires.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -30,6 +40,24 @@ def _record(r: Any) -> RunRecord:
     return RunRecord(r.job, r.scheduled_for, r.attempt, r.status, r.started_at, r.finished_at)
 
 
+def dead_local_holder(holder: str) -> bool:
+    """True only when `holder` names a process of this host that no longer exists:
+    `os.kill(pid, 0)` raises ProcessLookupError (PermissionError means it exists)."""
+    parts = holder.rsplit(":", 2)  # a host name holds no colon; an IPv6 literal would not match ours anyway
+    if len(parts) != 3:
+        return False
+    host, pid_text, _tag = parts
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) <= 0:
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError (another user's process) or anything unexpected: alive
+        return False
+    return False
+
+
 class JobStore:
     def __init__(self, db: Any) -> None:
         self.db = db
@@ -37,6 +65,8 @@ class JobStore:
     # -- leases ------------------------------------------------------------------------
 
     def acquire(self, job: str, holder: str, ttl: float) -> bool:
+        """Take `job`'s lease when it is free, expired, already ours, or held by a dead
+        process of this host (logged `lease_taken_over`)."""
         now = clock.now_s()
         with self.db.transaction() as conn:
             conn.execute(
@@ -49,7 +79,17 @@ class JobStore:
                 .where(jl.c.job == job, sa.or_(jl.c.holder == holder, jl.c.expires_at < now))
                 .values(holder=holder, expires_at=now + ttl)
             )
-            return conn.execute(sa.select(jl.c.holder).where(jl.c.job == job)).scalar_one() == holder
+            current = conn.execute(sa.select(jl.c.holder).where(jl.c.job == job)).scalar_one()
+            if current == holder:
+                return True
+            if not dead_local_holder(current):
+                return False
+            taken = conn.execute(
+                jl.update().where(jl.c.job == job, jl.c.holder == current).values(holder=holder, expires_at=now + ttl)
+            ).rowcount
+        if taken:
+            log.event("lease_taken_over", logging.WARNING, job=job, dead_holder=current, holder=holder)
+        return bool(taken)
 
     def renew(self, job: str, holder: str, ttl: float) -> bool:
         with self.db.transaction() as conn:

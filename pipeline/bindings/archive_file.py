@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from pipeline import clock
 from pipeline.bindings.archive import CHUNK, ObjectInfo, ObjectStore
 from pipeline.errors import BindingError, NotFound, ValidationError
 from pipeline.files import write_atomic
@@ -116,3 +117,24 @@ class FileStore(ObjectStore):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
         self._meta_path(key).unlink(missing_ok=True)
+
+    def cleanup(self, older_than_s: float) -> int:
+        """Delete the temp files under DIR/.tmp last modified more than `older_than_s`
+        seconds ago: writes a killed process never finished (a write in progress keeps
+        its file's mtime fresh)."""
+        limit = clock.now_s() - older_than_s
+        removed = 0
+        try:
+            entries = list(os.scandir(self.root / TMP_DIR))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # finished or removed meanwhile
+                continue
+            except OSError as exc:
+                raise BindingError(f"archive cleanup {entry.path}: {exc}") from exc
+        return removed

@@ -1,4 +1,5 @@
-"""`edgepipe jobs …`: the cron table, run history, and runs by hand.
+"""`edgepipe jobs …`: the cron table, run history, and runs by hand; `edgepipe watermark …`:
+the archive watermark the archive job raises, inspected and repaired.
 
 A run by hand goes through the scheduler's own path: it takes the job's lease (refusing
 while another process runs the job) and is recorded in `job_runs` like a scheduled run.
@@ -29,7 +30,8 @@ def jobs() -> None:
 @pass_state
 def jobs_run(state: Any, name: str, at: str | None, dry_run: bool, as_json: bool) -> None:
     """Run job NAME once, now, as if scheduled at T (recorded in the job history).
-    Exits 1 when the job fails, 4 while another process runs it."""
+    T may not be more than 60 s in the future (exit 3). Exits 1 when the job fails, 4
+    while another process runs it."""
     from scheduler.runner import run_by_hand
 
     at_s = time_option(at, "--at")
@@ -102,3 +104,44 @@ def jobs_history(state: Any, job_name: str | None, status: str | None, limit: in
     else:
         cols = ("id", "job", "scheduled_for", "attempt", "status", "started_at", "finished_at", "error")
         print_table(rows, cols, "job runs")
+
+
+def _print_fields(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json(doc)
+    else:
+        for key, value in doc.items():
+            click.echo(f"{key:>14} {value}")
+
+
+@main.group()
+def watermark() -> None:
+    """The archive watermark: events older than it are refused as too_late."""
+
+
+@watermark.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def watermark_show(state: Any, as_json: bool) -> None:
+    """The watermark, the retention policy's cutoff (now - [retention] detail_days),
+    whether the watermark is ahead of it (by more than 60 s) and the safe floor."""
+    from archiver.job import watermark_status
+
+    _print_fields(watermark_status(state.env()), as_json)
+
+
+@watermark.command("repair")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def watermark_repair(state: Any, as_json: bool) -> None:
+    """Lower a watermark that is ahead of the policy cutoff to the safe floor.
+
+    Safe floor = max(policy cutoff, 1 ms + the newest event ts of any recorded archive
+    object that is neither pending nor replaced): the rows of those objects have left or
+    will leave the database, so the watermark stays above them, or a duplicate of one
+    would be accepted and counted twice. A watermark not ahead (at most 60 s past the
+    policy cutoff) is left as it is; the watermark is never raised. Runs under the archive
+    job's lease: exits 4 while the archive job runs."""
+    from archiver.job import repair_watermark
+
+    _print_fields(repair_watermark(state.env()), as_json)
