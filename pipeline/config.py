@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.cron import parse_table
 from pipeline.errors import ConfigError, ValidationError
 
 ENV_PREFIX = "EDGEPIPE_"
@@ -171,7 +172,6 @@ class Schedule(Section):
 
     @model_validator(mode="after")
     def _cron(self) -> Schedule:
-        from scheduler.cron import parse_table
 
         try:
             parse_table(self.jobs, self.timezone)

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from scheduler.cron import CronSpec
+from pipeline.cron import CronSpec
 
 SUCCEEDED = "succeeded"
 FAILED = "failed"

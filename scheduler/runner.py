@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline import clock, log
+from pipeline.cron import CronSpec
 from pipeline.errors import NotFound, TransientError, ValidationError
 from pipeline.heartbeat import process_name
 from pipeline.jobs import load_jobs
-from scheduler.cron import CronSpec
 from scheduler.decide import DRY_RUN, FAILED, SUCCEEDED, Due, Policy, decide_job
 from scheduler.runs import JobStore
 

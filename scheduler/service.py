@@ -21,9 +21,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from pipeline import clock, log
+from pipeline.cron import CronSpec, parse_table, zone
 from pipeline.errors import ConfigError
 from pipeline.jobs import load_jobs
-from scheduler.cron import CronSpec, parse_table, zone
 from scheduler.decide import decide
 from scheduler.runner import Outcome, execute, policy_of, scheduled_recheck
 from scheduler.runs import JobStore

@@ -9,10 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from freezegun import freeze_time
 
-from pipeline import clock
+from pipeline import clock, cron
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ValidationError
-from scheduler import cron
 from scheduler.decide import ABANDONED, FAILED, RUNNING, SUCCEEDED, Policy, RunRecord, decide
 
 DEFAULT_TABLE = Config().schedule.jobs
