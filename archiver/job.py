@@ -43,8 +43,6 @@ import orjson
 import sqlalchemy as sa
 
 from archiver.objects import (
-    FLAGGED,
-    HOLDS_NOTHING,
     PENDING,
     REPLACED,
     ROW_FIELDS,
@@ -57,7 +55,7 @@ from archiver.objects import (
 from pipeline import clock, meta
 from pipeline.errors import IntegrityError, TransientError
 from pipeline.jobs import job
-from pipeline.schema import archive_objects, traffic_events
+from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, archive_objects, traffic_events
 
 log = logging.getLogger("edgepipe.archiver")
 te = traffic_events
@@ -88,7 +86,7 @@ def _next_rows(whole_hour: bool) -> sa.Select[Any]:
     and, unless `whole_hour`, `limit`."""
     stmt = sa.select(*SELECT_COLUMNS).where(
         te.c.ts >= sa.bindparam("lo"), te.c.ts < sa.bindparam("hi"), te.c.ts < sa.bindparam("cutoff"),
-        te.c.archive_state == 0, te.c.seq > sa.bindparam("after"),
+        te.c.archive_state == ArchiveState.HOT, te.c.seq > sa.bindparam("after"),
     )  # fmt: skip
     if not whole_hour:  # sort the hour's rows found by the ts index, never walk the whole table by seq
         stmt = stmt.order_by(te.c.seq + 0).limit(sa.bindparam("limit", type_=sa.Integer))
@@ -98,11 +96,13 @@ def _next_rows(whole_hour: bool) -> sa.Select[Any]:
 def hour_counts(conn: sa.Connection, cutoff: int) -> list[tuple[int, int]]:
     """(event hour in epoch s, rows) of the unarchived rows older than the cutoff."""
     hour = te.c.ts // HOUR_MS
-    stmt = sa.select(hour, sa.func.count()).where(te.c.ts < cutoff, te.c.archive_state == 0).group_by(hour)
+    stmt = (
+        sa.select(hour, sa.func.count()).where(te.c.ts < cutoff, te.c.archive_state == ArchiveState.HOT).group_by(hour)
+    )
     return [(int(h) * 3600, int(n)) for h, n in conn.execute(stmt.order_by(hour))]
 
 
-def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = 0) -> Any:
+def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = ArchiveState.HOT) -> Any:
     return sa.and_(_in_hour(hour_s), te.c.ts < cutoff, te.c.seq.between(first, last), te.c.archive_state == state)
 
 
@@ -168,7 +168,9 @@ def _mark(env: Any, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
     """Mark the object's rows archived and the object verified, in one transaction."""
     with env.DB.transaction() as conn:
         marked = conn.execute(
-            sa.update(te).where(_object_rows(hour_s, cutoff, enc.min_seq, enc.max_seq)).values(archive_state=1)
+            sa.update(te)
+            .where(_object_rows(hour_s, cutoff, enc.min_seq, enc.max_seq))
+            .values(archive_state=ArchiveState.ARCHIVED)
         ).rowcount
         if marked != enc.rows:
             raise IntegrityError(f"{key}: {marked} rows to mark, object holds {enc.rows}")
@@ -211,7 +213,9 @@ def clean_temp(env: Any, result: dict[str, Any]) -> int:
 def _rows_still_held(obj: Any) -> Any:
     """The rows an object holds in the database: its hour, its seq range, state 1 (the
     cleaner's and `totals.check_archive`'s definition)."""
-    return sa.and_(_in_hour(obj.hour), te.c.seq.between(obj.min_seq, obj.max_seq), te.c.archive_state == 1)
+    return sa.and_(
+        _in_hour(obj.hour), te.c.seq.between(obj.min_seq, obj.max_seq), te.c.archive_state == ArchiveState.ARCHIVED
+    )
 
 
 def _replace(env: Any, obj: Any) -> int | None:
@@ -224,7 +228,7 @@ def _replace(env: Any, obj: Any) -> int | None:
         taken = conn.execute(record.values(status=REPLACED, error=reason[:2000])).rowcount
         if not taken:
             return None
-        reset = conn.execute(sa.update(te).where(_rows_still_held(obj)).values(archive_state=0)).rowcount
+        reset = conn.execute(sa.update(te).where(_rows_still_held(obj)).values(archive_state=ArchiveState.HOT)).rowcount
         meta.mark(env.DB, conn, meta.MANIFEST_DUE, day_of(obj.hour))
     return int(reset)
 

@@ -8,7 +8,7 @@ the same rows rewrites the same key. Metadata (also kept in `archive_objects`): 
 also gets `<prefix>/dt=YYYY-MM-DD/_manifest.json` (see `archiver.job.write_manifest`),
 for people and tools browsing the bucket; replay never reads it.
 
-The states of a record in `archive_objects` (`STATUSES`): `pending` (recorded before its
+The states of a record in `archive_objects` (`pipeline.schema.ObjectStatus`): `pending` (recorded before its
 upload; not yet an object of the archive), `verified` (uploaded, re-read, its rows marked
 archived), `cleaned` (every row moved to lifetime totals), `corrupt` (the stored object is
 missing or does not match), `mismatch` (its rows in the database do not match its count),
@@ -39,6 +39,7 @@ import orjson
 
 from pipeline.bindings.archive import ObjectStore
 from pipeline.errors import IntegrityError, NotFound
+from pipeline.schema import ObjectStatus
 
 ROW_FIELDS = ("seq", "ts", "id", "method", "path", "overflow", "status", "response_time_ms", "host", "colo", "bytes")
 COMPRESS_LEVEL = 6
@@ -46,11 +47,8 @@ SPOOL_BYTES = 8 * 1024 * 1024
 _ROW_SEP, _ROW_NL = b'},{"seq":', b'}\n{"seq":'  # between two rows, whose first field is seq
 ROW_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()  # a row as a dict
 MANIFEST_NAME = "_manifest.json"
-PENDING, VERIFIED, CLEANED = "pending", "verified", "cleaned"
-CORRUPT, MISMATCH, REPLACED = "corrupt", "mismatch", "replaced"
-STATUSES = (PENDING, VERIFIED, CLEANED, CORRUPT, MISMATCH, REPLACED)
-FLAGGED = (CORRUPT, MISMATCH)  # found unsound by the cleaner; the next archive run replaces them
-HOLDS_NOTHING = (PENDING, REPLACED)  # records whose rows are not (or no longer) archived by them
+PENDING, VERIFIED, CLEANED = ObjectStatus.PENDING, ObjectStatus.VERIFIED, ObjectStatus.CLEANED
+CORRUPT, MISMATCH, REPLACED = ObjectStatus.CORRUPT, ObjectStatus.MISMATCH, ObjectStatus.REPLACED
 KEY_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/part-(\d+)-(\d+)(?:-r(\d+))?\.ndjson\.gz$")
 
 

@@ -30,7 +30,7 @@ from pipeline import log, procs
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
 from pipeline.errors import IntegrityError, ValidationError
-from pipeline.schema import OTHER_PATH, path_stats_hourly, traffic_events
+from pipeline.schema import OTHER_PATH, ArchiveState, path_stats_hourly, traffic_events
 
 te, psh = traffic_events, path_stats_hourly
 HOUR_S = 3600
@@ -209,7 +209,7 @@ def compare(acc: Acc, stored: list[Sequence[Any]]) -> list[dict[str, Any]]:
 
 _HOT = (  # archived and restored rows are in the bucket
     sa.select(*HOT_FOLD_COLUMNS)
-    .where(te.c.ts >= sa.bindparam("lo"), te.c.ts < sa.bindparam("hi"), te.c.archive_state == 0)
+    .where(te.c.ts >= sa.bindparam("lo"), te.c.ts < sa.bindparam("hi"), te.c.archive_state == ArchiveState.HOT)
     .order_by(te.c.ts)
 )
 _STORED = (
@@ -422,7 +422,9 @@ def restore(
     for _key, rows in iter_objects(store, prefix, start_s, end_s, bad, progress=progress):
         objects += 1
         values = [
-            {f: r[f] for f in ROW_FIELDS if f != "seq"} | {"archive_state": 2} for r in rows if lo <= r["ts"] < hi
+            {f: r[f] for f in ROW_FIELDS if f != "seq"} | {"archive_state": ArchiveState.RESTORED}
+            for r in rows
+            if lo <= r["ts"] < hi
         ]
         seen += len(values)
         for i in range(0, len(values), FETCH):
@@ -438,7 +440,10 @@ def drop_restored(db: Database, start_s: float, end_s: float, batch: int = FETCH
     hour_range(start_s, end_s)  # the range is checked as every replay command checks it
     lo, hi = int(start_s * 1000), int(end_s * 1000)
     doomed = (
-        sa.select(te.c.seq).where(te.c.ts >= lo, te.c.ts < hi, te.c.archive_state == 2).limit(batch).scalar_subquery()
+        sa.select(te.c.seq)
+        .where(te.c.ts >= lo, te.c.ts < hi, te.c.archive_state == ArchiveState.RESTORED)
+        .limit(batch)
+        .scalar_subquery()
     )
     deleted = 0
     while True:

@@ -28,7 +28,7 @@ from cleaner import stats_file
 from pipeline import clock
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
-from pipeline.schema import archive_objects, lifetime_totals, traffic_events
+from pipeline.schema import ArchiveState, archive_objects, lifetime_totals, traffic_events
 from pipeline.totals import FIELDS, SCOPE, event_sums
 
 log = logging.getLogger("edgepipe.cleaner")
@@ -43,7 +43,7 @@ _HELD = sa.and_(
     te.c.ts >= sa.bindparam("ts_lo"),
     te.c.ts < sa.bindparam("ts_hi"),
     te.c.seq.between(sa.bindparam("seq_lo"), sa.bindparam("seq_hi")),
-    te.c.archive_state == 1,
+    te.c.archive_state == ArchiveState.ARCHIVED,
 )
 _COUNT_HELD = sa.select(sa.func.count()).where(_HELD)
 _OBJECT_COUNTS = sa.select(ao.c.cleaned_rows, ao.c.row_count).where(ao.c.key == sa.bindparam("obj_key"))

@@ -14,6 +14,8 @@ long as the original row is in the hot table; older events are refused by the co
 
 from __future__ import annotations
 
+from enum import IntEnum, StrEnum
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -30,6 +32,29 @@ from sqlalchemy import (
 )
 
 metadata = MetaData()
+
+
+class ArchiveState(IntEnum):
+    """`traffic_events.archive_state`: where a detail row stands with the archive."""
+
+    HOT = 0  # counted in hot, not archived yet
+    ARCHIVED = 1  # held by a verified archive object, awaiting the cleaner
+    RESTORED = 2  # put back from the archive: already counted in cold, never counted or archived again
+
+
+class ObjectStatus(StrEnum):
+    """`archive_objects.status`."""
+
+    PENDING = "pending"  # recorded before the upload; a later run deletes the object and starts again
+    VERIFIED = "verified"  # uploaded, read back, its rows marked archived
+    CLEANED = "cleaned"  # its rows moved to lifetime_totals
+    CORRUPT = "corrupt"  # the cleaner found it missing or not matching its checksum
+    MISMATCH = "mismatch"  # the cleaner found its row counts not matching
+    REPLACED = "replaced"  # flagged, then its rows went back to the archive queue and into a new object
+
+
+FLAGGED = (ObjectStatus.CORRUPT, ObjectStatus.MISMATCH)  # the next archive run replaces these
+HOLDS_NOTHING = (ObjectStatus.PENDING, ObjectStatus.REPLACED)  # records no row belongs to
 
 # SQLite only aliases the rowid for a column declared exactly INTEGER PRIMARY KEY.
 RowId = BigInteger().with_variant(Integer(), "sqlite")

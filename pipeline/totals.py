@@ -17,11 +17,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from archiver.objects import CLEANED, FLAGGED, VERIFIED
 from pipeline import meta
 from pipeline.bindings.db import Database
 from pipeline.schema import (
+    FLAGGED,
     STATUS_COLUMNS,
+    ArchiveState,
+    ObjectStatus,
     archive_objects,
     lifetime_totals,
     path_stats_hourly,
@@ -45,7 +47,7 @@ def event_sums(c: Any = te.c) -> list[Any]:
 
 
 def _scalar_subqueries() -> list[Any]:
-    hot = sa.select(*event_sums()).where(te.c.archive_state != 2).subquery()
+    hot = sa.select(*event_sums()).where(te.c.archive_state != ArchiveState.RESTORED).subquery()
     cold = sa.select(*(lt.c[f] for f in FIELDS)).where(lt.c.scope == SCOPE).subquery()
     total_cols = ["requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms"]
     total = [sa.select(sa.func.coalesce(sa.func.sum(psh.c[c]), 0)).scalar_subquery() for c in total_cols]
@@ -94,22 +96,26 @@ def check_archive(db: Database) -> list[str]:
     problem: a replaced object's rows went back to the archive queue (the state-1 rows in
     its range, if any, are those of the object that replaced it)."""
     problems: list[str] = []
-    state1 = sa.and_(te.c.archive_state == 1, te.c.ts >= ao.c.hour * 1000, te.c.ts < ao.c.hour * 1000 + 3_600_000)
+    state1 = sa.and_(
+        te.c.archive_state == ArchiveState.ARCHIVED, te.c.ts >= ao.c.hour * 1000, te.c.ts < ao.c.hour * 1000 + 3_600_000
+    )
     in_object = sa.and_(state1, te.c.seq.between(ao.c.min_seq, ao.c.max_seq))
     held = sa.select(sa.func.count()).where(in_object).correlate(ao).scalar_subquery()
     stmt = sa.select(ao.c.key, ao.c.status, ao.c.row_count, ao.c.cleaned_rows, ao.c.error, held.label("held"))
     with db.read() as conn:
         objects = conn.execute(stmt.order_by(ao.c.hour, ao.c.key)).all()
-        marked = conn.execute(sa.select(sa.func.count()).where(te.c.archive_state == 1)).scalar_one()
+        marked = conn.execute(
+            sa.select(sa.func.count()).where(te.c.archive_state == ArchiveState.ARCHIVED)
+        ).scalar_one()
     expected_marked = 0
     for key, status, rows, cleaned, error, held_rows in objects:
         if status in FLAGGED:
             problems.append(f"{key}: flagged {status}: {error}")
-        elif status == VERIFIED and held_rows != rows - cleaned:
+        elif status == ObjectStatus.VERIFIED and held_rows != rows - cleaned:
             problems.append(f"{key}: {held_rows} archived rows in the database, expected {rows - cleaned}")
-        elif status == CLEANED and held_rows:
+        elif status == ObjectStatus.CLEANED and held_rows:
             problems.append(f"{key}: cleaned but {held_rows} rows remain")
-        if status == VERIFIED or status in FLAGGED:
+        if status == ObjectStatus.VERIFIED or status in FLAGGED:
             expected_marked += held_rows
     if marked != expected_marked:
         problems.append(f"{marked} rows marked archived, {expected_marked} held by recorded objects")

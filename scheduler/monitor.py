@@ -22,10 +22,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from archiver.objects import FLAGGED, HOLDS_NOTHING
 from pipeline import clock, log, meta
 from pipeline.jobs import job
-from pipeline.schema import job_runs, metadata, traffic_events
+from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, job_runs, metadata, traffic_events
 
 DAY_S = 86400
 MIN_GROWTH_SPAN_S = 6 * 3600
@@ -121,7 +120,7 @@ def _oldest_unarchived_ms(db: Any) -> int | None:
     stmt = sa.select(sa.func.min(te.c.ts))
     with db.read() as conn:
         if "archive_state" in te.c:
-            stmt = stmt.where(te.c.archive_state == 0)
+            stmt = stmt.where(te.c.archive_state == ArchiveState.HOT)
         else:
             stmt = stmt.where(te.c.ts >= meta.archive_watermark_ms(db, conn))
         return conn.execute(stmt).scalar()
