@@ -53,6 +53,7 @@ from archiver.objects import (
     object_key,
 )
 from pipeline import clock, meta
+from pipeline.clock import HOUR_MS
 from pipeline.errors import IntegrityError, TransientError
 from pipeline.jobs import job
 from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, archive_objects, traffic_events
@@ -60,7 +61,6 @@ from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, archive_object
 log = logging.getLogger("edgepipe.archiver")
 te = traffic_events
 ao = archive_objects
-HOUR_MS = 3_600_000
 DAY_S = 86_400
 TMP_MAX_AGE_S = 3600.0  # temp files and multipart uploads older than this were left by a dead writer
 AHEAD_SLACK_MS = 60_000  # a watermark further than this past the retention cutoff is "ahead"

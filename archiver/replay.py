@@ -25,8 +25,8 @@ import orjson
 import sqlalchemy as sa
 
 from archiver.objects import ROW_DECODER, ROW_FIELDS, key_hour, read_objects
-from consumers.traffic import AGG_COLUMNS, AGG_KEYS, Acc, fold
-from pipeline import log, procs
+from pipeline import clock, log, procs
+from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
 from pipeline.errors import IntegrityError, ValidationError
@@ -234,7 +234,7 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _hot_hour(row: Sequence[Any]) -> int:
-    return int(row[0]) // 3_600_000 * HOUR_S
+    return clock.hour_of_ms(int(row[0]))
 
 
 def verify(

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from archiver.objects import CLEANED, CORRUPT, MISMATCH, VERIFIED, check_stored
 from cleaner import stats_file
 from pipeline import clock
+from pipeline.clock import HOUR_MS
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
 from pipeline.schema import ArchiveState, archive_objects, lifetime_totals, traffic_events
@@ -33,7 +34,6 @@ from pipeline.totals import FIELDS, SCOPE, event_sums
 
 log = logging.getLogger("edgepipe.cleaner")
 te, ao, lt = traffic_events, archive_objects, lifetime_totals
-HOUR_MS = 3_600_000
 
 
 # Statements are built once and run on the driver's cursor (`Database.fetchall` /

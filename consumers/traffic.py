@@ -16,9 +16,7 @@ returns nothing, so it contributes nothing to the aggregates.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import OrderedDict, defaultdict
-from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -26,27 +24,20 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipeline import clock, meta
+from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, MessageBatch
 from pipeline.config import Config
 from pipeline.errors import ValidationError
 from pipeline.events import EVENT_COLUMNS, Event, decode_batch, decode_message, parse_event
-from pipeline.histogram import N_BUCKETS
 from pipeline.paths import PathNormalizer
 from pipeline.schema import (
-    BUCKET_COLUMNS,
-    LATENCY_BUCKETS_MS,
     OTHER_PATH,
-    STATUS_COLUMNS,
     path_stats_hourly,
     traffic_events,
 )
 
 te = traffic_events
 psh = path_stats_hourly
-AGG_KEYS = ("hour", "host", "path", "method")
-# An accumulator list in `fold` holds AGG_COLUMNS in order: requests (0), status classes
-# 1xx-5xx (1-5), bytes (6), rt sum (7), min (8), max (9), then the latency buckets (10-).
-AGG_COLUMNS = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", "rt_min_ms", "rt_max_ms", *BUCKET_COLUMNS)
 KNOWN_PATHS_HOURS = 48
 _CONTENT_TYPE = attrgetter("content_type")
 
@@ -187,7 +178,7 @@ class TrafficConsumer:
         single consumer is exact without a query per batch. Concurrent consumers on
         PostgreSQL may each admit a few paths past the cap before they see each other's."""
         by_hour: dict[int, set[str]] = defaultdict(set)
-        for hour, path in {(ev.ts // 3_600_000 * 3600, ev.path) for ev in events}:
+        for hour, path in {(ev.ts // 3_600_000 * 3600, ev.path) for ev in events}:  # clock.hour_of_ms, inlined
             by_hour[hour].add(path)
         over: set[tuple[int, str]] = set()
         for hour, paths in by_hour.items():
@@ -209,7 +200,7 @@ class TrafficConsumer:
                 known |= new_paths
                 continue
             for ev in events:  # admit new paths in arrival order until the budget is spent
-                if ev.ts // 3_600_000 * 3600 != hour or ev.path in known:
+                if clock.hour_of_ms(ev.ts) != hour or ev.path in known:
                     continue
                 if budget > 0:
                     budget -= 1
@@ -223,40 +214,3 @@ class TrafficConsumer:
     @staticmethod
     def _paths_of_hour(conn: sa.Connection, hour: int) -> set[str]:
         return set(conn.execute(_PATHS_OF_HOUR, {"hour": hour}).scalars().all())
-
-
-Acc = dict[tuple[int, str, str, str], list[Any]]
-
-
-def fold(acc: Acc, rows: Iterable[tuple[int, str, str, str, int, int | None, float]]) -> None:
-    """Add `(ts, host, aggregated path, method, status, bytes, response_time_ms)` rows into
-    `acc`: (hour, host, path, method) → values in `AGG_COLUMNS` order. The one definition
-    of an aggregate row: the consumer folds the events it inserted, archive replay and
-    rebuild fold archived rows. Accumulators merge by addition (min/max aside)."""
-    buckets, get, zeros = LATENCY_BUCKETS_MS, acc.get, [0] * N_BUCKETS
-    for ts, host, path, method, status, nbytes, rt in rows:  # indices: see AGG_COLUMNS
-        key = (ts // 3_600_000 * 3600, host, path, method)
-        a = get(key)
-        if a is None:
-            a = acc[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, rt, rt, *zeros]
-        a[0] += 1
-        a[status // 100] += 1  # status_1xx … status_5xx sit at 1 … 5
-        if nbytes:
-            a[6] += nbytes
-        a[7] += rt
-        if rt < a[8]:
-            a[8] = rt
-        elif rt > a[9]:
-            a[9] = rt
-        a[10 + bisect_left(buckets, rt)] += 1
-
-
-def aggregate(events: list[Event], overflow: Collection[tuple[int, str]] = ()) -> list[dict[str, Any]]:
-    """Fold events (those keyed in `overflow` as `__other__`) into upsert-ready rows."""
-    acc: Acc = {}
-    fold(acc, (
-        (ev.ts, ev.host, OTHER_PATH if (ev.ts, ev.id) in overflow else ev.path, ev.method, ev.status, ev.bytes,
-         ev.response_time_ms)
-        for ev in events
-    ))  # fmt: skip
-    return [dict(zip(AGG_KEYS, key, strict=True)) | dict(zip(AGG_COLUMNS, a, strict=True)) for key, a in acc.items()]

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 
 HOUR_S = 3600
+HOUR_MS = HOUR_S * 1000
 
 
 def now() -> datetime:

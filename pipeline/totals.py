@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from pipeline import meta
 from pipeline.bindings.db import Database
+from pipeline.clock import HOUR_MS
 from pipeline.schema import (
     FLAGGED,
     STATUS_COLUMNS,
@@ -97,7 +98,7 @@ def check_archive(db: Database) -> list[str]:
     its range, if any, are those of the object that replaced it)."""
     problems: list[str] = []
     state1 = sa.and_(
-        te.c.archive_state == ArchiveState.ARCHIVED, te.c.ts >= ao.c.hour * 1000, te.c.ts < ao.c.hour * 1000 + 3_600_000
+        te.c.archive_state == ArchiveState.ARCHIVED, te.c.ts >= ao.c.hour * 1000, te.c.ts < ao.c.hour * 1000 + HOUR_MS
     )
     in_object = sa.and_(state1, te.c.seq.between(ao.c.min_seq, ao.c.max_seq))
     held = sa.select(sa.func.count()).where(in_object).correlate(ao).scalar_subquery()

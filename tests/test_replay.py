@@ -295,7 +295,7 @@ def test_db_stream_yields_every_row_of_several_fetches_two_streams_at_once(make_
 def test_compare_is_exact_but_for_the_rounding_of_the_response_time_sum() -> None:
     """Every column of every row: the sum may differ in its last bits (added in another
     order), the min/max and the counts not at all; rows on one side only are named."""
-    from consumers.traffic import AGG_COLUMNS
+    from pipeline.aggregate import AGG_COLUMNS
 
     def row(path: str, **values: Any) -> tuple[Any, ...]:
         base = dict.fromkeys(AGG_COLUMNS, 0) | {"requests": 3, "rt_sum_ms": 0.1 + 0.2 + 0.3, "rt_min_ms": 0.1}
