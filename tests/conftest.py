@@ -15,9 +15,9 @@ import psycopg  # noqa: F401  (load its C module before freezegun patches dateti
 import pytest
 
 from pipeline import migrate
-from pipeline.bench import scratch_db
 from pipeline.config import Config
 from pipeline.env import Env, open_env
+from tests.support import scratch_db
 
 PG_URL = os.environ.get("EDGEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"

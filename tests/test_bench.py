@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from pipeline import log
-from pipeline.bench import bench_consume, race
+from pipeline.bench import consume
 from pipeline.config import Config
 from pipeline.env import open_env
 from pipeline.worker import Worker
 
 
 def test_bench_consume_counts_every_event_once_per_pass() -> None:
-    result = bench_consume(3000, batch_size=100, snapshots=True)
+    result = consume.run(3000, batch_size=100, snapshots=True)
     assert (result["inserted"], result["duplicates_inserted"]) == (3000, 0)
     assert result["snapshot_refreshes"] >= 1
     for key in ("ratio", "duplicate_ratio", "cpu_ratio", "raw_events_per_s", "snapshot_events_per_s"):
@@ -41,12 +41,12 @@ def test_race_inserts_the_consumed_rows_raw_and_refuses_a_short_queue(tmp_path: 
         migrate.upgrade(env.DB)
         env.QUEUE.send_batch(events)
         worker = Worker(env, TrafficConsumer(cfg).queue)
-        got = race(worker, rows, tmp_path / "raw.db")
+        got = consume.race(worker, rows, tmp_path / "raw.db")
         assert got["inserted"] == 500 and len(got["latencies"]) == 8  # 7 × 64 + 52
         with sqlite3.connect(tmp_path / "raw.db") as con:
             assert con.execute("SELECT id FROM raw ORDER BY seq").fetchall() == [(r[1],) for r in rows]
         env.QUEUE.send_batch(events[:10])
         with pytest.raises(RuntimeError, match="took 10 messages, 500 were sent"):
-            race(worker, rows, tmp_path / "raw2.db")
+            consume.race(worker, rows, tmp_path / "raw2.db")
     finally:
         env.close()

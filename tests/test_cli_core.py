@@ -317,7 +317,7 @@ def test_bad_arguments_are_usage_errors(ready: Cli) -> None:
 
 
 def test_init_on_postgres(pg_server_url: str, tmp_path: Path) -> None:
-    from pipeline.bench import scratch_db
+    from tests.support import scratch_db
 
     with scratch_db(pg_server_url, tmp_path) as url:
         cli = Cli(tmp_path)

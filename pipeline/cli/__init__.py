@@ -134,7 +134,8 @@ def emit_json(data: Any) -> None:
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
 
-from pipeline.cli import archive, bench, core, http, jobs, ops  # noqa: E402  (registers the commands)
+from pipeline.bench import cli as bench  # noqa: E402  (registers `edgepipe bench`)
+from pipeline.cli import archive, core, http, jobs, ops  # noqa: E402  (registers the commands)
 
 __all__ = [
     "archive",

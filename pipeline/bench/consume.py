@@ -1,26 +1,45 @@
-"""Benchmarks behind `edgepipe bench …`. Each prints a ratio against a reference measured
-in the same run, because the machine is shared and absolute times drift."""
+"""`edgepipe bench consume`: the consumer's throughput against the raw SQLite insert limit.
+
+N generated events are enqueued one per message (timed apart), then drained through
+edgepipe's worker and traffic consumer, then enqueued and drained again (a pass of nothing
+but duplicates). Each pass races its own reference, stdlib `executemany` of the same rows
+into a fresh bare table (`RawSqlite`), in alternating slices (`race`): the machine is
+shared and its speed drifts within a minute, so both sides must see the same machine.
+With `snapshots`, the snapshot refresh overhead is measured too (`pipeline.bench.snapshot`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import secrets
 import sqlite3
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
-from pipeline import clock, sample
+from consumers.traffic import TrafficConsumer
+from pipeline import clock, log, migrate, sample
+from pipeline.bench.common import (
+    SLICE_EVENTS,
+    Meter,
+    Progress,
+    consume_slice,
+    db_kind,
+    percentile,
+    quiet,
+    send_events,
+)
+from pipeline.bench.scratch import scratch_db
+from pipeline.bench.snapshot import consume_with_snapshots
 from pipeline.config import Config
+from pipeline.env import open_env
+from pipeline.worker import Worker
 
 RAW_CHUNK = 1000
-SEND_CHUNK = 5000
-SLICE_EVENTS = 20_000  # per turn of a race (see `race`)
+RAW_FIELDS = ("ts", "id", "method", "path", "status", "response_time_ms", "host", "colo", "bytes")
+
+
+def raw_rows(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """The events as the reference inserts them: tuples in `RAW_FIELDS` order."""
+    return [tuple(e[f] for f in RAW_FIELDS) for e in events]
 
 
 class RawSqlite:
@@ -47,39 +66,7 @@ class RawSqlite:
         self.con.close()
 
 
-class Meter:
-    """Wall-clock and process CPU seconds, summed over the slices one side ran."""
-
-    def __init__(self) -> None:
-        self.wall = self.cpu = 0.0
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        wall, cpu = clock.monotonic(), time.process_time()
-        try:
-            yield
-        finally:
-            self.wall += clock.monotonic() - wall
-            self.cpu += time.process_time() - cpu
-
-
-def consume_slice(worker: Any, n: int, latencies: list[float]) -> tuple[int, int]:
-    """Run batches until `n` messages were consumed or the queue is empty: (messages,
-    events inserted); each batch's latency is appended to `latencies`. A WAL checkpoint the
-    slice asked of the DB binding's background thread is waited for before returning: it
-    is the slice's work, and whatever runs next gets the disk alone."""
-    messages = inserted = 0
-    while messages < n and (result := worker.step(wait=0.0)) is not None:
-        if not result.ok:
-            raise RuntimeError(f"batch failed during the benchmark: {result.error}")
-        latencies.append(result.ms)
-        messages += result.messages
-        inserted += result.report.inserted
-    worker.env.DB.wait_checkpoints()
-    return messages, inserted
-
-
-def race(worker: Any, rows: list[tuple[Any, ...]], raw_path: Path) -> dict[str, Any]:
+def race(worker: Worker, rows: list[tuple[Any, ...]], raw_path: Path) -> dict[str, Any]:
     """Drain the queue (one event per message, `rows` in queue order) through `worker` and
     insert the same rows raw into a fresh table, in alternating slices of `SLICE_EVENTS`:
     both sides see the same machine, whose speed drifts by tens of percent within a minute."""
@@ -103,53 +90,19 @@ def race(worker: Any, rows: list[tuple[Any, ...]], raw_path: Path) -> dict[str, 
     return {"raw": raw_meter, "consumer": meter, "latencies": latencies, "inserted": inserted}
 
 
-@contextlib.contextmanager
-def scratch_db(url: str | None, workdir: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file in `workdir`, or a throwaway schema on the
-    PostgreSQL server at `url` (dropped afterwards)."""
-    if url is None or url.startswith("sqlite"):
-        yield url or f"sqlite:///{workdir / 'edgepipe.db'}"
-        return
-    schema = f"edgepipe_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        sep = "&" if "?" in url else "?"
-        yield f"{url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    return (
-        round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 2) if len(values) > 1 else values[0]
-    )
-
-
-def bench_consume(
+def run(
     n: int = 1_000_000,
     batch_size: int = 100,
     db_url: str | None = None,
-    progress: Callable[[str], None] = lambda _msg: None,
+    progress: Progress = quiet,
     snapshots: bool = False,
 ) -> dict[str, Any]:
-    from consumers.traffic import TrafficConsumer
-    from pipeline import log, migrate
-    from pipeline.env import open_env
-    from pipeline.worker import Worker
-
+    """Consume `n` events twice (new, then all duplicates), each pass raced against the raw
+    limit; with `snapshots`, also the snapshot refresh overhead. Returns the report."""
     log.setup("WARNING")
     progress(f"generating {n:,} events")
     events = list(sample.events(n, days=5, n_paths=2000, seed=7))
-    rows = [
-        (e["ts"], e["id"], e["method"], e["path"], e["status"], e["response_time_ms"], e["host"], e["colo"], e["bytes"])
-        for e in events
-    ]
+    rows = raw_rows(events)
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
         work = Path(tmp)
         with scratch_db(db_url, work) as url:
@@ -161,40 +114,33 @@ def bench_consume(
             migrate.upgrade(env.DB)
             progress("enqueue")
             started = clock.monotonic()
-            for i in range(0, n, SEND_CHUNK):
-                env.QUEUE.send_batch(events[i : i + SEND_CHUNK])
+            send_events(env.QUEUE, events)
             enqueue_s = clock.monotonic() - started
             worker = Worker(env, TrafficConsumer(cfg).queue)
             progress("consume, alternating with the raw SQLite reference")
             first = race(worker, rows, work / "raw1.db")
             progress("consume again (all duplicates), alternating with the raw reference")
-            for i in range(0, n, SEND_CHUNK):
-                env.QUEUE.send_batch(events[i : i + SEND_CHUNK])
+            send_events(env.QUEUE, events)
             second = race(worker, rows, work / "raw2.db")
             env.close()
-        snap = None
+        snap: dict[str, Any] = {}
         if snapshots:
-            from pipeline.bench_snapshot import consume_with_snapshots
-
             progress("snapshot overhead: fresh databases, refresh off / every 10 batches, alternating")
             snap = consume_with_snapshots(events, batch_size, db_url, work / "snapshots", every=10)
     raw, raw2 = first["raw"], second["raw"]
     consumer, dup = n / first["consumer"].wall, n / second["consumer"].wall
-    extra = {}
-    if snap is not None:
-        extra = snap
-    return extra | {
+    return snap | {
         "events": n,
         "batch_size": batch_size,
-        "db": "sqlite" if db_url is None or db_url.startswith("sqlite") else "postgresql",
+        "db": db_kind(db_url),
         # Each pass races its own raw reference (a fresh table, the same rows).
         "raw_events_per_s": round(n / raw.wall),
         "raw_duplicate_pass_events_per_s": round(n / raw2.wall),
         "enqueue_events_per_s": round(n / enqueue_s),
         "consumer_events_per_s": round(consumer),
         "ratio": round(raw.wall / first["consumer"].wall, 4),
-        "batch_p50_ms": _pct(first["latencies"], 50),
-        "batch_p99_ms": _pct(first["latencies"], 99),
+        "batch_p50_ms": percentile(first["latencies"], 50),
+        "batch_p99_ms": percentile(first["latencies"], 99),
         "duplicate_events_per_s": round(dup),
         "duplicate_ratio": round(raw2.wall / second["consumer"].wall, 4),
         # The same ratios from process CPU time.

@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeline import clock, sample
+from pipeline.bench.common import Progress, quiet
 
 EVENTS_PER_REQUEST = 100
 BODIES = 32
@@ -157,7 +158,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _server(kind: str, db_url: str, tmp: str) -> Iterator[int]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "pipeline.bench_http", kind, str(port), db_url, tmp]
+    cmd = [sys.executable, "-m", "pipeline.bench.http", kind, str(port), db_url, tmp]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = clock.monotonic() + START_DEADLINE_S
@@ -167,7 +168,8 @@ def _server(kind: str, db_url: str, tmp: str) -> Iterator[int]:
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{kind} server exited: {proc.stderr.read().decode()[-500:]}") from None
+                    err = proc.stderr.read().decode() if proc.stderr is not None else ""
+                    raise RuntimeError(f"{kind} server exited: {err[-500:]}") from None
                 if clock.monotonic() > deadline:
                     raise RuntimeError(f"{kind} server did not start") from None
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -201,12 +203,7 @@ def _pair(
     return {kind: statistics.fmean(r) for kind, r in rates.items()}
 
 
-def bench_http(
-    seconds: float = 3.0,
-    concurrency: int = 16,
-    rounds: int = 5,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+def run(seconds: float = 3.0, concurrency: int = 16, rounds: int = 5, progress: Progress = quiet) -> dict[str, Any]:
     """Requests/s and events/s of each target; ratios edgepipe/reference and collector/plain
     (the median of the per-round ratios; the rates reported are per-target medians).
 
@@ -214,7 +211,6 @@ def bench_http(
     from pipeline import migrate
     from pipeline.bindings.db import Database
 
-    say = progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-http-") as tmp, contextlib.ExitStack() as stack:
         events = list(sample.events(EVENTS_PER_REQUEST * BODIES, days=0.05, n_paths=200))
         posts = [
@@ -239,7 +235,8 @@ def bench_http(
             for pair in PAIRS:
                 for kind, rate in _pair(ports, plan, pair, seconds, concurrency).items():
                     runs[kind].append(rate)
-            say(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items()) + " requests/s")
+            rates = ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items())
+            progress(f"round {r + 1}/{rounds}: {rates} requests/s")
     med = {kind: statistics.median(v) for kind, v in runs.items()}
     ingest = statistics.median(e / r for e, r in zip(runs["edgepipe"], runs["reference"], strict=True))
     collector = statistics.median(c / p for c, p in zip(runs["collector"], runs["plain"], strict=True))

@@ -1,8 +1,9 @@
 """Benchmarks of the archive side: `edgepipe bench archive|clean|replay`.
 
 Each phase and its reference run in a fresh child process (`python -m
-pipeline.bench_archive PHASE DIR`), so the peak RSS reported is that phase's own and not
-the generator's. References, measured in the same run on the same rows:
+pipeline.bench.archive PHASE DIR`), so the peak RSS reported is that phase's own and not
+the generator's; for the same reason each phase imports what it runs inside itself, and
+this module's top imports stay light. References, measured in the same run on the same rows:
 * archive — serialise the rows to NDJSON and gzip them in memory (no DB, no I/O);
 * clean   — bare `DELETE … WHERE seq BETWEEN` in 1000-row transactions on a copy;
 * replay  — plain gunzip + JSON parse of the same objects (no checks, no aggregation);
@@ -34,10 +35,12 @@ from typing import Any
 import orjson
 
 from pipeline import clock, sample
+from pipeline.bench.common import Progress, quiet
 
 SCHEDULED = "2026-11-30T02:00:00Z"  # every generated row is older than its cutoff
 ROUNDS = 3
 END_MS = int(clock.parse_time("2026-11-25T00:00:00Z") * 1000)
+GENERATE_CHUNK = 50_000
 INSERT = (
     "INSERT INTO traffic_events (ts, id, method, path, overflow, status, response_time_ms, host, colo, bytes)"
     " VALUES (?,?,?,?,0,?,?,?,?,?)"
@@ -56,11 +59,8 @@ def _config(work: Path) -> Any:
 
 def generate(work: Path, n: int) -> None:
     """Detail rows (stdlib executemany) and their hourly aggregates (the consumer's fold)."""
-    from consumers.traffic import AGG_KEYS, aggregate
     from pipeline import migrate
     from pipeline.env import open_env
-    from pipeline.events import Event
-    from pipeline.schema import path_stats_hourly
 
     env = open_env(_config(work), check_schema=False)
     migrate.upgrade(env.DB)
@@ -68,15 +68,19 @@ def generate(work: Path, n: int) -> None:
     batch: list[dict[str, Any]] = []
     for e in sample.events(n, days=5, n_paths=2000, end_ms=END_MS, seed=7):
         batch.append(e)
-        if len(batch) == 50_000:
-            _store(con, env, batch, Event, aggregate, AGG_KEYS, path_stats_hourly)
+        if len(batch) == GENERATE_CHUNK:
+            _store(con, env, batch)
             batch = []
-    _store(con, env, batch, Event, aggregate, AGG_KEYS, path_stats_hourly)
+    _store(con, env, batch)
     con.close()
     env.close()
 
 
-def _store(con: Any, env: Any, batch: list[dict[str, Any]], Event: Any, aggregate: Any, keys: Any, psh: Any) -> None:
+def _store(con: sqlite3.Connection, env: Any, batch: list[dict[str, Any]]) -> None:
+    """Insert `batch` as detail rows and add its fold to the hourly aggregates."""
+    from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
+    from pipeline.schema import path_stats_hourly
+
     if not batch:
         return
     con.execute("BEGIN")
@@ -85,10 +89,16 @@ def _store(con: Any, env: Any, batch: list[dict[str, Any]], Event: Any, aggregat
         for e in batch
     ])  # fmt: skip
     con.execute("COMMIT")
-    events = [Event(e["id"], e["ts"], e["method"], e["path"], e["status"], float(e["response_time_ms"]),
-                    e["host"], e["colo"], e["bytes"]) for e in batch]  # fmt: skip
+    acc: Acc = {}
+    fold(acc, (
+        (e["ts"], e["host"], e["path"], e["method"], e["status"], e["bytes"], float(e["response_time_ms"]))
+        for e in batch
+    ))  # fmt: skip
     with env.DB.transaction() as conn:
-        env.DB.upsert_add(conn, psh, aggregate(events), keys, ["rt_min_ms"], ["rt_max_ms"])
+        env.DB.upsert_add_rows(
+            conn, path_stats_hourly, AGG_KEYS + AGG_COLUMNS, [(*key, *a) for key, a in acc.items()], AGG_KEYS,
+            minimum=["rt_min_ms"], maximum=["rt_max_ms"],
+        )  # fmt: skip
 
 
 def _peak_rss_mb() -> float:
@@ -214,12 +224,19 @@ def phase_replay_ref(work: Path) -> dict[str, Any]:
     return _timed(parse)
 
 
-PHASES = {name.removeprefix("phase_"): fn for name, fn in globals().items() if name.startswith("phase_")}
+PHASES: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "archive": phase_archive,
+    "archive_ref": phase_archive_ref,
+    "clean": phase_clean,
+    "clean_ref": phase_clean_ref,
+    "replay": phase_replay,
+    "replay_ref": phase_replay_ref,
+}
 
 
 def _child(phase: str, work: Path) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench_archive", phase, str(work)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "pipeline.bench.archive", phase, str(work)], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise RuntimeError(f"bench phase {phase} failed: {proc.stderr.strip()[-2000:]}")
@@ -230,7 +247,7 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else 0.0
 
 
-def bench(kind: str, n: int, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+def run(kind: str, n: int, progress: Progress = quiet) -> dict[str, Any]:
     """Run `kind` (archive, clean or replay) on `n` generated rows; see the module doc."""
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
         work = Path(tmp)
@@ -296,12 +313,11 @@ def _restore_db(work: Path, name: str, to: str) -> None:
 
 
 def _rounds(
-    work: Path, phase: str, progress: Callable[[str], None], reset: Callable[[str], None] = lambda _p: None
+    work: Path, phase: str, progress: Progress, reset: Callable[[str], None] = lambda _p: None
 ) -> tuple[dict[str, Any], dict[str, Any], list[float]]:
     """`phase` and its reference, `ROUNDS` times in alternating order, `reset(phase)` before
     each run: (phase, reference) of the round with the median ratio, and every round's
-    ratio. Single runs a minute apart saw ratios from 0.41 to 0.61 (replay), 0.48 to 0.63
-    (archive, clean) on this machine."""
+    ratio (single runs a minute apart vary widely: see docs/benchmarks.md)."""
     pairs = []
     for i in range(ROUNDS):
         progress(f"{phase} and reference, round {i + 1} of {ROUNDS}")

@@ -1,4 +1,5 @@
-"""`edgepipe bench …`: benchmarks that report ratios against same-run references."""
+"""`edgepipe bench …`: the benchmark commands. Registered on `edgepipe` by importing this
+module (from `pipeline.cli`); each command loads its benchmark only when it runs."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _report(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, as_json: bool) -> None:
     """Consumer throughput vs the raw SQLite insert limit, then a pass of all duplicates."""
-    from pipeline.bench import bench_consume as run
+    from pipeline.bench.consume import run
 
     result = run(n, batch_size, db_url, progress=lambda m: click.echo(f"… {m}", err=True), snapshots=snapshots)
     _report(
@@ -68,7 +69,7 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, 
 def bench_snapshot(paths: int, repeat: int, db_url: str | None, as_json: bool) -> None:
     """Snapshot refresh over 7 days of hourly aggregates vs over 90 days (ratio ≤ 1.3:
     a refresh reads only its window)."""
-    from pipeline.bench_snapshot import bench_snapshot as run
+    from pipeline.bench.snapshot import run
 
     result = run(paths, db_url, repeat, progress=lambda m: click.echo(f"… {m}", err=True))
     _report(
@@ -84,7 +85,7 @@ def bench_snapshot(paths: int, repeat: int, db_url: str | None, as_json: bool) -
 
 
 def _archive_bench(kind: str, rows: int, as_json: bool) -> None:
-    from pipeline.bench_archive import bench as run
+    from pipeline.bench.archive import run
 
     result = run(kind, rows, progress=lambda m: click.echo(f"… {m}", err=True))
     _report(
@@ -126,7 +127,7 @@ for _kind, _doc in (
 def bench_http(seconds: float, concurrency: int, rounds: int, as_json: bool) -> None:
     """POST /v1/events (100 events/request) vs a validate-and-discard endpoint; an app with
     the traffic collector vs without it. Servers run as subprocesses on loopback."""
-    from pipeline.bench_http import bench_http as run
+    from pipeline.bench.http import run
 
     result = run(seconds, concurrency, rounds, progress=lambda m: click.echo(f"… {m}", err=True))
     _report(

@@ -1,11 +1,10 @@
-"""Snapshot benchmarks behind `edgepipe bench snapshot` and `edgepipe bench consume
---snapshots`.
+"""Snapshot benchmarks: `edgepipe bench snapshot` and `edgepipe bench consume --snapshots`.
 
-`bench snapshot`: a refresh must read only its window's rows, so its cost must not grow
-with history. One database gets 7 days of hourly aggregates for `paths` paths; refreshes
-are timed; then 83 older days are added (90 in all) and the same refreshes are timed
-again, in the same run. The ratio 90 d / 7 d stays near 1 when the `hour` range drives
-the read, and the query plan is reported to show it.
+`run` (`bench snapshot`): a refresh must read only its window's rows, so its cost must not
+grow with history. One database gets 7 days of hourly aggregates for `paths` paths;
+refreshes are timed; then 83 older days are added (90 in all) and the same refreshes are
+timed again, in the same run. The ratio 90 d / 7 d stays near 1 when the `hour` range
+drives the read, and the query plan is reported to show it.
 
 `consume_with_snapshots`: the consumer's throughput with snapshot refreshes off and strictly
 every N batches, two workers on fresh databases taking turns in slices, in the same run.
@@ -18,13 +17,28 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import clock
+import snapshots
+from consumers.traffic import TrafficConsumer
+from pipeline import clock, log, migrate
+from pipeline.bench.common import (
+    SLICE_EVENTS,
+    Meter,
+    Progress,
+    consume_slice,
+    db_kind,
+    percentile,
+    quiet,
+    send_events,
+)
+from pipeline.bench.scratch import scratch_db
 from pipeline.config import Config
+from pipeline.env import Env, open_env
+from pipeline.queries import top_paths_statement
 from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
+from pipeline.worker import Worker
 
 HOUR = 3600
 INSERT_CHUNK = 20_000
@@ -47,7 +61,7 @@ def _rows(hours: range, paths: list[str], rng: random.Random) -> list[dict[str, 
     return out
 
 
-def _fill(env: Any, hours: range, paths: list[str], rng: random.Random, progress: Callable[[str], None]) -> int:
+def _fill(env: Env, hours: range, paths: list[str], rng: random.Random, progress: Progress) -> int:
     """Insert one row per (hour, path); returns the number of rows."""
     total = 0
     step = max(1, INSERT_CHUNK // len(paths))
@@ -60,10 +74,8 @@ def _fill(env: Any, hours: range, paths: list[str], rng: random.Random, progress
     return total
 
 
-def _time_refresh(env: Any, now_s: float, repeat: int) -> float:
+def _time_refresh(env: Env, now_s: float, repeat: int) -> float:
     """Median seconds of `repeat` refreshes (after one warm-up)."""
-    import snapshots
-
     snapshots.refresh(env, now_s)
     times = []
     for _ in range(repeat):
@@ -73,10 +85,8 @@ def _time_refresh(env: Any, now_s: float, repeat: int) -> float:
     return statistics.median(times)
 
 
-def query_plan(env: Any, now_s: float) -> list[str]:
+def query_plan(env: Env, now_s: float) -> list[str]:
     """The database's plan for the snapshot query, one line per step."""
-    from pipeline.queries import top_paths_statement
-
     cfg = env.config.snapshots
     stmt = top_paths_statement(cfg.window_hours, cfg.top_n, now_s)
     sql = str(stmt.compile(env.DB.engine, compile_kwargs={"literal_binds": True}))
@@ -86,13 +96,9 @@ def query_plan(env: Any, now_s: float) -> list[str]:
         return [r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}")]
 
 
-def bench_snapshot(
-    paths: int = 2000, db_url: str | None = None, repeat: int = 5, progress: Callable[[str], None] = lambda _m: None
-) -> dict[str, Any]:
-    from pipeline import log, migrate
-    from pipeline.bench import scratch_db
-    from pipeline.env import open_env
-
+def run(paths: int = 2000, db_url: str | None = None, repeat: int = 5, progress: Progress = quiet) -> dict[str, Any]:
+    """Refresh times over 7 and over 90 days of hourly rows for `paths` paths, their ratio
+    and the query plan. Returns the report."""
     log.setup("WARNING")
     rng = random.Random(11)
     names = [f"/api/v1/resource{i}/items" for i in range(paths)]
@@ -118,7 +124,7 @@ def bench_snapshot(
         finally:
             env.close()
     return {
-        "db": "sqlite" if url.startswith("sqlite") else "postgresql",
+        "db": db_kind(url),
         "paths": paths,
         "window_hours": cfg.snapshots.window_hours,
         "top_n": cfg.snapshots.top_n,
@@ -133,15 +139,9 @@ def bench_snapshot(
 
 
 def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_size: int, db_url: str | None,
-            work: Path, every: int) -> Any:  # fmt: skip
+            work: Path, every: int) -> Worker:  # fmt: skip
     """A worker on a fresh database holding `events`, refreshing every `every` batches (0:
     never; strictly: `min_interval_s = 0`, so only a refresh still running skips one)."""
-    from consumers.traffic import TrafficConsumer
-    from pipeline import migrate
-    from pipeline.bench import SEND_CHUNK, scratch_db
-    from pipeline.env import open_env
-    from pipeline.worker import Worker
-
     work.mkdir(parents=True, exist_ok=True)
     url = stack.enter_context(scratch_db(db_url, work))
     cfg = Config().replace(
@@ -152,8 +152,7 @@ def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_siz
     env = open_env(cfg, check_schema=False)
     stack.callback(env.close)
     migrate.upgrade(env.DB)
-    for i in range(0, len(events), SEND_CHUNK):
-        env.QUEUE.send_batch(events[i : i + SEND_CHUNK])
+    send_events(env.QUEUE, events)
     worker = Worker(env, TrafficConsumer(cfg).queue)
     stack.callback(worker.close)
     return worker
@@ -164,14 +163,13 @@ def consume_with_snapshots(
 ) -> dict[str, Any]:
     """The consumer's throughput with refreshes off and every `every` batches: two workers
     on fresh databases holding the same events, run in alternating slices (see
-    `pipeline.bench.race`). A refresh still running when the refreshing worker's slice ends
-    is waited for inside that slice, so its whole cost is counted on its side."""
-    from pipeline.bench import SLICE_EVENTS, Meter, _pct, consume_slice
-
+    `pipeline.bench.consume.race`). A refresh still running when the refreshing worker's
+    slice ends is waited for inside that slice, so its whole cost is counted on its side."""
     with contextlib.ExitStack() as stack:
         off = _worker(stack, events, batch_size, db_url, work / "off", 0)
         on = _worker(stack, events, batch_size, db_url, work / "on", every)
-        meters, latencies = {"off": Meter(), "on": Meter()}, {"off": [], "on": []}
+        meters = {"off": Meter(), "on": Meter()}
+        latencies: dict[str, list[float]] = {"off": [], "on": []}
         turn = 0
         while True:
             moved = 0
@@ -191,6 +189,6 @@ def consume_with_snapshots(
         "snapshot_overhead": round(1 - meters["off"].wall / meters["on"].wall, 4),
         "snapshot_cpu_overhead": round((meters["on"].cpu + builder_cpu) / meters["off"].cpu - 1, 4),
         "snapshot_builder_cpu_s": round(builder_cpu, 2),
-        "snapshot_batch_p99_ms": _pct(latencies["on"], 99),
+        "snapshot_batch_p99_ms": percentile(latencies["on"], 99),
         "snapshot_refreshes": on.refreshes,
     }
