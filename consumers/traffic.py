@@ -62,7 +62,7 @@ class BatchReport:
 
 
 class TrafficConsumer:
-    """Build once per process; call `queue(batch, env, ctx)` per batch."""
+    """Build once per process; `handle_batch(batch, env, ctx)` is the queue handler."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -72,7 +72,7 @@ class TrafficConsumer:
         self._known: OrderedDict[int, set[str]] = OrderedDict()  # least recently used first
         self._redelivering = False  # the last batch stored was all duplicates
 
-    def queue(self, batch: MessageBatch, env: Any, ctx: Any = None) -> BatchReport:
+    def handle_batch(self, batch: MessageBatch, env: Any, ctx: Any = None) -> BatchReport:
         report = BatchReport(received=len(batch))
         now_ms = clock.now_ms()
         with env.DB.transaction() as conn:

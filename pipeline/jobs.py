@@ -1,4 +1,6 @@
-"""The registry of scheduled jobs (archive, clean, monitor, snapshot_prune).
+"""The registry of scheduled jobs (archive, clean, monitor, snapshot_prune): each worker
+package registers its jobs with `@job`, and the composition root (`pipeline.cli.compose`)
+imports those modules.
 
 A job is a plain function `run(env, scheduled_for, dry_run) -> dict` written against
 bindings only; its result dict is JSON-serialisable and is what `edgepipe jobs run NAME
@@ -26,16 +28,3 @@ def job(name: str) -> Callable[[JobFn], JobFn]:
         return fn
 
     return register
-
-
-def load_jobs() -> dict[str, JobFn]:
-    """Import the worker packages that register jobs, then return the registry."""
-    import importlib
-
-    for module in ("archiver.job", "cleaner.job", "scheduler.monitor", "snapshots.job"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    return JOBS

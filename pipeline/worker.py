@@ -5,16 +5,10 @@ repeats it until asked to stop. The loop owns the transaction; the handler (writ
 against bindings only) joins it, and when the queue lives in the same database the acks
 are part of the same commit.
 
-Every `[consumer] snapshot_every_batches` committed batches the worker refreshes the KV
-snapshot (skipping a refresh while the previous one runs, or within
-`[snapshots] min_interval_s` of it: at tens of thousands of events per second ten batches
-take milliseconds, and a snapshot per second is fresh enough). The batch counter lives
-in the `counters` table and is advanced inside the batch's own transaction, so it
-survives restarts and counts exactly the committed batches; the refresh itself runs in
-the background (`ctx.wait_until`) after the commit, and its failure is logged, never
-charged to the batch. By default the snapshot document is built by a helper process
-(`snapshots.builder`) and the worker publishes it between batches; with
-`[snapshots] build_in = "thread"` the whole refresh runs in the background thread.
+Work beside the batches (the KV snapshot refresher) plugs in as `SideWork`: the worker
+advances a durable batch counter inside each batch's transaction, tells the side work each
+committed count, and gives it the time between batches. The runtime knows only that
+interface; the CLI (the composition root) builds the refresher (`snapshots.refresher`).
 
 `WorkerProcess` is `edgepipe worker`: this loop, a heartbeat row and the job scheduler in
 one process, with a graceful stop.
@@ -32,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline import clock, log, meta
 from pipeline.bindings.queue import DeadReason, MessageBatch
@@ -42,7 +36,6 @@ from pipeline.heartbeat import Heartbeat, process_name
 
 Handler = Callable[[MessageBatch, Env, "Context"], Any]
 IDLE_SLEEP_S = 0.2
-DRAIN_TIMEOUT_S = 30.0  # how long `drain()` waits for a snapshot being built
 BATCH_COUNTER = "consumed_batches"
 
 
@@ -102,6 +95,23 @@ class StepResult:
     isolated: int = 0  # messages that failed alone after the batch was split (dead-lettered or retried)
 
 
+class SideWork(Protocol):
+    """Work a worker does beside its batches (the snapshot refresher): told the number of
+    every `every`-th committed batch (the count is advanced inside the batch's own
+    transaction, so it survives restarts), given the time between two batches, drained and
+    closed with the worker. It must never fail or hold up a batch."""
+
+    every: int
+
+    def committed(self, count: int) -> None: ...
+
+    def between_batches(self) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Worker:
     env: Env
@@ -111,29 +121,9 @@ class Worker:
     batches: int = 0
     on_batch: list[Callable[[StepResult], None]] = field(default_factory=list)
     heartbeat: Heartbeat | None = None
-    snapshot_every: int | None = None  # None: `[consumer] snapshot_every_batches`; 0: never
-    refresh: Callable[[Env], Any] | None = None  # None: `snapshots.refresh`
-    refreshes: int = 0
-    builder: Any = None  # a SnapshotBuilder, when refreshes build in a helper process
-    _refreshing: Future[Any] | None = None
-    _last_refresh: float = float("-inf")
+    side: SideWork | None = None  # the snapshot refresher, composed by the CLI
     _failures: int = 0  # transient failures in a row
     _wake: threading.Event = field(default_factory=threading.Event)  # cuts a back-off short at a stop
-
-    def __post_init__(self) -> None:
-        if self.snapshot_every is None:
-            self.snapshot_every = self.env.config.consumer.snapshot_every_batches
-        if self.snapshot_every and self.env.KV is None:
-            self.snapshot_every = 0  # no KV binding: nothing to publish to
-        if self.snapshot_every and self.refresh is None:
-            if self.env.config.snapshots.build_in == "process":
-                from snapshots.builder import SnapshotBuilder
-
-                self.builder = SnapshotBuilder(self.env.DB.url)
-            else:
-                from snapshots import refresh
-
-                self.refresh = refresh
 
     def request_stop(self) -> None:
         """Take no new batch; the one in hand finishes."""
@@ -141,66 +131,21 @@ class Worker:
         self._wake.set()
 
     def drain(self) -> None:
-        """Finish background work: a snapshot being built is published, background tasks
-        end (at shutdown, and in tests)."""
-        self._publish_built(wait=True)
+        """Finish background work (at shutdown, and in tests)."""
+        if self.side is not None:
+            self.side.drain()
         self.ctx.drain()
 
     def close(self) -> None:
-        """`drain()`, then end the background thread and the snapshot builder's process."""
+        """`drain()`, then end the background thread and the side work's helpers."""
         self.drain()
         self.ctx.close()
-        if self.builder is not None:
-            self.builder.close()
+        if self.side is not None:
+            self.side.close()
 
-    def _maybe_refresh(self, count: int | None) -> None:
-        if not count or not self.snapshot_every or count % self.snapshot_every:
-            return
-        running = self.builder.pending if self.builder is not None else (
-            self._refreshing is not None and not self._refreshing.done())  # fmt: skip
-        if running:
-            log.event("snapshot_refresh_skipped", logging.DEBUG, reason="previous refresh still running", batch=count)
-            return
-        now = clock.monotonic()
-        if now - self._last_refresh < self.env.config.snapshots.min_interval_s:
-            log.event("snapshot_refresh_skipped", logging.DEBUG, reason="min_interval_s", batch=count)
-            return
-        self._last_refresh = now
-        if self.builder is None:
-            self._refreshing = self.ctx.wait_until(self._refresh_quietly, count)
-            return
-        cfg = self.env.config.snapshots
-        try:
-            self.builder.submit(cfg.window_hours, cfg.top_n, clock.now_s())
-        except Exception as exc:
-            log.event("snapshot_refresh_failed", logging.WARNING, batch=count, error=f"{type(exc).__name__}: {exc}")
-
-    def _publish_built(self, wait: bool = False) -> None:
-        """Publish the document the builder has ready (with `wait`, the pending one, given
-        up after `DRAIN_TIMEOUT_S`). It runs between batches: a write of two keys, where a
-        background thread publishing would contend with the batches for the interpreter
-        and the write lock."""
-        builder = self.builder
-        if builder is None or not builder.ready(DRAIN_TIMEOUT_S if wait else 0.0):
-            if wait and builder is not None and builder.pending:
-                log.event("snapshot_refresh_failed", logging.WARNING, error="the build did not finish in time")
-                builder.close(wait=False)
-            return
-        from snapshots import publish
-
-        try:
-            publish(self.env, builder.take(), self._last_refresh)
-            self.refreshes += 1
-        except Exception as exc:
-            log.event("snapshot_refresh_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}")
-
-    def _refresh_quietly(self, count: int) -> None:
-        assert self.refresh is not None
-        try:
-            self.refresh(self.env)
-            self.refreshes += 1
-        except Exception as exc:
-            log.event("snapshot_refresh_failed", logging.WARNING, batch=count, error=f"{type(exc).__name__}: {exc}")
+    def _committed(self, count: int | None) -> None:
+        if count and self.side is not None:
+            self.side.committed(count)
 
     def step(self, wait: float | None = None) -> StepResult | None:
         """Process at most one batch. Returns None when no message was available.
@@ -213,7 +158,8 @@ class Worker:
         (`_isolate`); a transient fault (`TransientError`: a lock, a full disk, a dropped
         connection) settles nothing and counts no delivery: the step reports it and the
         loop backs off (`_back_off`) until the fault clears."""
-        self._publish_built()
+        if self.side is not None:
+            self.side.between_batches()
         cfg = self.env.config.consumer
         queue = self.env.QUEUE
         wait_s = cfg.max_batch_timeout if wait is None else wait
@@ -264,7 +210,7 @@ class Worker:
             report = self.handler(batch, self.env, self.ctx)
             if queue.shares_transaction:
                 queue.settle(batch)
-            if self.snapshot_every:  # last: the counter's row lock is held only to the commit
+            if self.side is not None and self.side.every:  # last: the counter's row lock is held only to the commit
                 count = meta.increment(self.env.DB, conn, BATCH_COUNTER)
         if not queue.shares_transaction:
             queue.settle(batch)
@@ -299,7 +245,7 @@ class Worker:
                         pending.append((taken[-1], inner))
                     continue
                 reports.append(report)
-                self._maybe_refresh(count)
+                self._committed(count)
         result.report = _merged(reports)
         return result
 
@@ -358,7 +304,7 @@ class Worker:
         )
         if self.heartbeat is not None and result.messages > result.isolated:  # something was committed
             self.heartbeat.batch_done()
-        self._maybe_refresh(count)
+        self._committed(count)
         for callback in self.on_batch:
             callback(result)
         return result
@@ -398,21 +344,27 @@ def _merged(reports: list[Any]) -> dict[str, int]:
 
 
 class WorkerProcess:
-    """`edgepipe worker`: the consumer loop in the main thread, the job scheduler in
-    APScheduler's thread, and a heartbeat row. `request_stop()` (the first SIGTERM or
-    SIGINT) stops taking batches and job runs; the batch and the job run in hand finish,
-    their leases are released, background refreshes drain, and `run()` returns."""
+    """`edgepipe worker`: the consumer loop in the main thread, the job scheduler (built by
+    `scheduler_factory(holder, on_run)`, composed by the CLI) in its own thread, and a
+    heartbeat row. `request_stop()` (the first SIGTERM or SIGINT) stops taking batches and
+    job runs; the batch and the job run in hand finish, their leases are released, background
+    refreshes drain, and `run()` returns."""
 
-    def __init__(self, env: Env, handler: Handler, with_scheduler: bool = True) -> None:
+    def __init__(
+        self,
+        env: Env,
+        handler: Handler,
+        side: Callable[[Context], SideWork | None] | None = None,
+        scheduler_factory: Callable[[str, Callable[[Any], None]], Any] | None = None,
+    ) -> None:
         self.env = env
         self.holder = process_name()
         self.heartbeat = Heartbeat(env.DB, self.holder)
-        self.worker = Worker(env, handler, heartbeat=self.heartbeat)
+        ctx = Context()
+        self.worker = Worker(env, handler, ctx=ctx, heartbeat=self.heartbeat, side=side(ctx) if side else None)
         self.scheduler: Any = None
-        if with_scheduler:
-            from scheduler.service import JobScheduler
-
-            self.scheduler = JobScheduler(env, self.holder, on_run=lambda _outcome: self.heartbeat.job_done())
+        if scheduler_factory is not None:
+            self.scheduler = scheduler_factory(self.holder, lambda _outcome: self.heartbeat.job_done())
 
     @property
     def stop_requested(self) -> bool:

@@ -1,7 +1,7 @@
 """Run one job attempt the way every run is run, scheduled or by hand: take the job's lease,
 re-check under it, record the attempt, call the job, record the outcome, release.
 
-The job function is `pipeline.jobs.load_jobs()[name](env, scheduled_for, dry_run)`; its
+The job function is `pipeline.jobs.JOBS[name](env, scheduled_for, dry_run)`; its
 result dict goes into `job_runs.result`, an exception into `job_runs.error` (and the
 attempt is retried by the scheduler with backoff, up to `max_attempts`).
 """
@@ -18,7 +18,7 @@ from pipeline import clock, log
 from pipeline.cron import CronSpec
 from pipeline.errors import NotFound, TransientError, ValidationError
 from pipeline.heartbeat import process_name
-from pipeline.jobs import load_jobs
+from pipeline.jobs import JOBS
 from scheduler.decide import DRY_RUN, FAILED, SUCCEEDED, Due, Policy, decide_job
 from scheduler.runs import JobStore
 
@@ -58,7 +58,7 @@ def execute(
     """One attempt of `name` for `slot`, under the job's lease. With `recheck` (scheduled
     runs), the decision is taken again under the lease and its attempt number is used;
     without it (runs by hand), the next attempt number of that slot is."""
-    registry = load_jobs()
+    registry = JOBS
     if name not in registry:
         raise NotFound(f"unknown job {name!r} (known: {', '.join(sorted(registry)) or 'none'})")
     ttl = env.config.schedule.lease_seconds

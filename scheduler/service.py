@@ -23,7 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pipeline import clock, log
 from pipeline.cron import CronSpec, parse_table, zone
 from pipeline.errors import ConfigError
-from pipeline.jobs import load_jobs
+from pipeline.jobs import JOBS
 from scheduler.decide import decide
 from scheduler.runner import Outcome, execute, policy_of, scheduled_recheck
 from scheduler.runs import JobStore
@@ -32,7 +32,7 @@ from scheduler.runs import JobStore
 def load_specs(config: Any) -> list[CronSpec]:
     """The cron table from `[schedule]`, checked against the registered jobs."""
     specs = parse_table(config.schedule.jobs, config.schedule.timezone)
-    known = load_jobs()
+    known = JOBS
     unknown = sorted(s.name for s in specs if s.name not in known)
     if unknown:
         raise ConfigError(

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from consumers.traffic import TrafficConsumer
 from pipeline import clock
 from pipeline.env import Env
-from pipeline.jobs import load_jobs
+from pipeline.jobs import JOBS
 from pipeline.schema import traffic_events
 from pipeline.worker import Worker
 
@@ -97,7 +97,7 @@ def consume(env: Env, events: list[dict[str, Any]]) -> dict[str, int]:
     """Enqueue and drain; totals of the batch reports."""
     for i in range(0, len(events), 1000):
         env.QUEUE.send_batch(events[i : i + 1000])
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     out = {"inserted": 0, "too_late": 0}
     while (res := worker.step(wait=0)) is not None:
         assert res.ok, res.error
@@ -107,7 +107,7 @@ def consume(env: Env, events: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def run_job(env: Env, name: str, when: str, dry_run: bool = False) -> dict[str, Any]:
-    return load_jobs()[name](env, at(when), dry_run)
+    return JOBS[name](env, at(when), dry_run)
 
 
 def hot_ids(env: Env, states: tuple[int, ...] = (0, 1)) -> list[str]:

@@ -109,3 +109,11 @@ def run_cli(env: Env, *args: str, environ: dict[str, str] | None = None) -> Any:
 def env(db_url: str, make_env: MakeEnv) -> Env:
     """A migrated Env on every reachable DB backend."""
     return make_env(db_url)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _jobs_registered() -> None:
+    """The tests compose like the CLI does: the worker packages' jobs are registered."""
+    from pipeline.cli.compose import register_jobs
+
+    register_jobs()

@@ -27,7 +27,7 @@ class FaultyHandler:
     calls, or a crash that abandons the batch."""
 
     def __init__(self, cfg: Config, fail: set[int], crash: set[int]) -> None:
-        self.inner = TrafficConsumer(cfg).queue
+        self.inner = TrafficConsumer(cfg).handle_batch
         self.fail, self.crash = fail, crash
         self.calls = 0
 

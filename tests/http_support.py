@@ -42,7 +42,7 @@ async def client_for(app: Any, token: str | None = None) -> AsyncIterator[httpx.
 
 
 def consume_all(env: Env) -> None:
-    Worker(env, TrafficConsumer(env.config).queue).run(until_empty=True)
+    Worker(env, TrafficConsumer(env.config).handle_batch).run(until_empty=True)
 
 
 def depth(env: Env) -> int:

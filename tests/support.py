@@ -6,6 +6,7 @@ import contextlib
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -28,3 +29,15 @@ def scratch_db(url: str | None, workdir: Path) -> Iterator[str]:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+def refreshing_worker(env: Any, refresh_fn: Any = None, handler: Any = None) -> Any:
+    """A worker (the traffic consumer, or `handler`) with the snapshot refresher, whose
+    refresh is `refresh_fn` run in its background thread (None: as configured)."""
+    from consumers.traffic import TrafficConsumer
+    from pipeline.worker import Context, Worker
+    from snapshots.refresher import SnapshotRefresher
+
+    ctx = Context()
+    side = SnapshotRefresher(env, ctx, refresh_fn=refresh_fn)
+    return Worker(env, handler or TrafficConsumer(env.config).handle_batch, ctx=ctx, side=side)

@@ -40,7 +40,7 @@ def test_race_inserts_the_consumed_rows_raw_and_refuses_a_short_queue(tmp_path: 
     try:
         migrate.upgrade(env.DB)
         env.QUEUE.send_batch(events)
-        worker = Worker(env, TrafficConsumer(cfg).queue)
+        worker = Worker(env, TrafficConsumer(cfg).handle_batch)
         got = consume.race(worker, rows, tmp_path / "raw.db")
         assert got["inserted"] == 500 and len(got["latencies"]) == 8  # 7 × 64 + 52
         with sqlite3.connect(tmp_path / "raw.db") as con:

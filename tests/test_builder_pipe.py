@@ -24,7 +24,7 @@ JOIN_S = 60  # generous: the helper only has to start Python, build once and exi
 def builder(sqlite_url: str, make_env: Any) -> Any:
     env = make_env(sqlite_url)
     env.QUEUE.send_batch([event(i) for i in range(200)])
-    Worker(env, TrafficConsumer(env.config).queue, snapshot_every=0).run(until_empty=True)
+    Worker(env, TrafficConsumer(env.config).handle_batch).run(until_empty=True)
     b = SnapshotBuilder(env.DB.url)
     yield b
     b.close(wait=False)

@@ -110,10 +110,10 @@ def test_writers_of_one_process_queue_for_the_write_lock(tmp_path, monkeypatch: 
     import time
 
     from pipeline import meta, migrate
-    from pipeline.bindings import db as dbm
+    from pipeline.bindings.db import engine
 
-    monkeypatch.setattr(dbm, "SQLITE_BUSY_TIMEOUT_MS", 20)
-    db = dbm.Database(f"sqlite:///{tmp_path / 'w.db'}")
+    monkeypatch.setattr(engine, "SQLITE_BUSY_TIMEOUT_MS", 20)
+    db = Database(f"sqlite:///{tmp_path / 'w.db'}")
     migrate.upgrade(db)
     held, order, errors = threading.Event(), [], []
 
@@ -150,26 +150,26 @@ def _wal_pages(path: Path) -> float:
     return path.stat().st_size / (4096 + 24)
 
 
-BlobDb = tuple[Database, Path, Any]  # the database, its WAL file, the binding's module
+BlobDb = tuple[Database, Path, Any]  # the database, its WAL file, the checkpointer's module
 
 
 @pytest.fixture
 def blob_db(tmp_path: Path) -> Iterator[BlobDb]:
-    from pipeline.bindings import db as dbm
+    from pipeline.bindings.db import checkpointer
 
-    db = dbm.Database(f"sqlite:///{tmp_path / 'c.db'}")
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
     with db.transaction() as conn:  # the first commit
         conn.exec_driver_sql("CREATE TABLE blobs (n INTEGER PRIMARY KEY, b BLOB)")
-    yield db, tmp_path / "c.db-wal", dbm
+    yield db, tmp_path / "c.db-wal", checkpointer
     db.dispose()
 
 
 def test_the_writer_leaves_checkpoints_to_the_background(blob_db: BlobDb, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a wake-up the WAL only grows: SQLite's auto-checkpoint would have started it
     over at 1000 pages."""
-    db, wal, dbm = blob_db
-    monkeypatch.setattr(dbm, "CHECKPOINT_COMMITS", 10**9)
-    monkeypatch.setattr(dbm, "CHECKPOINT_CHANGES", 10**9)
+    db, wal, cpm = blob_db
+    monkeypatch.setattr(cpm, "CHECKPOINT_COMMITS", 10**9)
+    monkeypatch.setattr(cpm, "CHECKPOINT_CHANGES", 10**9)
     _blob_commits(db, 0, 500)
     db.wait_checkpoints()
     assert db._checkpointer.runs == 0
@@ -180,9 +180,9 @@ def test_background_checkpoints_keep_the_wal_small(blob_db: BlobDb, monkeypatch:
     """Woken every 5 commits, the checkpointer copies the WAL back (past the page limit, once
     more holding the writer lock), and the next commit starts the WAL over: 800 pages
     written through a file that never holds 30."""
-    db, wal, dbm = blob_db
-    monkeypatch.setattr(dbm, "CHECKPOINT_COMMITS", 5)
-    monkeypatch.setattr(dbm, "WAL_LIMIT_PAGES", 10)
+    db, wal, cpm = blob_db
+    monkeypatch.setattr(cpm, "CHECKPOINT_COMMITS", 5)
+    monkeypatch.setattr(cpm, "WAL_LIMIT_PAGES", 10)
     _blob_commits(db, 0, 199, wait=True)  # with the table's, 200 commits: 40 wake-ups
     cp = db._checkpointer
     assert (cp.runs, cp.locked_runs) == (40, 40)
@@ -194,8 +194,8 @@ def test_background_checkpoints_keep_the_wal_small(blob_db: BlobDb, monkeypatch:
 
 
 def test_a_failed_checkpoint_is_tried_again(blob_db: BlobDb, monkeypatch: pytest.MonkeyPatch) -> None:
-    db, _wal, dbm = blob_db
-    monkeypatch.setattr(dbm, "CHECKPOINT_COMMITS", 3)
+    db, _wal, cpm = blob_db
+    monkeypatch.setattr(cpm, "CHECKPOINT_COMMITS", 3)
     real, calls = db.engine.raw_connection, []
 
     def flaky() -> Any:

@@ -88,7 +88,7 @@ def test_exactly_once_with_duplicates_and_failures(n: int, db_url: str, make_env
 
         # re-ingesting a sample of the same events changes nothing
         env.QUEUE.send_batch([body for body, _ in pairs[: n // 10]])
-        drain(Worker(env, TrafficConsumer(env.config).queue), frozen, 30)
+        drain(Worker(env, TrafficConsumer(env.config).handle_batch), frozen, 30)
         assert len(stored_event_keys(env.DB)) == n
         assert_aggregates_equal(env.DB, expected)
 
@@ -99,7 +99,7 @@ def test_ground_truth_can_fail(sqlite_url: str, make_env: MakeEnv) -> None:
         env = make_env(sqlite_url)
         pairs = make_events(seed=3, n=50, now_ms=NOW_MS)
         env.QUEUE.send_batch([b for b, _ in pairs])
-        drain(Worker(env, TrafficConsumer(env.config).queue), frozen, 30)
+        drain(Worker(env, TrafficConsumer(env.config).handle_batch), frozen, 30)
         truths = [t for _, t in pairs]
         assert_aggregates_equal(env.DB, expected_aggregates(truths))
         with pytest.raises(AssertionError):
@@ -118,7 +118,7 @@ def test_new_events_after_a_redelivered_batch_are_counted(sqlite_url: str, make_
         bodies = [b for b, _ in pairs]
         for part in (bodies[:10], bodies[:10], bodies[5:15], bodies[15:25]):
             env.QUEUE.send_batch(part)
-        worker = Worker(env, TrafficConsumer(env.config).queue)
+        worker = Worker(env, TrafficConsumer(env.config).handle_batch)
         reports = []
         while (result := worker.step(wait=0)) is not None:
             reports.append((result.report.inserted, result.report.duplicates))
@@ -160,7 +160,7 @@ def test_exactly_once_property(plan: dict[str, Any]) -> None:
             drain(Worker(env, FaultyHandler(cfg, plan["fail"], plan["crash"])), frozen, cfg.consumer.visibility_timeout)
             if plan["resend_all"]:
                 env.QUEUE.send_batch(sent)
-                drain(Worker(env, TrafficConsumer(cfg).queue), frozen, cfg.consumer.visibility_timeout)
+                drain(Worker(env, TrafficConsumer(cfg).handle_batch), frozen, cfg.consumer.visibility_timeout)
             truths = [t for _, t in pairs]
             assert env.QUEUE.stats() == {"pending": 0, "in_flight": 0, "dlq": 0}
             assert sorted(stored_event_keys(env.DB)) == sorted((t.ts, t.id) for t in truths)

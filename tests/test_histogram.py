@@ -157,7 +157,7 @@ def test_stored_hourly_rows_merge_into_top_paths(env: Env) -> None:
         bodies.append({"id": f"e{i}", "ts": ts, "method": "GET", "path": "/api/items", "status": 200,
                        "response_time_ms": rt})  # fmt: skip
     env.QUEUE.send_batch(bodies)
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     while worker.step(wait=0) is not None:
         pass
     worker.ctx.close()

@@ -216,7 +216,7 @@ async def test_metrics_job_runs_and_batch_latency(make_env: Any, sqlite_url: str
                                               holder="w", started_at=now))  # fmt: skip
     app = create_app(env)
     env.QUEUE.send_batch([event(i) for i in range(5)])
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     worker.on_batch.append(app.state.metrics.observe_batch)
     worker.run(until_empty=True)
     async with client_for(app) as c:

@@ -46,7 +46,7 @@ def test_one_poison_in_a_batch_of_1000(db_url: str, make_env: MakeEnv) -> None:
     pairs = _send(env, 1000)
     _, poison = pairs[617]
     refuse_id(env, poison.id)
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
 
     result = worker.step(wait=0)
     assert result is not None and result.messages == 1000 and result.isolated == 1
@@ -64,7 +64,7 @@ def test_redriven_poison_comes_back_alone(db_url: str, make_env: MakeEnv) -> Non
     env = make_env(db_url, consumer={"max_batch_size": 100})
     pairs = _send(env, 100)
     refuse_id(env, pairs[40][1].id)
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     worker.step(wait=0)
     _send(env, 50, seed=4)
     assert env.QUEUE.dlq_redrive() == 1
@@ -79,7 +79,7 @@ def test_a_transient_fault_dead_letters_nothing(db_url: str, make_env: MakeEnv) 
     pairs = _send(env, 1000)
     fault = DiskFull(env)
     heartbeat = Heartbeat(env.DB, "test-worker")
-    worker = Worker(env, TrafficConsumer(env.config).queue, heartbeat=heartbeat)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch, heartbeat=heartbeat)
     fault.set(True)
     for _ in range(6):  # more failures than max_retries allows deliveries
         result = worker.step(wait=0)
@@ -107,7 +107,7 @@ def test_back_off_doubles_up_to_its_cap(sqlite_url: str, make_env: MakeEnv) -> N
     _send(env, 1000)  # enough that a batch needs new pages
     fault = DiskFull(env)
     fault.set(True)
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     delays = [worker.step(wait=0).retry_in for _ in range(5)]  # type: ignore[union-attr]
     for delay, ceiling in zip(delays, (1, 2, 4, 4, 4), strict=True):
         assert ceiling / 2 <= delay <= ceiling  # jittered below the ceiling
@@ -120,7 +120,7 @@ def test_the_loop_waits_out_the_fault_and_resumes(sqlite_url: str, make_env: Mak
     pairs = _send(env, 200)
     fault = DiskFull(env)
     fault.set(True)
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     waits: list[float] = []
 
     def wait(seconds: float) -> bool:
@@ -142,7 +142,7 @@ def test_metrics_show_a_degraded_consumer(sqlite_url: str, make_env: MakeEnv) ->
     env = make_env(sqlite_url)
     _send(env, 1000)
     metrics = Metrics(env)
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     worker.on_batch.append(metrics.observe_batch)
     fault = DiskFull(env)
     fault.set(True)
@@ -162,7 +162,7 @@ def test_a_killed_postgresql_connection_is_transient(db_url: str, make_env: Make
     connection, commits it."""
     env = make_env(db_url, consumer={"max_batch_size": 100})
     pairs = _send(env, 300)
-    inner = TrafficConsumer(env.config).queue
+    inner = TrafficConsumer(env.config).handle_batch
     calls = itertools.count()
 
     def handler(batch: Any, env: Env, ctx: Any) -> Any:

@@ -27,7 +27,7 @@ DAY_MS = 86_400_000
 def _load(env: Any, n: int, age_ms: int, seed: int) -> None:
     pairs = make_events(seed=seed, n=n, now_ms=clock.now_ms() - age_ms, span_ms=3_600_000)
     env.QUEUE.send_batch([b for b, _ in pairs])
-    Worker(env, TrafficConsumer(env.config).queue, snapshot_every=0).run(until_empty=True)
+    Worker(env, TrafficConsumer(env.config).handle_batch).run(until_empty=True)
 
 
 def _cli(env: Any, *args: str) -> Any:

@@ -89,7 +89,7 @@ def dlq_by_id(env: Env) -> dict[str, dict[str, Any]]:
 
 
 def drain(env: Env, handler: Any = None) -> None:
-    worker = Worker(env, handler or TrafficConsumer(env.config).queue)
+    worker = Worker(env, handler or TrafficConsumer(env.config).handle_batch)
     while worker.step(wait=0) is not None:
         pass
     worker.ctx.close()  # wait for background work (snapshot refreshes) to finish
@@ -107,7 +107,7 @@ def test_poison_goes_to_dlq_and_valid_siblings_commit(big_env: Env) -> None:
             bodies.append(POISON[i][1])
     ids = env.QUEUE.send_batch(bodies)
 
-    result = Worker(env, TrafficConsumer(env.config).queue).step(wait=0)
+    result = Worker(env, TrafficConsumer(env.config).handle_batch).step(wait=0)
     assert result is not None and result.ok, result
     assert result.messages == len(bodies)  # one batch: poison and valid together
 

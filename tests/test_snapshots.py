@@ -14,7 +14,8 @@ from freezegun import freeze_time
 import snapshots
 from consumers.traffic import TrafficConsumer
 from pipeline import clock
-from pipeline.jobs import load_jobs
+from pipeline.cli.compose import consumer_worker
+from pipeline.jobs import JOBS
 from pipeline.schema import LATENCY_BUCKETS_MS
 from pipeline.worker import Worker
 from tests.conftest import run_cli
@@ -43,7 +44,7 @@ def _events(now_s: float, n: int, seed: int = 3) -> list[dict[str, Any]]:
 
 def _consume(env: Any, events: list[dict[str, Any]]) -> None:
     env.QUEUE.send_batch(events)
-    Worker(env, TrafficConsumer(env.config).queue, snapshot_every=0).run(until_empty=True)
+    Worker(env, TrafficConsumer(env.config).handle_batch).run(until_empty=True)
 
 
 def _bucket_bounds(ms: float) -> tuple[float, float]:
@@ -158,7 +159,7 @@ def test_prune_job_is_registered_and_uses_config(db_url: str, make_env: Any) -> 
     env = make_env(db_url, snapshots={"keep": 2})
     for _ in range(4):
         snapshots.refresh(env)
-    result = load_jobs()["snapshot_prune"](env, clock.now(), False)
+    result = JOBS["snapshot_prune"](env, clock.now(), False)
     assert result["kept_versions"] == [3, 4] and result["deleted"] == 2
 
 
@@ -266,17 +267,17 @@ def test_worker_refresh_builds_in_the_helper_process_or_in_a_thread(sqlite_url: 
         )
         with freeze_time(NOW):
             env.QUEUE.send_batch(_events(clock.now_s(), 400, seed=12))
-            worker = Worker(env, TrafficConsumer(env.config).queue)
+            worker = consumer_worker(env)
             try:
                 for _ in range(8):
                     assert worker.step(wait=0).ok
                     worker.drain()
-                assert (worker.builder is not None) == (build_in == "process")
-                if worker.builder is not None:
-                    assert worker.builder.cpu_s > 0
+                assert (worker.side.builder is not None) == (build_in == "process")
+                if worker.side.builder is not None:
+                    assert worker.side.builder.cpu_s > 0
             finally:
                 worker.close()
-            assert worker.refreshes == 4
+            assert worker.side.refreshes == 4
             doc = snapshots.read_latest(env.KV)
             assert doc is not None
             assert doc == snapshots.build(env.DB, 24, 100, clock.now_s()) | {"version": 4}
@@ -292,28 +293,31 @@ def test_drain_gives_up_on_a_build_that_does_not_finish(
     import os
     import signal
 
-    import pipeline.worker
+    import snapshots.refresher
 
-    monkeypatch.setattr(pipeline.worker, "DRAIN_TIMEOUT_S", 0.5)
     env = make_env(sqlite_url, consumer={"max_batch_size": 50, "snapshot_every_batches": 1},
                    snapshots={"min_interval_s": 0})  # fmt: skip
     env.QUEUE.send_batch(_events(clock.now_s(), 200, seed=13))
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = consumer_worker(env)
     try:
         assert worker.step(wait=0).ok
         worker.drain()
-        assert worker.refreshes == 1
-        stuck = worker.builder._proc
+        assert worker.side.refreshes == 1  # the first build, waited for as long as it takes
+        # Only a helper that cannot answer (stopped below) meets the short timeout: a slow
+        # machine never makes the test fail.
+        monkeypatch.setattr(snapshots.refresher, "DRAIN_TIMEOUT_S", 0.5)
+        stuck = worker.side.builder._proc
         os.kill(stuck.pid, signal.SIGSTOP)
         assert worker.step(wait=0).ok  # submits to the stopped helper
-        assert worker.builder.pending
+        assert worker.side.builder.pending
         assert worker.step(wait=0).ok  # not held up: the build is still pending
         worker.drain()
-        assert not worker.builder.pending and worker.refreshes == 1
+        assert not worker.side.builder.pending and worker.side.refreshes == 1
         assert not stuck.is_alive()
+        monkeypatch.setattr(snapshots.refresher, "DRAIN_TIMEOUT_S", 300.0)  # the new helper: as long as it takes
         assert worker.step(wait=0).ok
         worker.drain()
-        assert worker.refreshes == 2 and worker.builder._proc is not stuck
+        assert worker.side.refreshes == 2 and worker.side.builder._proc is not stuck
     finally:
         worker.close()
     assert snapshots.read_latest(env.KV)["version"] == 2

@@ -18,7 +18,7 @@ from freezegun import freeze_time
 from archiver import replay
 from pipeline import clock, totals
 from pipeline.cli import main
-from pipeline.jobs import load_jobs
+from pipeline.jobs import JOBS
 from pipeline.schema import path_stats_hourly
 from tests.archive_support import at, bucket_ids, consume, event, hot_ids
 
@@ -55,7 +55,7 @@ def test_six_days_end_to_end(make_env: Any, db_url: str) -> None:
         for job, hour in (("archive", 2), ("clean", 3)):
             when = at(START) + timedelta(days=day + 1, hours=hour)
             with freeze_time(when):
-                load_jobs()[job](env, when, False)
+                JOBS[job](env, when, False)
             assert totals.check_totals(totals.stats(env.DB)) == []
     assert too_late == 5
     in_bucket = Counter(bucket_ids(env))
@@ -84,8 +84,8 @@ def test_stats_and_verify_commands(make_env: Any, db_url: str, tmp_path: Path) -
     base = int(clock.parse_time("2026-11-18T00:00:00Z") * 1000)
     consume(env, [event(i, base + i * 60_000, status=500 if i % 5 == 0 else 200) for i in range(100)])
     consume(env, [event(1000 + i, base + 4 * 86_400_000 + i) for i in range(10)])
-    load_jobs()["archive"](env, at("2026-11-22T02:00:00Z"), False)
-    load_jobs()["clean"](env, at("2026-11-22T03:00:00Z"), False)
+    JOBS["archive"](env, at("2026-11-22T02:00:00Z"), False)
+    JOBS["clean"](env, at("2026-11-22T03:00:00Z"), False)
     res = _cli(tmp_path, env, "stats", "--json")
     assert res.exit_code == 0
     s = json.loads(res.stdout)

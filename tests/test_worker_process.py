@@ -22,10 +22,12 @@ import sqlalchemy as sa
 import snapshots
 from consumers.traffic import TrafficConsumer
 from pipeline import clock
+from pipeline.cli.compose import consumer_worker
 from pipeline.env import Env
 from pipeline.schema import counters, job_runs, traffic_events, worker_heartbeats
-from pipeline.worker import BATCH_COUNTER, Worker
+from pipeline.worker import BATCH_COUNTER
 from tests.conftest import MakeEnv
+from tests.support import refreshing_worker
 from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
 
 DEADLINE_S = 90
@@ -49,19 +51,19 @@ def _enqueue(env: Env, n: int, seed: int = 4) -> list[Any]:
 def test_counter_is_durable_and_refresh_runs_every_n_batches(db_url: str, make_env: MakeEnv) -> None:
     env = make_env(db_url, consumer={"max_batch_size": 10, "snapshot_every_batches": 3}, snapshots=NO_FLOOR)
     _enqueue(env, 100)
-    worker = Worker(env, TrafficConsumer(env.config).queue)
+    worker = consumer_worker(env)
     for _ in range(7):
         assert worker.step(wait=0).ok
         worker.drain()  # let each refresh finish (one still running when the next is due is skipped)
     assert _counter(env) == 7
-    assert worker.refreshes == 2
+    assert worker.side.refreshes == 2
     assert [v["version"] for v in snapshots.list_versions(env.KV)] == [1, 2]
 
-    restarted = Worker(env, TrafficConsumer(env.config).queue)  # a new process: the count goes on
+    restarted = consumer_worker(env)  # a new process: the count goes on
     assert restarted.run(until_empty=True) == 3
     restarted.drain()
     assert _counter(env) == 10
-    assert restarted.refreshes == 1  # at batch 9, not at its own 3rd batch
+    assert restarted.side.refreshes == 1  # at batch 9, not at its own 3rd batch
     assert snapshots.read_latest(env.KV)["version"] == 3
 
 
@@ -70,14 +72,19 @@ def test_failed_batch_does_not_advance_the_counter(sqlite_url: str, make_env: Ma
     _enqueue(env, 20)
 
     def broken(batch: Any, env: Any, ctx: Any) -> None:
-        TrafficConsumer(env.config).queue(batch, env, ctx)
+        TrafficConsumer(env.config).handle_batch(batch, env, ctx)
         raise RuntimeError("injected after the writes")
 
-    result = Worker(env, broken).step(wait=0)
+    def fine(batch: Any, env: Any, ctx: Any) -> None:
+        TrafficConsumer(env.config).handle_batch(batch, env, ctx)
+
+    assert refreshing_worker(env, handler=fine).step(wait=0).ok
+    assert _counter(env) == 1  # the counter runs
+    result = refreshing_worker(env, handler=broken).step(wait=0)
     assert result is not None and not result.ok
-    assert _counter(env) == 0
+    assert _counter(env) == 1
     with env.DB.read() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(traffic_events)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(traffic_events)).scalar_one() == 10  # the first
 
 
 def test_failing_refresh_never_fails_or_delays_the_batch(sqlite_url: str, make_env: MakeEnv) -> None:
@@ -89,10 +96,10 @@ def test_failing_refresh_never_fails_or_delays_the_batch(sqlite_url: str, make_e
         calls.append(1)
         raise RuntimeError("KV is down")
 
-    worker = Worker(env, TrafficConsumer(env.config).queue, refresh=failing_refresh)
+    worker = refreshing_worker(env, failing_refresh)
     assert worker.run(until_empty=True) == 5
     worker.drain()
-    assert calls and worker.refreshes == 0
+    assert calls and worker.side.refreshes == 0
     assert _counter(env) == 5
     assert_aggregates_equal(env.DB, expected_aggregates(truths))
 
@@ -111,7 +118,7 @@ def test_refresh_runs_off_the_critical_path(sqlite_url: str, make_env: MakeEnv) 
         started.set()
         release.wait(timeout=60)
 
-    worker = Worker(env, TrafficConsumer(env.config).queue, refresh=slow_refresh)
+    worker = refreshing_worker(env, slow_refresh)
     try:
         assert worker.step(wait=0).ok
         assert started.wait(timeout=30)
@@ -120,7 +127,7 @@ def test_refresh_runs_off_the_critical_path(sqlite_url: str, make_env: MakeEnv) 
     finally:
         release.set()
         worker.drain()
-    assert worker.refreshes == 1
+    assert worker.side.refreshes == 1
     assert _counter(env) == 3
 
 
@@ -281,7 +288,7 @@ def test_sigterm_mid_batch_loses_nothing(
     assert "event=stopping signal=SIGTERM" in procs.log(0)
     assert "event=worker_stopped" in procs.log(0)
 
-    Worker(env, TrafficConsumer(env.config).queue).run(until_empty=True)
+    consumer_worker(env).run(until_empty=True)
     assert consumed() == len(truths)
     assert_aggregates_equal(env.DB, expected_aggregates(truths))
 
@@ -294,13 +301,13 @@ def test_refreshes_are_at_least_min_interval_apart(sqlite_url: str, make_env: Ma
     )
     with freeze_time(clock.now()) as frozen:
         _enqueue(env, 60)
-        worker = Worker(env, TrafficConsumer(env.config).queue)
+        worker = consumer_worker(env)
         for _ in range(3):
             assert worker.step(wait=0).ok
             worker.drain()
-        assert worker.refreshes == 1
+        assert worker.side.refreshes == 1
         frozen.tick(5)
         assert worker.step(wait=0).ok
         worker.drain()
-        assert worker.refreshes == 2
+        assert worker.side.refreshes == 2
     assert _counter(env) == 4

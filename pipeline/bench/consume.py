@@ -116,7 +116,7 @@ def run(
             started = clock.monotonic()
             send_events(env.QUEUE, events)
             enqueue_s = clock.monotonic() - started
-            worker = Worker(env, TrafficConsumer(cfg).queue)
+            worker = Worker(env, TrafficConsumer(cfg).handle_batch)
             progress("consume, alternating with the raw SQLite reference")
             first = race(worker, rows, work / "raw1.db")
             progress("consume again (all duplicates), alternating with the raw reference")

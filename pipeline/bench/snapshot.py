@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import snapshots
-from consumers.traffic import TrafficConsumer
 from pipeline import clock, log, migrate
 from pipeline.bench.common import (
     SLICE_EVENTS,
@@ -34,6 +33,7 @@ from pipeline.bench.common import (
     send_events,
 )
 from pipeline.bench.scratch import scratch_db
+from pipeline.cli.compose import consumer_worker
 from pipeline.config import Config
 from pipeline.env import Env, open_env
 from pipeline.queries import top_paths_statement
@@ -153,7 +153,7 @@ def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_siz
     stack.callback(env.close)
     migrate.upgrade(env.DB)
     send_events(env.QUEUE, events)
-    worker = Worker(env, TrafficConsumer(cfg).queue)
+    worker = consumer_worker(env)
     stack.callback(worker.close)
     return worker
 
@@ -182,7 +182,8 @@ def consume_with_snapshots(
             if not moved:
                 break
     n = len(events)
-    builder_cpu = on.builder.cpu_s if on.builder is not None else 0.0  # the helper process's
+    builder = on.side.builder if on.side is not None else None
+    builder_cpu = builder.cpu_s if builder is not None else 0.0  # the helper process's
     return {
         "snapshot_every_batches": every,
         "snapshot_events_per_s": round(n / meters["on"].wall),
@@ -190,5 +191,5 @@ def consume_with_snapshots(
         "snapshot_cpu_overhead": round((meters["on"].cpu + builder_cpu) / meters["off"].cpu - 1, 4),
         "snapshot_builder_cpu_s": round(builder_cpu, 2),
         "snapshot_batch_p99_ms": percentile(latencies["on"], 99),
-        "snapshot_refreshes": on.refreshes,
+        "snapshot_refreshes": on.side.refreshes if on.side is not None else 0,
     }

@@ -129,13 +129,6 @@ def ingest(state: Any, source: Any, as_json: bool) -> None:
         sys.exit(3)
 
 
-def _worker(env: Any) -> Any:
-    from consumers.traffic import TrafficConsumer
-    from pipeline.worker import Worker
-
-    return Worker(env, TrafficConsumer(env.config).queue)
-
-
 @main.command()
 @click.option("--until-empty", is_flag=True, help="Exit when no message is visible.")
 @click.option("--max-batches", type=click.IntRange(min=1), help="Exit after N batches.")
@@ -143,8 +136,10 @@ def _worker(env: Any) -> Any:
 @pass_state
 def consume(state: Any, until_empty: bool, max_batches: int | None, as_json: bool) -> None:
     """Run the queue consumer in the foreground, then exit (for cron and tests)."""
+    from pipeline.cli.compose import consumer_worker
+
     env = state.env()
-    worker = _worker(env)
+    worker = consumer_worker(env)
     _install_signals(worker)
     try:
         batches = worker.run(until_empty=until_empty, max_batches=max_batches)
@@ -178,11 +173,9 @@ def worker(state: Any, no_scheduler: bool) -> None:
     """The long-running process: consume the queue, refresh the KV snapshot every
     `[consumer] snapshot_every_batches` batches and run the scheduled jobs. SIGTERM/SIGINT:
     finish the batch and job in hand, release leases, exit 0; a second signal exits at once."""
-    from consumers.traffic import TrafficConsumer
-    from pipeline.worker import WorkerProcess
+    from pipeline.cli.compose import worker_process
 
-    env = state.env()
-    process = WorkerProcess(env, TrafficConsumer(env.config).queue, with_scheduler=not no_scheduler)
+    process = worker_process(state.env(), with_scheduler=not no_scheduler)
     _install_signals(process)
     process.run()
 

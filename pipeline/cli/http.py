@@ -36,9 +36,9 @@ def serve(state: Any, host: str | None, port: int | None, consume: bool) -> None
         )
     worker = None
     if consume:
-        from pipeline.cli.core import _worker
+        from pipeline.cli.compose import consumer_worker
 
-        worker = _worker(env)
+        worker = consumer_worker(env)
     run_server(create_app(env, require_token=public, worker=worker), host, port)
 
 
