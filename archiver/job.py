@@ -369,7 +369,7 @@ def repair_watermark(env: Any) -> dict[str, Any]:
     raises the watermark. Runs under the archive job's lease (a TransientError while the
     job runs), so no archive run raises the watermark or records objects meanwhile."""
     from pipeline.heartbeat import process_name
-    from scheduler.runs import JobStore
+    from pipeline.jobruns import JobStore
 
     with JobStore(env.DB).lease("archive", process_name(), env.config.schedule.lease_seconds) as held:
         if not held:

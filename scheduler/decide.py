@@ -22,23 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pipeline.cron import CronSpec
+from pipeline.jobruns import RunRecord, RunStatus
 
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-RUNNING = "running"
-ABANDONED = "abandoned"
-DRY_RUN = "dry_run"
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    job: str
-    scheduled_for: float  # epoch seconds of the slot
-    attempt: int
-    status: str
-    started_at: float
-    finished_at: float | None = None
-
+SUCCEEDED, FAILED, RUNNING = RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.RUNNING
+ABANDONED, DRY_RUN = RunStatus.ABANDONED, RunStatus.DRY_RUN
 
 @dataclass(frozen=True)
 class Policy:

@@ -18,9 +18,9 @@ from pipeline import clock, log
 from pipeline.cron import CronSpec
 from pipeline.errors import NotFound, TransientError, ValidationError
 from pipeline.heartbeat import process_name
+from pipeline.jobruns import JobStore
 from pipeline.jobs import JOBS
 from scheduler.decide import DRY_RUN, FAILED, SUCCEEDED, Due, Policy, decide_job
-from scheduler.runs import JobStore
 
 MAX_AHEAD_S = 60.0  # how far in the future a run by hand may be scheduled
 

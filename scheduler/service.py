@@ -23,10 +23,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pipeline import clock, log
 from pipeline.cron import CronSpec, parse_table, zone
 from pipeline.errors import ConfigError
+from pipeline.jobruns import JobStore
 from pipeline.jobs import JOBS
 from scheduler.decide import decide
 from scheduler.runner import Outcome, execute, policy_of, scheduled_recheck
-from scheduler.runs import JobStore
 
 
 def load_specs(config: Any) -> list[CronSpec]:

@@ -17,9 +17,9 @@ from typing import Any
 
 from pipeline import clock, log, meta
 from pipeline.queries import top_paths
+from pipeline.snapshot_doc import LATEST_KEY
 
 KEY_PREFIX = "snapshot:v"
-LATEST_KEY = "snapshot:latest"
 VERSION_DIGITS = 6
 VERSION_COUNTER = "snapshot_version"
 ROW_FIELDS = (
@@ -79,13 +79,6 @@ def publish(env: Any, doc: dict[str, Any], started: float | None = None) -> dict
     ms = round((clock.monotonic() - started) * 1000, 1)
     log.event("snapshot_refresh", version=version, paths=len(doc["paths"]), latest=moved, ms=ms)
     return {"version": version, "key": version_key(version), "paths": len(doc["paths"]), "latest": moved, "ms": ms}
-
-
-def read_latest(kv: Any) -> dict[str, Any] | None:
-    """The newest published snapshot, or None before the first refresh."""
-    if kv is None:
-        return None
-    return kv.get(LATEST_KEY, type="json")
 
 
 def list_versions(kv: Any) -> list[dict[str, Any]]:

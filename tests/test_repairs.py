@@ -28,10 +28,10 @@ from pipeline.bindings.archive import ObjectInfo, ObjectStore
 from pipeline.bindings.archive_file import TMP_DIR, FileStore
 from pipeline.bindings.archive_s3 import S3Store
 from pipeline.errors import BindingError, NotFound, ValidationError
+from pipeline.jobruns import JobStore, dead_local_holder
 from pipeline.schema import archive_objects, job_leases, traffic_events
 from scheduler.monitor import report
 from scheduler.runner import run_by_hand
-from scheduler.runs import JobStore, dead_local_holder
 from tests import archive_support
 from tests.archive_support import REGION, at, bucket_ids, consume, event, hot_ids, ms, run_job
 from tests.conftest import run_cli
@@ -107,7 +107,7 @@ import os, signal, sys, time
 from pipeline.config import Config
 from pipeline.env import open_env
 from pipeline.heartbeat import process_name
-from scheduler.runs import JobStore
+from pipeline.jobruns import JobStore
 
 env = open_env(Config().replace(bindings={"db": sys.argv[1], "archive": sys.argv[2]}), check_schema=False)
 store, holder = JobStore(env.DB), process_name()

@@ -13,9 +13,9 @@ import pytest
 from freezegun import freeze_time
 
 from pipeline.errors import TransientError
+from pipeline.jobruns import JobStore
 from pipeline.jobs import JOBS, job
 from scheduler.runner import execute, run_by_hand
-from scheduler.runs import JobStore
 from scheduler.service import JobScheduler
 from tests.conftest import run_cli
 

@@ -49,7 +49,7 @@ def jobs_run(state: Any, name: str, at: str | None, dry_run: bool, as_json: bool
 
 
 def _job_rows(env: Any) -> list[dict[str, Any]]:
-    from scheduler.runs import JobStore
+    from pipeline.jobruns import JobStore
     from scheduler.service import load_specs
 
     now = clock.now()
@@ -96,7 +96,7 @@ def jobs_list(state: Any, as_json: bool) -> None:
 @pass_state
 def jobs_history(state: Any, job_name: str | None, status: str | None, limit: int, as_json: bool) -> None:
     """Recorded runs, newest first (scheduled and by hand, every attempt)."""
-    from scheduler.runs import JobStore
+    from pipeline.jobruns import JobStore
 
     rows = JobStore(state.env().DB).history(job_name, limit, status)
     if as_json:

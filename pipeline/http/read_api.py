@@ -18,7 +18,9 @@ from pipeline import clock, queries, totals
 from pipeline.env import Env
 from pipeline.errors import ValidationError
 from pipeline.http.models import ERRORS, PagedRows, Rows, TopPaths
-from pipeline.schema import archive_objects, job_runs
+from pipeline.jobruns import JobStore
+from pipeline.schema import archive_objects
+from pipeline.snapshot_doc import read_latest
 
 router = APIRouter(prefix="/v1", responses={k: v for k, v in ERRORS.items() if k in (400, 401, 503)})
 HOURLY_LIMIT = 10_000
@@ -56,10 +58,6 @@ def decode_cursor(cursor: str | None, types: tuple[type, ...]) -> tuple[Any, ...
 def _snapshot_rows(env: Env, hours: int, limit: int) -> dict[str, Any] | None:
     """The KV snapshot's rows when it covers exactly this window, holds enough rows and is
     younger than `[http] snapshot_max_age`; else None (compute from the aggregates)."""
-    try:
-        from snapshots import read_latest
-    except ImportError:
-        return None
     doc = read_latest(env.KV)
     if not doc or doc.get("window_hours") != hours:
         return None
@@ -142,22 +140,7 @@ def jobs(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> dict[str, Any]:
     """Recorded job runs, newest first."""
-    jr = job_runs
-    stmt = sa.select(jr).order_by(jr.c.started_at.desc(), jr.c.id.desc()).limit(limit)
-    if job:
-        stmt = stmt.where(jr.c.job == job)
-    if status:
-        stmt = stmt.where(jr.c.status == status)
-    with _env(request).DB.read() as conn:
-        rows = conn.execute(stmt).mappings().all()
-    out = []
-    for r in rows:
-        row = dict(r)
-        for k in ("scheduled_for", "started_at", "finished_at"):
-            row[k] = _iso(row[k])
-        row["result"] = orjson.loads(row["result"]) if row["result"] else None
-        out.append(row)
-    return {"rows": out}
+    return {"rows": JobStore(_env(request).DB).history(job or None, limit, status or None)}
 
 
 @router.get("/archive/objects", response_model=PagedRows)

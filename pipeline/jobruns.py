@@ -1,4 +1,5 @@
-"""Job runs and leases in the DB binding: the state that makes a job run once per slot.
+"""Job runs and leases in the DB binding: the state that makes a job run once per slot. The
+scheduler decides and runs jobs with it; the CLI and the HTTP read API list runs through it.
 
 A lease row (job, holder, expires_at) is taken before a run, renewed while it runs and
 deleted afterwards. Taking it is one conditional UPDATE (free, expired or already ours),
@@ -23,6 +24,8 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -30,7 +33,32 @@ import sqlalchemy as sa
 
 from pipeline import clock, log
 from pipeline.schema import job_leases, job_runs
-from scheduler.decide import ABANDONED, RUNNING, RunRecord
+
+
+class RunStatus(StrEnum):
+    """`job_runs.status`."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABANDONED = "abandoned"  # its worker died while running it
+    DRY_RUN = "dry_run"
+
+
+RUNNING, ABANDONED = RunStatus.RUNNING, RunStatus.ABANDONED
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One recorded attempt, as the scheduler's decision reads it."""
+
+    job: str
+    scheduled_for: float  # epoch seconds of the slot
+    attempt: int
+    status: str
+    started_at: float
+    finished_at: float | None = None
+
 
 jr = job_runs
 jl = job_leases
@@ -188,7 +216,7 @@ class JobStore:
 
     def history(self, job: str | None = None, limit: int = 50, status: str | None = None) -> list[dict[str, Any]]:
         """Runs, newest first, as public dicts (times in RFC 3339)."""
-        stmt = sa.select(jr).order_by(jr.c.id.desc()).limit(limit)
+        stmt = sa.select(jr).order_by(jr.c.started_at.desc(), jr.c.id.desc()).limit(limit)
         if job is not None:
             stmt = stmt.where(jr.c.job == job)
         if status is not None:
