@@ -62,3 +62,10 @@ def test_sqlite_pragmas(sqlite_url: str) -> None:
         }  # fmt: skip
     finally:
         db.dispose()
+
+
+def test_the_head_revision_constant_is_alembics_head() -> None:
+    """Commands check the schema against `HEAD_REVISION` without importing Alembic."""
+    from pipeline.migrate import HEAD_REVISION, head_revision
+
+    assert HEAD_REVISION == head_revision()

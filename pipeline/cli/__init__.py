@@ -1,5 +1,9 @@
 """`edgepipe` command line. Thin commands over the library; each area has its own module.
 
+Importing this package loads click and the commands' definitions only: the configuration,
+the bindings (SQLAlchemy, Alembic, boto3, FastAPI) and the workers are imported by the
+commands that use them, so `edgepipe --help` starts fast.
+
 Errors from edgepipe's hierarchy become one line on stderr and a non-zero exit code
 (`ConfigError` 2, `ValidationError` 3, `BindingError` 4, `NotFound` 5, `IntegrityError` 6).
 """
@@ -8,14 +12,16 @@ from __future__ import annotations
 
 import sys
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline import clock, log
-from pipeline import config as config_mod
-from pipeline.env import Env, open_env
 from pipeline.errors import EdgepipeError, ValidationError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.env import Env
 
 
 class State:
@@ -28,11 +34,15 @@ class State:
         self._env: Env | None = None
 
     @cached_property
-    def config(self) -> config_mod.Config:
-        return config_mod.load(self.config_path, self.env_name)
+    def config(self) -> Config:
+        from pipeline.config import load
+
+        return load(self.config_path, self.env_name)
 
     def env(self, check_schema: bool = True) -> Env:
         if self._env is None:
+            from pipeline.env import open_env
+
             self._env = open_env(self.config, check_schema=check_schema)
         return self._env
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from pipeline import clock, totals
+from pipeline import clock
 from pipeline.cli import emit_json, main, pass_state, time_option
 from pipeline.errors import IntegrityError, ValidationError
 
@@ -77,6 +77,8 @@ def with_range(fn: Any) -> Any:
 @pass_state
 def stats_cmd(state: Any, as_json: bool) -> None:
     """Events hot (in the DB), cold (cleaned into lifetime totals) and total (aggregates)."""
+    from pipeline import totals
+
     s = totals.stats(state.env().DB)
     if as_json:
         emit_json(s)
@@ -97,6 +99,8 @@ def stats_cmd(state: Any, as_json: bool) -> None:
 @pass_state
 def verify_cmd(state: Any, as_json: bool) -> None:
     """Check hot + cold == total == sum of hourly requests, and every archived range."""
+    from pipeline import totals
+
     result = totals.verify(state.env().DB)
     if as_json:
         emit_json(result)

@@ -12,8 +12,7 @@ from typing import Any
 import click
 import orjson
 
-from pipeline import log, migrate, queries, sample
-from pipeline.bindings.db import Database
+from pipeline import log
 from pipeline.cli import emit_json, main, pass_state, print_table, time_option
 
 
@@ -28,6 +27,9 @@ def _data_dirs(cfg: Any) -> list[Path]:
 @pass_state
 def init(state: Any) -> None:
     """Create the data directories and upgrade the database schema (idempotent)."""
+    from pipeline import migrate
+    from pipeline.bindings.db import Database
+
     cfg = state.config
     for d in _data_dirs(cfg):
         d.mkdir(parents=True, exist_ok=True)
@@ -52,6 +54,9 @@ def db() -> None:
 @pass_state
 def db_upgrade(state: Any, revision: str) -> None:
     """Apply Alembic migrations up to REVISION (idempotent)."""
+    from pipeline import migrate
+    from pipeline.bindings.db import Database
+
     database = Database(state.config.bindings.db)
     try:
         click.echo(f"schema at {migrate.upgrade(database, revision)}", err=True)
@@ -63,6 +68,9 @@ def db_upgrade(state: Any, revision: str) -> None:
 @pass_state
 def db_current(state: Any) -> None:
     """Print the schema revision of the database (empty when uninitialised)."""
+    from pipeline import migrate
+    from pipeline.bindings.db import Database
+
     database = Database(state.config.bindings.db)
     try:
         click.echo(migrate.current_revision(database) or "")
@@ -241,6 +249,8 @@ TABLE_COLUMNS = ("path", "method", "requests", "status_4xx", "status_5xx", "rt_a
 @pass_state
 def paths_top(state: Any, hours: int, limit: int, as_json: bool) -> None:
     """The busiest paths over the last HOURS hours."""
+    from pipeline import queries
+
     rows = queries.top_paths(state.env().DB, hours, limit)
     if as_json:
         emit_json(rows)
@@ -259,6 +269,8 @@ def paths_top(state: Any, hours: int, limit: int, as_json: bool) -> None:
 def paths_hourly(state: Any, path: str | None, method: str | None, host: str | None,
                  start: str | None, end: str | None, as_json: bool) -> None:  # fmt: skip
     """Hourly rows; with no filter, every path and every hour in the database."""
+    from pipeline import queries
+
     rows = queries.hourly(state.env().DB, path, method, time_option(start, "--from"), time_option(end, "--to"), host)
     if not as_json:
         shown = [r | {"hour": r["hour"][5:13].replace("T", " ") + "h"} for r in rows]  # 11-22 04h (UTC)
@@ -281,5 +293,7 @@ def paths_hourly(state: Any, path: str | None, method: str | None, host: str | N
 @click.option("--output", "-o", type=click.File("wb"), default="-", show_default=True)
 def sample_cmd(n: int, days: float, n_paths: int, seed: int, output: Any) -> None:
     """Write synthetic NDJSON traffic ending now (skewed paths, random ids)."""
+    from pipeline import sample
+
     for ev in sample.events(n, days=days, n_paths=n_paths, seed=seed):
         output.write(orjson.dumps(ev) + b"\n")
