@@ -68,4 +68,4 @@ def test_the_head_revision_constant_is_alembics_head() -> None:
     """Commands check the schema against `HEAD_REVISION` without importing Alembic."""
     from pipeline.migrate import HEAD_REVISION, head_revision
 
-    assert HEAD_REVISION == head_revision()
+    assert head_revision() == HEAD_REVISION
