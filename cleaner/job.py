@@ -140,25 +140,6 @@ def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> in
     return used
 
 
-def reclaim_space(env: Any) -> str:
-    """SQLite: return free pages to the file system (incremental vacuum). The first time,
-    the database is switched to auto_vacuum=INCREMENTAL, which takes one full VACUUM."""
-    if env.DB.dialect != "sqlite":
-        return "skipped (not sqlite)"
-    raw = env.DB.engine.raw_connection()
-    try:
-        cur = raw.cursor()
-        if cur.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            cur.execute("VACUUM")
-            return "vacuum (switched to incremental)"
-        cur.execute("PRAGMA incremental_vacuum").fetchall()
-        cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        return "incremental_vacuum"
-    finally:
-        raw.close()
-
-
 @job("clean")
 def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
     cfg = env.config.cleaner
@@ -174,7 +155,7 @@ def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
             break
         result["batches"] += _clean_object(env, obj, cfg.max_batches - result["batches"], result)
     if cfg.reclaim_space and result["rows"]:
-        result["reclaim"] = reclaim_space(env)
+        result["reclaim"] = env.DB.reclaim_space()
     stats_file.record_run(
         env.DB,
         {

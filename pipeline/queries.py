@@ -94,7 +94,8 @@ def _top_statement() -> sa.Select[Any]:
         sa.select(
             psh.c.path,
             psh.c.method,
-            *(sa.func.sum(psh.c[c]).label(c) for c in SUMMED),
+            # cast: PostgreSQL's SUM of a bigint is a numeric (Decimal)
+            *(sa.cast(sa.func.sum(psh.c[c]), psh.c[c].type).label(c) for c in SUMMED),
             sa.func.min(psh.c.rt_min_ms).label("rt_min_ms"),
             sa.func.max(psh.c.rt_max_ms).label("rt_max_ms"),
         )
@@ -120,19 +121,14 @@ def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | Non
     now_s = clock.now_s() if now_s is None else now_s
     stmt = db.cached(("top_paths",), _top_statement)
     with db.read() as conn:
-        if db.dialect == "postgresql" and not db.in_transaction():
-            # The planner's cost grows with the table, not the window; past jit_above_cost
-            # PostgreSQL JIT-compiles this small query, which doubles its time.
-            conn.exec_driver_sql("SET LOCAL jit = off")
+        if not db.in_transaction():
+            db.plan_as_small(conn)
         found = db.fetchall(conn, stmt, ("first_hour", "limit"), (_first_hour(hours, now_s), limit))
     rows = sorted(
         (dict(zip(TOP_COLUMNS, r, strict=True)) for r in found), key=lambda r: (-r["requests"], r["path"], r["method"])
     )
     out = []
     for row in rows:
-        if db.dialect != "sqlite":  # PostgreSQL's SUM of a bigint is a numeric (Decimal)
-            for c in SUMMED:
-                row[c] = int(row[c]) if c != "rt_sum_ms" else float(row[c])
         row = _public(row)
         errors = row["status_4xx"] + row["status_5xx"]
         row["errors"] = errors

@@ -30,35 +30,10 @@ DAY_S = 86400
 MIN_GROWTH_SPAN_S = 6 * 3600
 
 
-def _sqlite_sizes(conn: sa.Connection) -> tuple[int, dict[str, int] | None]:
-    page_size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 0
-    pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
-    total = int(page_size * pages)
-    try:
-        rows = conn.exec_driver_sql(
-            "SELECT coalesce(m.tbl_name, s.name), sum(s.pgsize) FROM dbstat s "
-            "LEFT JOIN sqlite_schema m ON m.name = s.name GROUP BY 1"
-        ).all()
-    except sa.exc.OperationalError:
-        return total, None  # SQLite built without dbstat: the file total only
-    return total, {name: int(size) for name, size in rows}
-
-
-def _pg_sizes(conn: sa.Connection, tables: list[str]) -> tuple[int, dict[str, int]]:
-    sizes = {}
-    for name in tables:
-        size = conn.execute(sa.text("SELECT pg_total_relation_size(to_regclass(:t))"), {"t": name}).scalar()
-        sizes[name] = int(size or 0)
-    return sum(sizes.values()), sizes
-
-
 def sizes(db: Any) -> dict[str, Any]:
     tables = sorted(metadata.tables)
+    total, per_table = db.sizes(tables)
     with db.read() as conn:
-        if db.dialect == "sqlite":
-            total, per_table = _sqlite_sizes(conn)
-        else:
-            total, per_table = _pg_sizes(conn, tables)
         existing = set(sa.inspect(conn).get_table_names())
         rows = {t: int(conn.execute(sa.select(sa.func.count()).select_from(metadata.tables[t])).scalar_one())
                 for t in tables if t in existing}  # fmt: skip

@@ -4,7 +4,8 @@ transactions.
 `Database` is built in layers, each a module: `Dialect` (engine.py: the engine and the
 statements that differ by dialect), `FastPath` (fastpath.py: the statement cache and the
 driver-cursor execution), `Bulk` (bulk.py: insert-if-new, deletes by key, additive
-upserts) and, here, the transactions.
+upserts), `Maintenance` (maintenance.py: sizes, space reclaim, planner hints) and, here,
+the transactions.
 
 `transaction()` is re-entrant per context: a handler that opens a transaction while the
 worker loop already holds one joins it, so a queue batch's event rows, aggregates and the
@@ -23,13 +24,13 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from pipeline.bindings.db.bulk import Bulk
 from pipeline.bindings.db.checkpointer import Checkpointer
 from pipeline.bindings.db.engine import open_engine
 from pipeline.bindings.db.errors import translate_errors
+from pipeline.bindings.db.maintenance import Maintenance
 
 
-class Database(Bulk):
+class Database(Maintenance):
     """The DB binding. Create one per process from a URL; pass it explicitly."""
 
     def __init__(self, url: str) -> None:
