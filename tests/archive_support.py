@@ -8,15 +8,18 @@ import secrets
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import boto3
 import pytest
 import sqlalchemy as sa
 
+from archiver.objects import MANIFEST_NAME
 from consumers.traffic import TrafficConsumer
 from pipeline import clock
+from pipeline.bindings.archive import ObjectInfo, ObjectStore
 from pipeline.env import Env
+from pipeline.errors import BindingError
 from pipeline.jobs import JOBS
 from pipeline.schema import traffic_events
 from pipeline.worker import Worker
@@ -140,3 +143,41 @@ def archive_env(db_url: str, archive_url: str, make_env: Any) -> MakeArchiveEnv:
         return make_env(db_url, **sections)
 
     return make
+
+
+class FailingStore(ObjectStore):
+    """The real store, except that `put` fails after reading part of the body."""
+
+    def __init__(self, inner: ObjectStore, fail_puts: int = 1) -> None:
+        self.inner = inner
+        self.fail_puts = fail_puts
+
+    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        if self.fail_puts > 0:
+            self.fail_puts -= 1
+            body.read(10)
+            raise BindingError("s3 connection reset during upload")
+        return self.inner.put(key, body, metadata)
+
+    def head(self, key: str) -> ObjectInfo:
+        return self.inner.head(key)
+
+    def get(self, key: str, chunk_size: int = 1 << 20) -> Any:
+        return self.inner.get(key, chunk_size)
+
+    def list(self, prefix: str = "") -> Any:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+class ManifestFailingStore(FailingStore):
+    """The real store, except that every manifest `put` fails while `fail_manifests` is set."""
+
+    fail_manifests = True
+
+    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        if self.fail_manifests and key.endswith(MANIFEST_NAME):
+            raise BindingError("s3 connection reset during upload")
+        return self.inner.put(key, body, metadata)

@@ -15,13 +15,15 @@ from freezegun import freeze_time
 
 from archiver import job as archive_job
 from archiver import replay
-from archiver.objects import KEY_RE, MANIFEST_NAME, ROW_FIELDS, encode_block, manifest_key, read_object
+from archiver.objects import KEY_RE, ROW_FIELDS, encode_block, manifest_key, read_object
 from pipeline import meta, totals
-from pipeline.bindings.archive import ObjectInfo, ObjectStore
+from pipeline.bindings.archive import ObjectInfo
 from pipeline.errors import BindingError
 from pipeline.schema import archive_objects, traffic_events
 from tests import archive_support
 from tests.archive_support import (
+    FailingStore,
+    ManifestFailingStore,
     bucket_ids,
     consume,
     event,
@@ -167,33 +169,6 @@ def test_dry_run_changes_nothing(archive_env: Any) -> None:
     assert sorted(hot_ids(env, (0,))) == sorted(f"ev-{i}" for i in range(5))
 
 
-class FailingStore(ObjectStore):
-    """The real store, except that `put` fails after reading part of the body."""
-
-    def __init__(self, inner: ObjectStore, fail_puts: int = 1) -> None:
-        self.inner = inner
-        self.fail_puts = fail_puts
-
-    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
-        if self.fail_puts > 0:
-            self.fail_puts -= 1
-            body.read(10)
-            raise BindingError("s3 connection reset during upload")
-        return self.inner.put(key, body, metadata)
-
-    def head(self, key: str) -> ObjectInfo:
-        return self.inner.head(key)
-
-    def get(self, key: str, chunk_size: int = 1 << 20) -> Any:
-        return self.inner.get(key, chunk_size)
-
-    def list(self, prefix: str = "") -> Any:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-
 @freeze_time(NOW)
 def test_upload_failing_midway_marks_and_deletes_nothing(archive_env: Any) -> None:
     env = archive_env()
@@ -209,15 +184,6 @@ def test_upload_failing_midway_marks_and_deletes_nothing(archive_env: Any) -> No
     result = run_job(env, "archive", NOW)
     assert result["rows"] == 20
     assert sorted(bucket_ids(env)) == sorted(f"ev-{i}" for i in range(20))
-
-
-class ManifestFailingStore(FailingStore):
-    """The real store, except that every manifest `put` fails."""
-
-    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
-        if key.endswith(MANIFEST_NAME):
-            raise BindingError("s3 connection reset during upload")
-        return self.inner.put(key, body, metadata)
 
 
 @freeze_time(NOW)

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import boto3
 import orjson
@@ -22,18 +22,17 @@ import sqlalchemy as sa
 from freezegun import freeze_time
 
 from archiver import job as archive_job
-from archiver.objects import MANIFEST_NAME, manifest_key
+from archiver.objects import manifest_key
 from pipeline import clock, log, meta, totals
-from pipeline.bindings.archive import ObjectInfo, ObjectStore
 from pipeline.bindings.archive_file import TMP_DIR, FileStore
 from pipeline.bindings.archive_s3 import S3Store
-from pipeline.errors import BindingError, NotFound, ValidationError
+from pipeline.errors import NotFound, ValidationError
 from pipeline.jobruns import JobStore, dead_local_holder
 from pipeline.schema import archive_objects, job_leases, traffic_events
 from scheduler.monitor import report
 from scheduler.runner import run_by_hand
 from tests import archive_support
-from tests.archive_support import REGION, at, bucket_ids, consume, event, hot_ids, ms, run_job
+from tests.archive_support import REGION, ManifestFailingStore, at, bucket_ids, consume, event, hot_ids, ms, run_job
 from tests.conftest import run_cli
 
 archive_url = archive_support.archive_url
@@ -156,31 +155,6 @@ def test_a_run_by_hand_more_than_60_s_ahead_is_refused(env: Any) -> None:
 # -- 4a. manifests due ------------------------------------------------------------------
 
 
-class Wrapped(ObjectStore):
-    """The real store, whose `put` of a manifest fails while `fail_manifests` is set."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-        self.fail_manifests = True
-
-    def put(self, key: str, body: BinaryIO, metadata: dict[str, str] | None = None) -> ObjectInfo:
-        if self.fail_manifests and key.endswith(MANIFEST_NAME):
-            raise BindingError("s3 connection reset during upload")
-        return self.inner.put(key, body, metadata)
-
-    def head(self, key: str) -> ObjectInfo:
-        return self.inner.head(key)
-
-    def get(self, key: str, chunk_size: int = 1 << 20) -> Any:
-        return self.inner.get(key, chunk_size)
-
-    def list(self, prefix: str = "") -> Any:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-
 def _due(env: Any) -> list[str]:
     with env.DB.read() as conn:
         return sorted(meta.marks(conn, meta.MANIFEST_DUE))
@@ -193,7 +167,7 @@ def test_a_manifest_never_written_stays_due_until_a_later_run_writes_it(
     env = archive_env()
     real, prefix = env.ARCHIVE, env.config.archive.prefix
     consume(env, [event(i, ms("2026-11-18T05:00:00Z") + i) for i in range(4)])
-    env.ARCHIVE = Wrapped(real)
+    env.ARCHIVE = ManifestFailingStore(real)
     failed = run_job(env, "archive", NOW)
     assert (failed["objects"], failed["manifests"]) == (1, 0) and "BindingError" in failed["manifest_error"]
     assert _due(env) == ["2026-11-18"]
