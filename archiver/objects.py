@@ -28,11 +28,11 @@ import re
 import tempfile
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import msgspec
 import orjson
@@ -135,11 +135,12 @@ def encode(chunks: Iterable[Sequence[Sequence[Any]]]) -> Encoded:
     NDJSON temp file. Compression runs in a second thread (zlib and hashlib release the
     GIL), overlapping the fetch and JSON serialisation of the next chunk; at most two
     chunks are in flight (bounded memory)."""
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (returned to the caller)
-    sink = _HashingSink(spool)  # type: ignore[arg-type]
+    # A binary file object; typeshed declares SpooledTemporaryFile an IO[bytes], not a BinaryIO.
+    spool = cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES))  # noqa: SIM115 (returned to the caller)
+    sink = _HashingSink(spool)
     n = raw = 0
     ts_span = seq_span = None
-    gz = gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0)  # type: ignore[call-overload]
+    gz = gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-gzip") as pool:
         inflight: Future[int] | None = None
         for rows in chunks:
@@ -212,7 +213,7 @@ def read_object(store: ObjectStore, key: str, decoder: msgspec.json.Decoder[Any]
 
 def read_objects(
     store: ObjectStore, keys: Iterable[str], decoder: msgspec.json.Decoder[Any] = ROW_DECODER, ahead: int = 2
-) -> Iterator[tuple[str, list[Any] | IntegrityError]]:
+) -> Generator[tuple[str, list[Any] | IntegrityError], None, None]:
     """`read_object` over `keys`, in order: (key, rows), or (key, the IntegrityError) for
     an unsound object. The next `ahead` bodies are downloaded, hashed and gunzipped in a
     background thread (network waits, zlib and hashlib release the GIL) while the caller

@@ -13,7 +13,7 @@ import csv
 import gc
 import io
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from itertools import compress, groupby, repeat
@@ -29,7 +29,7 @@ from pipeline import clock, log, procs
 from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
-from pipeline.errors import IntegrityError, ValidationError
+from pipeline.errors import ConfigError, IntegrityError, ValidationError
 from pipeline.schema import OTHER_PATH, ArchiveState, path_stats_hourly, traffic_events
 
 te, psh = traffic_events, path_stats_hourly
@@ -82,7 +82,7 @@ def list_objects(store: ObjectStore, prefix: str, start_s: float, end_s: float) 
 
 def _reading(
     store: ObjectStore, keys: list[str], decoder: msgspec.json.Decoder[Any], progress: Progress | None
-) -> Iterator[tuple[str, list[Any] | IntegrityError]]:
+) -> Generator[tuple[str, list[Any] | IntegrityError], None, None]:
     """`read_objects`, calling `progress(objects read, objects in all)` after each."""
     with closing(read_objects(store, keys, decoder)) as found:
         for done, item in enumerate(found, 1):
@@ -175,7 +175,7 @@ def _differs(got: Any, want: Any) -> bool:
 _KEY, _VALUES = itemgetter(slice(4)), itemgetter(slice(4, None))
 
 
-def compare(acc: Acc, stored: list[Sequence[Any]]) -> list[dict[str, Any]]:
+def compare(acc: Acc, stored: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     """Differences between recomputed aggregates (`acc`) and stored `path_stats_hourly`
     rows (tuples of `AGG_KEYS` then `AGG_COLUMNS`). Integer columns and the min/max must
     match exactly, the response-time sum within float rounding (sums added in another
@@ -312,7 +312,7 @@ class _VerifyHelper:
         if not ok:
             log.event("replay_verify_helper_failed", logging.WARNING, error=value)
             return None
-        return value  # type: ignore[no-any-return]
+        return value
 
     def __exit__(self, exc_type: Any, *_exc: Any) -> None:
         procs.end(self._proc, self._receive, wait=exc_type is None)  # interrupted: stop it now
@@ -326,6 +326,8 @@ def _verify_part(config: Any, listing: list[tuple[str, int, int]], h0: int, h1: 
     try:
         env = open_env(config, check_schema=False)
         try:
+            if env.ARCHIVE is None:
+                raise ConfigError("config error: bindings.archive: no archive binding to verify from")
             result = _verify(env.DB, env.ARCHIVE, listing, h0, h1, lambda n, _t: setattr(done, "value", n))
         finally:
             env.close()

@@ -17,6 +17,7 @@ returns nothing, so it contributes nothing to the aggregates.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 
 from pipeline import clock, meta
 from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
-from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, MessageBatch
+from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, Message, MessageBatch
 from pipeline.config import Config
 from pipeline.errors import ValidationError
 from pipeline.events import EVENT_COLUMNS, Event, decode_batch, decode_message, parse_event
@@ -59,6 +60,14 @@ class BatchReport:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+def _dead_letter(msg: Message, index: int | None, reason: str, error: str) -> None:
+    """Dead-letter the whole message (`index` None) or one element of its array."""
+    if index is None:
+        msg.dead_letter(reason, error)
+    else:
+        msg.dead_letter_part(index, reason, error)
 
 
 class TrafficConsumer:
@@ -107,28 +116,28 @@ class TrafficConsumer:
                 msg.dead_letter(REASON_INVALID, str(exc))
                 report.invalid += 1
                 continue
-            several = type(got) is list
-            if several:
+            items: Iterable[tuple[int | None, Event | ValidationError]]
+            if isinstance(got, Event):
+                items = ((None, got),)
+            else:
                 report.received += len(got) - 1
-            for index, ev in enumerate(got) if several else ((None, got),):
-                reason, error = "", ""
+                items = enumerate(got)
+            for index, ev in items:
                 if isinstance(ev, ValidationError):
-                    reason, error = REASON_INVALID, str(ev)
                     report.invalid += 1
-                elif ev.ts < watermark:
-                    reason, error = (
+                    _dead_letter(msg, index, REASON_INVALID, str(ev))
+                    continue
+                if ev.ts < watermark:
+                    report.too_late += 1
+                    _dead_letter(
+                        msg,
+                        index,
                         REASON_TOO_LATE,
                         (
                             f"ts: {clock.iso(ev.ts / 1000)} is older than the archive watermark "
                             f"{clock.iso(watermark / 1000)}; its duplicates can no longer be detected"
                         ),
                     )
-                    report.too_late += 1
-                if reason:
-                    if index is None:
-                        msg.dead_letter(reason, error)
-                    else:
-                        msg.dead_letter_part(index, reason, error)
                     continue
                 key = (ev.ts, ev.id)
                 if key in seen:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
+from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
+from pipeline.bindings.kv import KV
 from pipeline.bindings.queue import Queue, QueueSettings
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -23,7 +25,7 @@ def _sql_queue(url: str, db: Database, cfg: Config) -> Queue:
     return SqlQueue(db, "events", queue_settings(cfg))
 
 
-def _sql_kv(url: str, db: Database, cfg: Config) -> Any:
+def _sql_kv(url: str, db: Database, cfg: Config) -> KV:
     from pipeline.bindings.kv_sql import SqlKV
 
     return SqlKV(db)
@@ -35,18 +37,21 @@ def queue_settings(cfg: Config) -> QueueSettings:
 
 
 # Registries keyed by URL scheme. Each factory takes (url, db, config).
-QUEUE_BACKENDS: dict[str, Callable[[str, Database, Config], Queue]] = {"db": _sql_queue}
-KV_BACKENDS: dict[str, Callable[[str, Database, Config], Any]] = {"db": _sql_kv}
-ARCHIVE_BACKENDS: dict[str, Callable[[str, Database, Config], Any]] = {}
+BindingT = TypeVar("BindingT")
+Factory = Callable[[str, Database, Config], BindingT]  # (url, db, config) -> a binding
+
+QUEUE_BACKENDS: dict[str, Factory[Queue]] = {"db": _sql_queue}
+KV_BACKENDS: dict[str, Factory[KV]] = {"db": _sql_kv}
+ARCHIVE_BACKENDS: dict[str, Factory[ObjectStore]] = {}
 
 
-def _file_archive(url: str, db: Database, cfg: Config) -> Any:
+def _file_archive(url: str, db: Database, cfg: Config) -> ObjectStore:
     from pipeline.bindings.archive_file import FileStore
 
     return FileStore.from_url(url)
 
 
-def _s3_archive(url: str, db: Database, cfg: Config) -> Any:
+def _s3_archive(url: str, db: Database, cfg: Config) -> ObjectStore:
     from pipeline.bindings.archive_s3 import S3Store
 
     a = cfg.archive
@@ -66,14 +71,21 @@ def _scheme(url: str) -> str:
     return url.split(":", 1)[0]
 
 
-def _build(kind: str, registry: dict[str, Callable[..., Any]], url: str, db: Database, cfg: Config) -> Any:
+def _build(kind: str, registry: dict[str, Factory[BindingT]], url: str, db: Database, cfg: Config) -> BindingT:
     factory = registry.get(_scheme(url))
     if factory is None:
-        if kind in ("kv", "archive") and not registry:
-            return None  # binding not built into this version yet
         known = ", ".join(sorted(registry)) or "none"
         raise ConfigError(f"config error: bindings.{kind}: no backend for {url!r} (known: {known})")
     return factory(url, db, cfg)
+
+
+def _build_optional(
+    kind: str, registry: dict[str, Factory[BindingT]], url: str, db: Database, cfg: Config
+) -> BindingT | None:
+    """`_build` for an optional binding (KV, archive): None when no backend is registered."""
+    if not registry:
+        return None  # binding not built into this version yet
+    return _build(kind, registry, url, db, cfg)
 
 
 @dataclass
@@ -81,8 +93,8 @@ class Env:
     config: Config
     DB: Database
     QUEUE: Queue
-    KV: Any = None
-    ARCHIVE: Any = None
+    KV: KV | None = None
+    ARCHIVE: ObjectStore | None = None
 
     def close(self) -> None:
         for binding in (self.QUEUE, self.KV, self.ARCHIVE):
@@ -108,6 +120,6 @@ def open_env(cfg: Config, check_schema: bool = True) -> Env:
         config=cfg,
         DB=db,
         QUEUE=_build("queue", QUEUE_BACKENDS, b.queue, db, cfg),
-        KV=_build("kv", KV_BACKENDS, b.kv, db, cfg),
-        ARCHIVE=_build("archive", ARCHIVE_BACKENDS, b.archive, db, cfg),
+        KV=_build_optional("kv", KV_BACKENDS, b.kv, db, cfg),
+        ARCHIVE=_build_optional("archive", ARCHIVE_BACKENDS, b.archive, db, cfg),
     )

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from operator import attrgetter, methodcaller
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import msgspec
 
@@ -88,6 +89,11 @@ def _str(obj: dict[str, Any], name: str, max_len: int, default: str | None = Non
     v = obj.get(name)
     if v is None:
         return default
+    return _text(name, v, max_len)
+
+
+def _text(name: str, v: Any, max_len: int) -> str:
+    """`v`, a present (not None) value of field `name`, checked to be a storable string."""
     if not isinstance(v, str):
         raise ValidationError(name, f"must be a string, got {type(v).__name__}")
     if len(v) > max_len:
@@ -163,7 +169,7 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
             raise ValidationError("method", f"must be an HTTP method token, got {str(method)[:20]!r}")
         method = method.upper()
     if type(path) is not str or len(path) > normalizer.cfg.max_length or _UNSTORABLE.search(path):
-        path = _str(obj, "path", normalizer.cfg.max_length)
+        path = _text("path", path, normalizer.cfg.max_length)
     if not path.startswith("/"):
         raise ValidationError("path", "must start with '/'")
     if type(status) is not int or not 100 <= status <= 599:
@@ -176,7 +182,7 @@ def parse_event(obj: Any, normalizer: PathNormalizer, now_ms: int, fallback_id: 
         rt = float(rt)
     host = get("host")
     if host is not None:
-        host = (host if type(host) is str and len(host) <= 255 else _str(obj, "host", 255)).lower()  # type: ignore[union-attr]
+        host = (host if type(host) is str and len(host) <= 255 else _text("host", host, 255)).lower()
         _storable("host", host)
     colo = get("colo")
     if colo is not None and (type(colo) is not str or len(colo) > 16):
@@ -238,15 +244,16 @@ def decode_batch(raws: list[bytes], normalizer: PathNormalizer, now_ms: int, min
         got = [decode(raw) for raw in raws]
     except msgspec.DecodeError:
         return None
-    events: list[Event] = got  # type: ignore[assignment]
     if list in set(map(type, got)):
-        events = [ev for g in got for ev in (g if type(g) is list else (g,))]  # type: ignore[union-attr]
+        events = [ev for g in got for ev in (g if isinstance(g, list) else (g,))]
+    else:
+        events = cast("list[Event]", got)  # no list among them: all Events
     return events if _complete(events, normalizer, now_ms, min_ts) else None
 
 
 def decode_message(
     raw: bytes, normalizer: PathNormalizer, now_ms: int, fallback_id: str | None = None
-) -> Event | list[Event | ValidationError]:
+) -> Event | Sequence[Event | ValidationError]:
     """Validate a queue message's stored JSON body: one event (an object: its Event, or
     ValidationError raised) or several (an array: an Event or a ValidationError per
     element; an element without an id gets `fallback_id:index`, which a redelivery keeps).
@@ -256,7 +263,7 @@ def decode_message(
         got = _decode_one_or_many(raw)
     except msgspec.DecodeError:
         got = None
-    if got is not None and _complete(got if type(got) is list else [got], normalizer, now_ms):  # type: ignore[list-item]
+    if got is not None and _complete(got if isinstance(got, list) else [got], normalizer, now_ms):
         return got
     obj = decode_body(raw, "json")  # raises ValidationError("body", "malformed JSON: …")
     if not isinstance(obj, list):

@@ -39,7 +39,7 @@ FIELDS = ("events", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms")
 def event_sums(c: Any = te.c) -> list[Any]:
     """SUM expressions in `FIELDS` order over the columns `c` of `traffic_events` rows (or
     of a subquery of them: the cleaner sums each batch with these)."""
-    sums = [sa.func.count()]
+    sums: list[sa.ColumnElement[Any]] = [sa.func.count()]
     for k in range(1, 6):
         sums.append(sa.func.coalesce(sa.func.sum(sa.case((c.status.between(k * 100, k * 100 + 99), 1), else_=0)), 0))
     sums.append(sa.func.coalesce(sa.func.sum(sa.func.coalesce(c.bytes, 0)), 0))

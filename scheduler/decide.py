@@ -27,6 +27,7 @@ from pipeline.jobruns import RunRecord, RunStatus
 SUCCEEDED, FAILED, RUNNING = RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.RUNNING
 ABANDONED, DRY_RUN = RunStatus.ABANDONED, RunStatus.DRY_RUN
 
+
 @dataclass(frozen=True)
 class Policy:
     misfire_grace: float = 3600.0

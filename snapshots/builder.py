@@ -74,7 +74,7 @@ class SnapshotBuilder:
         self.cpu_s += cpu_s
         if not ok:
             raise BindingError(f"snapshot builder: {value}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     def close(self, wait: bool = True) -> None:
         """End the helper (without `wait`, kill it at once)."""

@@ -33,12 +33,13 @@ from pipeline.bench.common import (
     send_events,
 )
 from pipeline.bench.scratch import scratch_db
-from pipeline.cli.compose import consumer_worker
+from pipeline.cli.compose import traffic_handler
 from pipeline.config import Config
 from pipeline.env import Env, open_env
 from pipeline.queries import top_paths_statement
 from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
-from pipeline.worker import Worker
+from pipeline.worker import Context, Worker
+from snapshots.refresher import SnapshotRefresher, refresher_for
 
 HOUR = 3600
 INSERT_CHUNK = 20_000
@@ -139,9 +140,11 @@ def run(paths: int = 2000, db_url: str | None = None, repeat: int = 5, progress:
 
 
 def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_size: int, db_url: str | None,
-            work: Path, every: int) -> Worker:  # fmt: skip
+            work: Path, every: int) -> tuple[Worker, SnapshotRefresher | None]:  # fmt: skip
     """A worker on a fresh database holding `events`, refreshing every `every` batches (0:
-    never; strictly: `min_interval_s = 0`, so only a refresh still running skips one)."""
+    never; strictly: `min_interval_s = 0`, so only a refresh still running skips one), and
+    its snapshot refresher (None when it has none): composed as `consumer_worker` does, but
+    keeping the refresher's own type, whose builder and refresh count the benchmark reads."""
     work.mkdir(parents=True, exist_ok=True)
     url = stack.enter_context(scratch_db(db_url, work))
     cfg = Config().replace(
@@ -153,9 +156,11 @@ def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_siz
     stack.callback(env.close)
     migrate.upgrade(env.DB)
     send_events(env.QUEUE, events)
-    worker = consumer_worker(env)
+    ctx = Context()
+    refresher = refresher_for(env, ctx)
+    worker = Worker(env, traffic_handler(env), ctx=ctx, side=refresher)
     stack.callback(worker.close)
-    return worker
+    return worker, refresher
 
 
 def consume_with_snapshots(
@@ -166,8 +171,8 @@ def consume_with_snapshots(
     `pipeline.bench.consume.race`). A refresh still running when the refreshing worker's
     slice ends is waited for inside that slice, so its whole cost is counted on its side."""
     with contextlib.ExitStack() as stack:
-        off = _worker(stack, events, batch_size, db_url, work / "off", 0)
-        on = _worker(stack, events, batch_size, db_url, work / "on", every)
+        off, _ = _worker(stack, events, batch_size, db_url, work / "off", 0)
+        on, refresher = _worker(stack, events, batch_size, db_url, work / "on", every)
         meters = {"off": Meter(), "on": Meter()}
         latencies: dict[str, list[float]] = {"off": [], "on": []}
         turn = 0
@@ -182,7 +187,7 @@ def consume_with_snapshots(
             if not moved:
                 break
     n = len(events)
-    builder = on.side.builder if on.side is not None else None
+    builder = refresher.builder if refresher is not None else None
     builder_cpu = builder.cpu_s if builder is not None else 0.0  # the helper process's
     return {
         "snapshot_every_batches": every,
@@ -191,5 +196,5 @@ def consume_with_snapshots(
         "snapshot_cpu_overhead": round((meters["on"].cpu + builder_cpu) / meters["off"].cpu - 1, 4),
         "snapshot_builder_cpu_s": round(builder_cpu, 2),
         "snapshot_batch_p99_ms": percentile(latencies["on"], 99),
-        "snapshot_refreshes": on.side.refreshes if on.side is not None else 0,
+        "snapshot_refreshes": refresher.refreshes if refresher is not None else 0,
     }

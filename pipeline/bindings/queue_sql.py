@@ -92,8 +92,7 @@ class SqlQueue(Queue):
             stmt = self.db.cached(("queue_lease", self.name), self._lease_statement)
             params = {"now": now, "n": n, "until": now + self.settings.visibility_timeout, "lease": lease}
             with self.db.transaction() as conn:
-                rows = conn.execute(stmt, params).all()
-            rows.sort(key=lambda r: r[0])
+                rows = sorted(conn.execute(stmt, params).all(), key=lambda r: r[0])
         else:  # inside the caller's transaction: the transaction is the lease
             stmt = self.db.cached(("queue_take", self.name), lambda: self._ready(RETURNED))
             with self.db.transaction() as conn:

@@ -99,7 +99,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API token from `edgepipe tokens create`")
-BEARER = {"security": [{_bearer.scheme_name: []}]}  # OpenAPI, for routes that call `authorize` themselves
+# OpenAPI, for routes that call `authorize` themselves
+BEARER: dict[str, list[dict[str, list[str]]]] = {"security": [{_bearer.scheme_name: []}]}
 
 
 async def authorize(request: Request) -> None:

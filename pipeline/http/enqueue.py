@@ -78,7 +78,8 @@ class GroupSender:
         await asyncio.shield(fut)
 
     def _take(self) -> list[tuple[list[Any], asyncio.Future[None]]]:
-        group, n = [], 0
+        group: list[tuple[list[Any], asyncio.Future[None]]] = []
+        n = 0
         while self._pending and (not group or n + len(self._pending[0][0]) <= self.max_group):
             entry = self._pending.pop(0)
             group.append(entry)

@@ -110,7 +110,7 @@ def paths_hourly(
             _time(end, "to"),
             host,
             limit=limit + 1,
-            after=after,  # type: ignore[arg-type]
+            after=after,
         )
     )
     nxt = None
