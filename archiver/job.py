@@ -59,12 +59,10 @@ from pipeline.jobs import job
 from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, archive_objects, traffic_events
 
 log = logging.getLogger("edgepipe.archiver")
-te = traffic_events
-ao = archive_objects
 DAY_S = 86_400
 TMP_MAX_AGE_S = 3600.0  # temp files and multipart uploads older than this were left by a dead writer
 AHEAD_SLACK_MS = 60_000  # a watermark further than this past the retention cutoff is "ahead"
-SELECT_COLUMNS = [te.c[c] for c in ROW_FIELDS]
+SELECT_COLUMNS = [traffic_events.c[c] for c in ROW_FIELDS]
 FETCH = 5000
 
 
@@ -78,42 +76,52 @@ def day_of(hour_s: int) -> str:
 
 
 def _in_hour(hour_s: int) -> Any:
-    return sa.and_(te.c.ts >= hour_s * 1000, te.c.ts < hour_s * 1000 + HOUR_MS)
+    return sa.and_(traffic_events.c.ts >= hour_s * 1000, traffic_events.c.ts < hour_s * 1000 + HOUR_MS)
 
 
 def _next_rows(whole_hour: bool) -> sa.Select[Any]:
     """The rows of the next object (see `archive_next`); binds `lo`, `hi`, `cutoff`, `after`
     and, unless `whole_hour`, `limit`."""
+    ts = traffic_events.c.ts
     stmt = sa.select(*SELECT_COLUMNS).where(
-        te.c.ts >= sa.bindparam("lo"), te.c.ts < sa.bindparam("hi"), te.c.ts < sa.bindparam("cutoff"),
-        te.c.archive_state == ArchiveState.HOT, te.c.seq > sa.bindparam("after"),
+        ts >= sa.bindparam("lo"), ts < sa.bindparam("hi"), ts < sa.bindparam("cutoff"),
+        traffic_events.c.archive_state == ArchiveState.HOT, traffic_events.c.seq > sa.bindparam("after"),
     )  # fmt: skip
     if not whole_hour:  # sort the hour's rows found by the ts index, never walk the whole table by seq
-        stmt = stmt.order_by(te.c.seq + 0).limit(sa.bindparam("limit", type_=sa.Integer))
+        stmt = stmt.order_by(traffic_events.c.seq + 0).limit(sa.bindparam("limit", type_=sa.Integer))
     return stmt
 
 
 def hour_counts(conn: sa.Connection, cutoff: int) -> list[tuple[int, int]]:
     """(event hour in epoch s, rows) of the unarchived rows older than the cutoff."""
-    hour = te.c.ts // HOUR_MS
+    hour = traffic_events.c.ts // HOUR_MS
     stmt = (
-        sa.select(hour, sa.func.count()).where(te.c.ts < cutoff, te.c.archive_state == ArchiveState.HOT).group_by(hour)
+        sa.select(hour, sa.func.count())
+        .where(traffic_events.c.ts < cutoff, traffic_events.c.archive_state == ArchiveState.HOT)
+        .group_by(hour)
     )
     return [(int(h) * 3600, int(n)) for h, n in conn.execute(stmt.order_by(hour))]
 
 
 def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = ArchiveState.HOT) -> Any:
-    return sa.and_(_in_hour(hour_s), te.c.ts < cutoff, te.c.seq.between(first, last), te.c.archive_state == state)
+    return sa.and_(
+        _in_hour(hour_s),
+        traffic_events.c.ts < cutoff,
+        traffic_events.c.seq.between(first, last),
+        traffic_events.c.archive_state == state,
+    )
 
 
 def recover_pending(env: Any) -> int:
     """Delete the objects (and records) of uploads a crashed run never recorded."""
     with env.DB.read() as conn:
-        keys = list(conn.execute(sa.select(ao.c.key).where(ao.c.status == PENDING)).scalars())
+        keys = list(conn.execute(sa.select(archive_objects.c.key).where(archive_objects.c.status == PENDING)).scalars())
     for key in keys:
         env.ARCHIVE.delete(key)
         with env.DB.transaction() as conn:
-            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == PENDING))
+            conn.execute(
+                sa.delete(archive_objects).where(archive_objects.c.key == key, archive_objects.c.status == PENDING)
+            )
         log.warning("archive_recovered key=%s", key)
     return len(keys)
 
@@ -124,7 +132,7 @@ def _free_key(conn: sa.Connection, prefix: str, hour_s: int, first: int, last: i
     retry = 0
     while True:
         key = object_key(prefix, hour_s, first, last, retry)
-        if conn.execute(sa.select(ao.c.key).where(ao.c.key == key)).first() is None:
+        if conn.execute(sa.select(archive_objects.c.key).where(archive_objects.c.key == key)).first() is None:
             return key
         retry += 1
 
@@ -146,7 +154,7 @@ def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int, whole_hour:
         with db.transaction() as conn:
             key = _free_key(conn, cfg.prefix, hour_s, enc.min_seq, enc.max_seq)  # type: ignore[arg-type]
             conn.execute(
-                sa.insert(ao).values(
+                sa.insert(archive_objects).values(
                     key=key, hour=hour_s, status=PENDING, row_count=enc.rows, min_seq=enc.min_seq,
                     max_seq=enc.max_seq, created_at=clock.now_s(),
                 )
@@ -168,15 +176,15 @@ def _mark(env: Any, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
     """Mark the object's rows archived and the object verified, in one transaction."""
     with env.DB.transaction() as conn:
         marked = conn.execute(
-            sa.update(te)
+            sa.update(traffic_events)
             .where(_object_rows(hour_s, cutoff, enc.min_seq, enc.max_seq))
             .values(archive_state=ArchiveState.ARCHIVED)
         ).rowcount
         if marked != enc.rows:
             raise IntegrityError(f"{key}: {marked} rows to mark, object holds {enc.rows}")
         conn.execute(
-            sa.update(ao)
-            .where(ao.c.key == key)
+            sa.update(archive_objects)
+            .where(archive_objects.c.key == key)
             .values(
                 status=VERIFIED, size_bytes=enc.size, sha256=enc.sha256, min_ts=enc.min_ts, max_ts=enc.max_ts,
                 verified_at=clock.now_s(),
@@ -190,7 +198,9 @@ def _abandon(env: Any, key: str) -> None:
     try:
         env.ARCHIVE.delete(key)
         with env.DB.transaction() as conn:
-            conn.execute(sa.delete(ao).where(ao.c.key == key, ao.c.status == PENDING))
+            conn.execute(
+                sa.delete(archive_objects).where(archive_objects.c.key == key, archive_objects.c.status == PENDING)
+            )
     except Exception as exc:
         log.warning("archive_abandon_failed key=%s error=%s", key, exc)
 
@@ -214,7 +224,9 @@ def _rows_still_held(obj: Any) -> Any:
     """The rows an object holds in the database: its hour, its seq range, state 1 (the
     cleaner's and `totals.check_archive`'s definition)."""
     return sa.and_(
-        _in_hour(obj.hour), te.c.seq.between(obj.min_seq, obj.max_seq), te.c.archive_state == ArchiveState.ARCHIVED
+        _in_hour(obj.hour),
+        traffic_events.c.seq.between(obj.min_seq, obj.max_seq),
+        traffic_events.c.archive_state == ArchiveState.ARCHIVED,
     )
 
 
@@ -224,11 +236,15 @@ def _replace(env: Any, obj: Any) -> int | None:
     The rows reset, or None when the record was no longer in the state read."""
     with env.DB.transaction() as conn:
         reason = f"replaced: was {obj.status}: {obj.error or '?'}"
-        record = sa.update(ao).where(ao.c.key == obj.key, ao.c.status == obj.status)
+        record = sa.update(archive_objects).where(
+            archive_objects.c.key == obj.key, archive_objects.c.status == obj.status
+        )
         taken = conn.execute(record.values(status=REPLACED, error=reason[:2000])).rowcount
         if not taken:
             return None
-        reset = conn.execute(sa.update(te).where(_rows_still_held(obj)).values(archive_state=ArchiveState.HOT)).rowcount
+        reset = conn.execute(
+            sa.update(traffic_events).where(_rows_still_held(obj)).values(archive_state=ArchiveState.HOT)
+        ).rowcount
         meta.mark(env.DB, conn, meta.MANIFEST_DUE, day_of(obj.hour))
     return int(reset)
 
@@ -242,9 +258,21 @@ def repair_flagged(env: Any, result: dict[str, Any]) -> None:
     2. `_replace` (one transaction).
     An object already partly cleaned stays flagged (`repair_skipped`): its cleaned rows
     exist only in that object, deleting it would lose their detail; an operator decides."""
-    cols = (ao.c.key, ao.c.hour, ao.c.status, ao.c.min_seq, ao.c.max_seq, ao.c.cleaned_rows, ao.c.error)
+    cols = (
+        archive_objects.c.key,
+        archive_objects.c.hour,
+        archive_objects.c.status,
+        archive_objects.c.min_seq,
+        archive_objects.c.max_seq,
+        archive_objects.c.cleaned_rows,
+        archive_objects.c.error,
+    )
     with env.DB.read() as conn:
-        flagged = conn.execute(sa.select(*cols).where(ao.c.status.in_(FLAGGED)).order_by(ao.c.hour, ao.c.key)).all()
+        flagged = conn.execute(
+            sa.select(*cols)
+            .where(archive_objects.c.status.in_(FLAGGED))
+            .order_by(archive_objects.c.hour, archive_objects.c.key)
+        ).all()
     for obj in flagged:
         if obj.cleaned_rows:
             log.error("archive_repair_skipped key=%s cleaned_rows=%d reason=partly_cleaned", obj.key, obj.cleaned_rows)
@@ -276,9 +304,13 @@ def write_manifest(env: Any, day: str) -> bool:
     day_s = int(clock.parse_time(day))
     with env.DB.read() as conn:
         rows = conn.execute(
-            sa.select(*(ao.c[f] for f in MANIFEST_FIELDS))
-            .where(ao.c.hour >= day_s, ao.c.hour < day_s + DAY_S, ao.c.status != PENDING)
-            .order_by(ao.c.key)
+            sa.select(*(archive_objects.c[f] for f in MANIFEST_FIELDS))
+            .where(
+                archive_objects.c.hour >= day_s,
+                archive_objects.c.hour < day_s + DAY_S,
+                archive_objects.c.status != PENDING,
+            )
+            .order_by(archive_objects.c.key)
         ).all()
     if not rows:
         return False
@@ -344,8 +376,10 @@ def _watermark_facts(env: Any, conn: sa.Connection) -> tuple[int, int, int]:
     will leave the hot table, so a duplicate of one could no longer be detected."""
     watermark = meta.archive_watermark_ms(env.DB, conn)
     policy = clock.now_ms() - env.config.retention.detail_days * DAY_S * 1000
-    newest_ts = sa.func.max(sa.func.coalesce(ao.c.max_ts, ao.c.hour * 1000 + HOUR_MS - 1))  # no max_ts: its hour's end
-    newest = conn.execute(sa.select(newest_ts).where(ao.c.status.not_in(HOLDS_NOTHING))).scalar()
+    newest_ts = sa.func.max(
+        sa.func.coalesce(archive_objects.c.max_ts, archive_objects.c.hour * 1000 + HOUR_MS - 1)
+    )  # no max_ts: its hour's end
+    newest = conn.execute(sa.select(newest_ts).where(archive_objects.c.status.not_in(HOLDS_NOTHING))).scalar()
     return watermark, policy, policy if newest is None else max(policy, int(newest) + 1)
 
 

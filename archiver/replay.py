@@ -32,7 +32,6 @@ from pipeline.bindings.db import Database
 from pipeline.errors import ConfigError, IntegrityError, ValidationError
 from pipeline.schema import OTHER_PATH, ArchiveState, path_stats_hourly, traffic_events
 
-te, psh = traffic_events, path_stats_hourly
 HOUR_S = 3600
 FETCH = 5000
 # `verify` splits a range holding this many bytes of objects (~650,000 rows) between two
@@ -41,9 +40,10 @@ SPLIT_BYTES = 32 * 2**20
 MAX_DAY_LISTINGS = 31
 Progress = Callable[[int, int], None]  # (objects read, objects in all)
 # A hot row as `fold` takes it: (ts, host, aggregated path, method, status, bytes, ms).
+_event = traffic_events.c
 HOT_FOLD_COLUMNS = (
-    te.c.ts, te.c.host, sa.case((te.c.overflow != 0, OTHER_PATH), else_=te.c.path), te.c.method, te.c.status,
-    te.c.bytes, te.c.response_time_ms,
+    _event.ts, _event.host, sa.case((_event.overflow != 0, OTHER_PATH), else_=_event.path), _event.method,
+    _event.status, _event.bytes, _event.response_time_ms,
 )  # fmt: skip
 
 
@@ -209,13 +209,17 @@ def compare(acc: Acc, stored: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
 
 _HOT = (  # archived and restored rows are in the bucket
     sa.select(*HOT_FOLD_COLUMNS)
-    .where(te.c.ts >= sa.bindparam("lo"), te.c.ts < sa.bindparam("hi"), te.c.archive_state == ArchiveState.HOT)
-    .order_by(te.c.ts)
+    .where(
+        traffic_events.c.ts >= sa.bindparam("lo"),
+        traffic_events.c.ts < sa.bindparam("hi"),
+        traffic_events.c.archive_state == ArchiveState.HOT,
+    )
+    .order_by(traffic_events.c.ts)
 )
 _STORED = (
-    sa.select(*(psh.c[k] for k in AGG_KEYS), *(psh.c[c] for c in AGG_COLUMNS))
-    .where(psh.c.hour >= sa.bindparam("lo"), psh.c.hour < sa.bindparam("hi"))
-    .order_by(*(psh.c[k] for k in AGG_KEYS))
+    sa.select(*(path_stats_hourly.c[k] for k in AGG_KEYS), *(path_stats_hourly.c[c] for c in AGG_COLUMNS))
+    .where(path_stats_hourly.c.hour >= sa.bindparam("lo"), path_stats_hourly.c.hour < sa.bindparam("hi"))
+    .order_by(*(path_stats_hourly.c[k] for k in AGG_KEYS))
 )
 
 
@@ -420,7 +424,7 @@ def restore(
     lo, hi = int(start_s * 1000), int(end_s * 1000)
     bad: list[dict[str, str]] = []
     inserted = seen = objects = 0
-    stmt = db.insert(te).on_conflict_do_nothing(index_elements=["ts", "id"]).returning(te.c.seq)
+    stmt = db.insert(traffic_events).on_conflict_do_nothing(index_elements=["ts", "id"]).returning(traffic_events.c.seq)
     for _key, rows in iter_objects(store, prefix, start_s, end_s, bad, progress=progress):
         objects += 1
         values = [
@@ -442,15 +446,17 @@ def drop_restored(db: Database, start_s: float, end_s: float, batch: int = FETCH
     hour_range(start_s, end_s)  # the range is checked as every replay command checks it
     lo, hi = int(start_s * 1000), int(end_s * 1000)
     doomed = (
-        sa.select(te.c.seq)
-        .where(te.c.ts >= lo, te.c.ts < hi, te.c.archive_state == ArchiveState.RESTORED)
+        sa.select(traffic_events.c.seq)
+        .where(
+            traffic_events.c.ts >= lo, traffic_events.c.ts < hi, traffic_events.c.archive_state == ArchiveState.RESTORED
+        )
         .limit(batch)
         .scalar_subquery()
     )
     deleted = 0
     while True:
         with db.transaction() as conn:
-            n = conn.execute(sa.delete(te).where(te.c.seq.in_(doomed))).rowcount
+            n = conn.execute(sa.delete(traffic_events).where(traffic_events.c.seq.in_(doomed))).rowcount
         deleted += n
         if n < batch:
             return {"ok": True, "deleted": deleted}
@@ -463,7 +469,9 @@ def rebuild(
     alone (disaster recovery). Refuses a target that already has aggregates there."""
     h0, h1 = hour_range(start_s, end_s)
     with into.read() as conn:
-        present = conn.execute(sa.select(sa.func.count()).where(psh.c.hour >= h0, psh.c.hour < h1)).scalar_one()
+        present = conn.execute(
+            sa.select(sa.func.count()).where(path_stats_hourly.c.hour >= h0, path_stats_hourly.c.hour < h1)
+        ).scalar_one()
     if present:
         raise ValidationError(
             "--into", f"target already holds {present} hourly rows in that range; use a fresh database"
@@ -474,7 +482,7 @@ def rebuild(
     values = [dict(zip(AGG_KEYS, key, strict=True)) | dict(zip(AGG_COLUMNS, a, strict=True)) for key, a in acc.items()]
     with into.transaction() as conn:
         for i in range(0, len(values), FETCH):
-            into.upsert_add(conn, psh, values[i : i + FETCH], AGG_KEYS, ["rt_min_ms"], ["rt_max_ms"])
+            into.upsert_add(conn, path_stats_hourly, values[i : i + FETCH], AGG_KEYS, ["rt_min_ms"], ["rt_max_ms"])
     return {"ok": not bad, "objects": objects, "rows": rows, "hourly_rows": len(values), "bad": bad}
 
 

@@ -33,32 +33,37 @@ from pipeline.schema import ArchiveState, archive_objects, lifetime_totals, traf
 from pipeline.totals import FIELDS, SCOPE, event_sums
 
 log = logging.getLogger("edgepipe.cleaner")
-te, ao, lt = traffic_events, archive_objects, lifetime_totals
 
 
 # Statements are built once and run on the driver's cursor (`Database.fetchall` /
 # `execute`); an object's rows are bound as parameters, in `HELD` order.
 HELD = ("ts_lo", "ts_hi", "seq_lo", "seq_hi")
 _HELD = sa.and_(
-    te.c.ts >= sa.bindparam("ts_lo"),
-    te.c.ts < sa.bindparam("ts_hi"),
-    te.c.seq.between(sa.bindparam("seq_lo"), sa.bindparam("seq_hi")),
-    te.c.archive_state == ArchiveState.ARCHIVED,
+    traffic_events.c.ts >= sa.bindparam("ts_lo"),
+    traffic_events.c.ts < sa.bindparam("ts_hi"),
+    traffic_events.c.seq.between(sa.bindparam("seq_lo"), sa.bindparam("seq_hi")),
+    traffic_events.c.archive_state == ArchiveState.ARCHIVED,
 )
 _COUNT_HELD = sa.select(sa.func.count()).where(_HELD)
-_OBJECT_COUNTS = sa.select(ao.c.cleaned_rows, ao.c.row_count).where(ao.c.key == sa.bindparam("obj_key"))
+_OBJECT_COUNTS = sa.select(archive_objects.c.cleaned_rows, archive_objects.c.row_count).where(
+    archive_objects.c.key == sa.bindparam("obj_key")
+)
 # The next `n` held rows in seq order: their `FIELDS` sums, computed in SQL, and their
 # last seq; deleting the held rows up to that seq then takes exactly those rows.
 _batch = (
-    sa.select(te.c.seq, te.c.status, te.c.bytes, te.c.response_time_ms)
+    sa.select(traffic_events.c.seq, traffic_events.c.status, traffic_events.c.bytes, traffic_events.c.response_time_ms)
     .where(_HELD)
-    .order_by(te.c.seq)
+    .order_by(traffic_events.c.seq)
     .limit(sa.bindparam("n"))
     .subquery()
 )
 _SUM_BATCH = sa.select(*event_sums(_batch.c), sa.func.max(_batch.c.seq))
-_DELETE_HELD = sa.delete(te).where(_HELD)
-_SET_CLEANED = sa.update(ao).where(ao.c.key == sa.bindparam("obj_key")).values(cleaned_rows=sa.bindparam("cleaned"))
+_DELETE_HELD = sa.delete(traffic_events).where(_HELD)
+_SET_CLEANED = (
+    sa.update(archive_objects)
+    .where(archive_objects.c.key == sa.bindparam("obj_key"))
+    .values(cleaned_rows=sa.bindparam("cleaned"))
+)
 
 
 def _held(obj: Any) -> tuple[int, int, int, int]:
@@ -72,8 +77,8 @@ def add_to_totals(db: Any, conn: sa.Connection, sums: Sequence[Any]) -> None:
     cols = ("scope", "updated_at", *FIELDS)
 
     def build() -> Any:
-        stmt = db.insert(lt).values({c: sa.bindparam(c) for c in cols})
-        sets = {f: lt.c[f] + stmt.excluded[f] for f in FIELDS} | {"updated_at": stmt.excluded.updated_at}
+        stmt = db.insert(lifetime_totals).values({c: sa.bindparam(c) for c in cols})
+        sets = {f: lifetime_totals.c[f] + stmt.excluded[f] for f in FIELDS} | {"updated_at": stmt.excluded.updated_at}
         return stmt.on_conflict_do_update(index_elements=["scope"], set_=sets)
 
     db.execute(conn, db.cached(("add_to_totals",), build), cols, (SCOPE, clock.now_s(), *sums))
@@ -105,13 +110,19 @@ def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> tuple[int, 
         db.execute(conn, _SET_CLEANED, ("obj_key", "cleaned"), (obj.key, cleaned + n))
         done = cleaned + n == rows
         if done:
-            conn.execute(sa.update(ao).where(ao.c.key == obj.key).values(status=CLEANED, cleaned_at=clock.now_s()))
+            conn.execute(
+                sa.update(archive_objects)
+                .where(archive_objects.c.key == obj.key)
+                .values(status=CLEANED, cleaned_at=clock.now_s())
+            )
     return n, done
 
 
 def flag(env: Any, key: str, status: str, error: str) -> None:
     with env.DB.transaction() as conn:
-        conn.execute(sa.update(ao).where(ao.c.key == key).values(status=status, error=error[:2000]))
+        conn.execute(
+            sa.update(archive_objects).where(archive_objects.c.key == key).values(status=status, error=error[:2000])
+        )
     log.error("clean_refused key=%s status=%s error=%s", key, status, error)
 
 
@@ -144,7 +155,11 @@ def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> in
 def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
     cfg = env.config.cleaner
     with env.DB.read() as conn:
-        objects = conn.execute(sa.select(ao).where(ao.c.status == VERIFIED).order_by(ao.c.hour, ao.c.key)).all()
+        objects = conn.execute(
+            sa.select(archive_objects)
+            .where(archive_objects.c.status == VERIFIED)
+            .order_by(archive_objects.c.hour, archive_objects.c.key)
+        ).all()
     result: dict[str, Any] = {"dry_run": dry_run, "objects": 0, "rows": 0, "batches": 0, "refused": []}
     if dry_run:
         result["objects"] = len(objects)

@@ -37,17 +37,23 @@ from pipeline.schema import (
     traffic_events,
 )
 
-te = traffic_events
-psh = path_stats_hourly
 KNOWN_PATHS_HOURS = 48
 _CONTENT_TYPE = attrgetter("content_type")
 
 
 def _mark_overflow() -> sa.Update:
-    return te.update().where(te.c.ts == sa.bindparam("k_ts"), te.c.id == sa.bindparam("k_id")).values(overflow=1)
+    return (
+        traffic_events.update()
+        .where(traffic_events.c.ts == sa.bindparam("k_ts"), traffic_events.c.id == sa.bindparam("k_id"))
+        .values(overflow=1)
+    )
 
 
-_PATHS_OF_HOUR = sa.select(psh.c.path).distinct().where(psh.c.hour == sa.bindparam("hour"), psh.c.path != OTHER_PATH)
+_PATHS_OF_HOUR = (
+    sa.select(path_stats_hourly.c.path)
+    .distinct()
+    .where(path_stats_hourly.c.hour == sa.bindparam("hour"), path_stats_hourly.c.path != OTHER_PATH)
+)
 
 
 @dataclass
@@ -158,7 +164,9 @@ class TrafficConsumer:
             (ev.ts, ev.id, ev.method, ev.path, 0, ev.status, ev.response_time_ms, ev.host, ev.colo, ev.bytes)
             for ev in events
         ]  # Event.values(), inlined: this runs for every event
-        new = env.DB.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"), likely_present=self._redelivering)
+        new = env.DB.insert_new(
+            conn, traffic_events, EVENT_COLUMNS, rows, ("ts", "id"), likely_present=self._redelivering
+        )
         self._redelivering = not new  # a batch of duplicates: the next one probably is too
         if not new:
             return 0
@@ -174,7 +182,7 @@ class TrafficConsumer:
             for ev in inserted
         ))  # fmt: skip
         env.DB.upsert_add_rows(
-            conn, psh, AGG_KEYS + AGG_COLUMNS, [(*key, *a) for key, a in acc.items()], AGG_KEYS,
+            conn, path_stats_hourly, AGG_KEYS + AGG_COLUMNS, [(*key, *a) for key, a in acc.items()], AGG_KEYS,
             minimum=["rt_min_ms"], maximum=["rt_max_ms"],
         )  # fmt: skip
         return len(new)

@@ -26,8 +26,6 @@ STALE_AFTER_S = 60.0
 IDLE_STUCK_AFTER_S = 300.0
 FORGET_STOPPED_AFTER_S = 7 * 86400
 
-wh = worker_heartbeats
-
 
 def process_name() -> str:
     """This process's name in heartbeats and job leases: host, pid and a random tag."""
@@ -76,7 +74,7 @@ class Heartbeat:
             "last_job_at": self.last_job_at,
             "batches": self.batches,
         }
-        stmt = self.db.insert(wh).values(**row)
+        stmt = self.db.insert(worker_heartbeats).values(**row)
         stmt = stmt.on_conflict_do_update(index_elements=["holder"], set_={k: stmt.excluded[k] for k in row})
         try:
             with self.db.transaction() as conn:
@@ -91,7 +89,12 @@ def status(db: Any, queue_depth: int | None = None, now_s: float | None = None) 
     now = clock.now_s() if now_s is None else now_s
     with db.read() as conn:
         rows = conn.execute(
-            sa.select(wh).where(sa.or_(wh.c.state != "stopped", wh.c.last_seen_at > now - FORGET_STOPPED_AFTER_S))
+            sa.select(worker_heartbeats).where(
+                sa.or_(
+                    worker_heartbeats.c.state != "stopped",
+                    worker_heartbeats.c.last_seen_at > now - FORGET_STOPPED_AFTER_S,
+                )
+            )
         ).all()
     workers = []
     for r in sorted(rows, key=lambda r: (r.started_at, r.holder)):

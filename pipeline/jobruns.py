@@ -60,10 +60,6 @@ class RunRecord:
     finished_at: float | None = None
 
 
-jr = job_runs
-jl = job_leases
-
-
 def _record(r: Any) -> RunRecord:
     return RunRecord(r.job, r.scheduled_for, r.attempt, r.status, r.started_at, r.finished_at)
 
@@ -98,22 +94,24 @@ class JobStore:
         now = clock.now_s()
         with self.db.transaction() as conn:
             conn.execute(
-                self.db.insert(jl)
+                self.db.insert(job_leases)
                 .values(job=job, holder=holder, expires_at=now + ttl)
                 .on_conflict_do_nothing(index_elements=["job"])
             )
             conn.execute(
-                jl.update()
-                .where(jl.c.job == job, sa.or_(jl.c.holder == holder, jl.c.expires_at < now))
+                job_leases.update()
+                .where(job_leases.c.job == job, sa.or_(job_leases.c.holder == holder, job_leases.c.expires_at < now))
                 .values(holder=holder, expires_at=now + ttl)
             )
-            current = conn.execute(sa.select(jl.c.holder).where(jl.c.job == job)).scalar_one()
+            current = conn.execute(sa.select(job_leases.c.holder).where(job_leases.c.job == job)).scalar_one()
             if current == holder:
                 return True
             if not dead_local_holder(current):
                 return False
             taken = conn.execute(
-                jl.update().where(jl.c.job == job, jl.c.holder == current).values(holder=holder, expires_at=now + ttl)
+                job_leases.update()
+                .where(job_leases.c.job == job, job_leases.c.holder == current)
+                .values(holder=holder, expires_at=now + ttl)
             ).rowcount
         if taken:
             log.event("lease_taken_over", logging.WARNING, job=job, dead_holder=current, holder=holder)
@@ -122,18 +120,20 @@ class JobStore:
     def renew(self, job: str, holder: str, ttl: float) -> bool:
         with self.db.transaction() as conn:
             result = conn.execute(
-                jl.update().where(jl.c.job == job, jl.c.holder == holder).values(expires_at=clock.now_s() + ttl)
+                job_leases.update()
+                .where(job_leases.c.job == job, job_leases.c.holder == holder)
+                .values(expires_at=clock.now_s() + ttl)
             )
         return bool(result.rowcount)
 
     def release(self, job: str, holder: str) -> None:
         with self.db.transaction() as conn:
-            conn.execute(jl.delete().where(jl.c.job == job, jl.c.holder == holder))
+            conn.execute(job_leases.delete().where(job_leases.c.job == job, job_leases.c.holder == holder))
 
     def leases(self) -> dict[str, dict[str, Any]]:
         """Live leases: job -> {holder, expires_at}."""
         with self.db.read() as conn:
-            rows = conn.execute(sa.select(jl).where(jl.c.expires_at >= clock.now_s())).all()
+            rows = conn.execute(sa.select(job_leases).where(job_leases.c.expires_at >= clock.now_s())).all()
         return {r.job: {"holder": r.holder, "expires_at": r.expires_at} for r in rows}
 
     @contextmanager
@@ -167,9 +167,9 @@ class JobStore:
 
     def runs(self, since: float, jobs: list[str] | None = None) -> dict[str, list[RunRecord]]:
         """Recorded attempts of slots at or after `since`, per job (the decision's input)."""
-        stmt = sa.select(jr).where(jr.c.scheduled_for >= since)
+        stmt = sa.select(job_runs).where(job_runs.c.scheduled_for >= since)
         if jobs is not None:
-            stmt = stmt.where(jr.c.job.in_(jobs))
+            stmt = stmt.where(job_runs.c.job.in_(jobs))
         out: dict[str, list[RunRecord]] = defaultdict(list)
         with self.db.read() as conn:
             for r in conn.execute(stmt):
@@ -178,7 +178,11 @@ class JobStore:
 
     def next_attempt(self, job: str, slot: float) -> int:
         with self.db.read() as conn:
-            n = conn.execute(sa.select(sa.func.max(jr.c.attempt)).where(jr.c.job == job, jr.c.scheduled_for == slot))
+            n = conn.execute(
+                sa.select(sa.func.max(job_runs.c.attempt)).where(
+                    job_runs.c.job == job, job_runs.c.scheduled_for == slot
+                )
+            )
             return int(n.scalar() or 0) + 1
 
     def abandon_running(self, job: str) -> int:
@@ -186,8 +190,8 @@ class JobStore:
         no run of it is in progress anywhere, so those rows belong to dead workers)."""
         with self.db.transaction() as conn:
             result = conn.execute(
-                jr.update()
-                .where(jr.c.job == job, jr.c.status == RUNNING)
+                job_runs.update()
+                .where(job_runs.c.job == job, job_runs.c.status == RUNNING)
                 .values(status=ABANDONED, finished_at=clock.now_s(), error="worker lost while running")
             )
         return result.rowcount or 0
@@ -196,12 +200,12 @@ class JobStore:
         """Record an attempt as started; None when that attempt is already recorded."""
         with self.db.transaction() as conn:
             stmt = (
-                self.db.insert(jr)
+                self.db.insert(job_runs)
                 .values(
                     job=job, scheduled_for=slot, attempt=attempt, status=status, holder=holder, started_at=clock.now_s()
                 )
                 .on_conflict_do_nothing(index_elements=["job", "scheduled_for", "attempt"])
-                .returning(jr.c.id)
+                .returning(job_runs.c.id)
             )
             return conn.execute(stmt).scalar_one_or_none()
 
@@ -209,27 +213,27 @@ class JobStore:
         text = None if result is None else orjson.dumps(result, default=str).decode()
         with self.db.transaction() as conn:
             conn.execute(
-                jr.update()
-                .where(jr.c.id == run_id)
+                job_runs.update()
+                .where(job_runs.c.id == run_id)
                 .values(status=status, finished_at=clock.now_s(), result=text, error=error)
             )
 
     def history(self, job: str | None = None, limit: int = 50, status: str | None = None) -> list[dict[str, Any]]:
         """Runs, newest first, as public dicts (times in RFC 3339)."""
-        stmt = sa.select(jr).order_by(jr.c.started_at.desc(), jr.c.id.desc()).limit(limit)
+        stmt = sa.select(job_runs).order_by(job_runs.c.started_at.desc(), job_runs.c.id.desc()).limit(limit)
         if job is not None:
-            stmt = stmt.where(jr.c.job == job)
+            stmt = stmt.where(job_runs.c.job == job)
         if status is not None:
-            stmt = stmt.where(jr.c.status == status)
+            stmt = stmt.where(job_runs.c.status == status)
         with self.db.read() as conn:
             rows = conn.execute(stmt).all()
         return [public(r) for r in rows]
 
     def last_runs(self) -> dict[str, dict[str, Any]]:
         """The newest run of every job."""
-        newest = sa.select(sa.func.max(jr.c.id)).group_by(jr.c.job).scalar_subquery()
+        newest = sa.select(sa.func.max(job_runs.c.id)).group_by(job_runs.c.job).scalar_subquery()
         with self.db.read() as conn:
-            rows = conn.execute(sa.select(jr).where(jr.c.id.in_(newest))).all()
+            rows = conn.execute(sa.select(job_runs).where(job_runs.c.id.in_(newest))).all()
         return {r.job: public(r) for r in rows}
 
 

@@ -16,7 +16,6 @@ from pipeline.bindings.db import Database
 from pipeline.histogram import percentiles
 from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
 
-psh = path_stats_hourly
 SUMMED = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", *BUCKET_COLUMNS)
 
 
@@ -48,19 +47,26 @@ def hourly(
 ) -> Iterator[dict[str, Any]]:
     """Hourly rows ordered by (hour, host, path, method); `start`/`end` are epoch seconds
     (`end` exclusive); `after` is a keyset cursor (the key of the last row seen)."""
-    stmt = sa.select(psh).order_by(psh.c.hour, psh.c.host, psh.c.path, psh.c.method)
+    stmt = sa.select(path_stats_hourly).order_by(
+        path_stats_hourly.c.hour, path_stats_hourly.c.host, path_stats_hourly.c.path, path_stats_hourly.c.method
+    )
     if path is not None:
-        stmt = stmt.where(psh.c.path == path)
+        stmt = stmt.where(path_stats_hourly.c.path == path)
     if method is not None:
-        stmt = stmt.where(psh.c.method == method.upper())
+        stmt = stmt.where(path_stats_hourly.c.method == method.upper())
     if host is not None:
-        stmt = stmt.where(psh.c.host == host)
+        stmt = stmt.where(path_stats_hourly.c.host == host)
     if start is not None:
-        stmt = stmt.where(psh.c.hour >= int(start) // 3600 * 3600)
+        stmt = stmt.where(path_stats_hourly.c.hour >= int(start) // 3600 * 3600)
     if end is not None:
-        stmt = stmt.where(psh.c.hour < end)
+        stmt = stmt.where(path_stats_hourly.c.hour < end)
     if after is not None:
-        stmt = stmt.where(sa.tuple_(psh.c.hour, psh.c.host, psh.c.path, psh.c.method) > sa.tuple_(*after))
+        stmt = stmt.where(
+            sa.tuple_(
+                path_stats_hourly.c.hour, path_stats_hourly.c.host, path_stats_hourly.c.path, path_stats_hourly.c.method
+            )
+            > sa.tuple_(*after)
+        )
     if limit is not None:
         stmt = stmt.limit(limit)
     with db.read() as conn:
@@ -81,26 +87,33 @@ def _top_statement() -> sa.Select[Any]:
     window costs about four times as much, and the snapshot refresh runs this often). Both
     read a range on `hour`, the leading column of the primary key, so only the window's
     rows are read (what `edgepipe bench snapshot` explains). Binds `first_hour`, `limit`."""
-    first = psh.c.hour >= sa.bindparam("first_hour", type_=sa.BigInteger)
+    first = path_stats_hourly.c.hour >= sa.bindparam("first_hour", type_=sa.BigInteger)
     top = (
-        sa.select(psh.c.path, psh.c.method, sa.func.sum(psh.c.requests).label("total"))
+        sa.select(
+            path_stats_hourly.c.path,
+            path_stats_hourly.c.method,
+            sa.func.sum(path_stats_hourly.c.requests).label("total"),
+        )
         .where(first)
-        .group_by(psh.c.path, psh.c.method)
-        .order_by(sa.desc("total"), psh.c.path, psh.c.method)
+        .group_by(path_stats_hourly.c.path, path_stats_hourly.c.method)
+        .order_by(sa.desc("total"), path_stats_hourly.c.path, path_stats_hourly.c.method)
         .limit(sa.bindparam("limit", type_=sa.Integer))
         .cte("top")
     )
     return (
         sa.select(
-            psh.c.path,
-            psh.c.method,
+            path_stats_hourly.c.path,
+            path_stats_hourly.c.method,
             # cast: PostgreSQL's SUM of a bigint is a numeric (Decimal)
-            *(sa.cast(sa.func.sum(psh.c[c]), psh.c[c].type).label(c) for c in SUMMED),
-            sa.func.min(psh.c.rt_min_ms).label("rt_min_ms"),
-            sa.func.max(psh.c.rt_max_ms).label("rt_max_ms"),
+            *(sa.cast(sa.func.sum(path_stats_hourly.c[c]), path_stats_hourly.c[c].type).label(c) for c in SUMMED),
+            sa.func.min(path_stats_hourly.c.rt_min_ms).label("rt_min_ms"),
+            sa.func.max(path_stats_hourly.c.rt_max_ms).label("rt_max_ms"),
         )
-        .where(first, sa.tuple_(psh.c.path, psh.c.method).in_(sa.select(top.c.path, top.c.method)))
-        .group_by(psh.c.path, psh.c.method)
+        .where(
+            first,
+            sa.tuple_(path_stats_hourly.c.path, path_stats_hourly.c.method).in_(sa.select(top.c.path, top.c.method)),
+        )
+        .group_by(path_stats_hourly.c.path, path_stats_hourly.c.method)
     )
 
 

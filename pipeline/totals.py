@@ -31,12 +31,11 @@ from pipeline.schema import (
     traffic_events,
 )
 
-te, lt, psh, ao = traffic_events, lifetime_totals, path_stats_hourly, archive_objects
 SCOPE = "all"
 FIELDS = ("events", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms")
 
 
-def event_sums(c: Any = te.c) -> list[Any]:
+def event_sums(c: Any = traffic_events.c) -> list[Any]:
     """SUM expressions in `FIELDS` order over the columns `c` of `traffic_events` rows (or
     of a subquery of them: the cleaner sums each batch with these)."""
     sums: list[sa.ColumnElement[Any]] = [sa.func.count()]
@@ -48,10 +47,10 @@ def event_sums(c: Any = te.c) -> list[Any]:
 
 
 def _scalar_subqueries() -> list[Any]:
-    hot = sa.select(*event_sums()).where(te.c.archive_state != ArchiveState.RESTORED).subquery()
-    cold = sa.select(*(lt.c[f] for f in FIELDS)).where(lt.c.scope == SCOPE).subquery()
+    hot = sa.select(*event_sums()).where(traffic_events.c.archive_state != ArchiveState.RESTORED).subquery()
+    cold = sa.select(*(lifetime_totals.c[f] for f in FIELDS)).where(lifetime_totals.c.scope == SCOPE).subquery()
     total_cols = ["requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms"]
-    total = [sa.select(sa.func.coalesce(sa.func.sum(psh.c[c]), 0)).scalar_subquery() for c in total_cols]
+    total = [sa.select(sa.func.coalesce(sa.func.sum(path_stats_hourly.c[c]), 0)).scalar_subquery() for c in total_cols]
     hot_cols = [sa.select(c).scalar_subquery() for c in hot.c]
     cold_cols = [sa.select(sa.func.coalesce(sa.func.max(c), 0)).scalar_subquery() for c in cold.c]
     return hot_cols + cold_cols + total
@@ -98,15 +97,24 @@ def check_archive(db: Database) -> list[str]:
     its range, if any, are those of the object that replaced it)."""
     problems: list[str] = []
     state1 = sa.and_(
-        te.c.archive_state == ArchiveState.ARCHIVED, te.c.ts >= ao.c.hour * 1000, te.c.ts < ao.c.hour * 1000 + HOUR_MS
+        traffic_events.c.archive_state == ArchiveState.ARCHIVED,
+        traffic_events.c.ts >= archive_objects.c.hour * 1000,
+        traffic_events.c.ts < archive_objects.c.hour * 1000 + HOUR_MS,
     )
-    in_object = sa.and_(state1, te.c.seq.between(ao.c.min_seq, ao.c.max_seq))
-    held = sa.select(sa.func.count()).where(in_object).correlate(ao).scalar_subquery()
-    stmt = sa.select(ao.c.key, ao.c.status, ao.c.row_count, ao.c.cleaned_rows, ao.c.error, held.label("held"))
+    in_object = sa.and_(state1, traffic_events.c.seq.between(archive_objects.c.min_seq, archive_objects.c.max_seq))
+    held = sa.select(sa.func.count()).where(in_object).correlate(archive_objects).scalar_subquery()
+    stmt = sa.select(
+        archive_objects.c.key,
+        archive_objects.c.status,
+        archive_objects.c.row_count,
+        archive_objects.c.cleaned_rows,
+        archive_objects.c.error,
+        held.label("held"),
+    )
     with db.read() as conn:
-        objects = conn.execute(stmt.order_by(ao.c.hour, ao.c.key)).all()
+        objects = conn.execute(stmt.order_by(archive_objects.c.hour, archive_objects.c.key)).all()
         marked = conn.execute(
-            sa.select(sa.func.count()).where(te.c.archive_state == ArchiveState.ARCHIVED)
+            sa.select(sa.func.count()).where(traffic_events.c.archive_state == ArchiveState.ARCHIVED)
         ).scalar_one()
     expected_marked = 0
     for key, status, rows, cleaned, error, held_rows in objects:

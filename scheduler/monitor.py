@@ -43,12 +43,15 @@ def sizes(db: Any) -> dict[str, Any]:
 
 def _earlier_size(db: Any, now_s: float) -> tuple[float, int] | None:
     """(time, db_bytes) of the stored monitor result closest to 7 days before `now_s`."""
-    jr = job_runs
     stmt = (
-        sa.select(jr.c.finished_at, jr.c.result)
-        .where(jr.c.job == "monitor", jr.c.status == "succeeded", jr.c.finished_at <= now_s - MIN_GROWTH_SPAN_S)
-        .where(jr.c.finished_at >= now_s - 8 * DAY_S)
-        .order_by(sa.func.abs(jr.c.finished_at - (now_s - 7 * DAY_S)))
+        sa.select(job_runs.c.finished_at, job_runs.c.result)
+        .where(
+            job_runs.c.job == "monitor",
+            job_runs.c.status == "succeeded",
+            job_runs.c.finished_at <= now_s - MIN_GROWTH_SPAN_S,
+        )
+        .where(job_runs.c.finished_at >= now_s - 8 * DAY_S)
+        .order_by(sa.func.abs(job_runs.c.finished_at - (now_s - 7 * DAY_S)))
         .limit(1)
     )
     with db.read() as conn:
@@ -91,13 +94,12 @@ def _archive_flagged(db: Any) -> list[str]:
 
 
 def _oldest_unarchived_ms(db: Any) -> int | None:
-    te = traffic_events
-    stmt = sa.select(sa.func.min(te.c.ts))
+    stmt = sa.select(sa.func.min(traffic_events.c.ts))
     with db.read() as conn:
-        if "archive_state" in te.c:
-            stmt = stmt.where(te.c.archive_state == ArchiveState.HOT)
+        if "archive_state" in traffic_events.c:
+            stmt = stmt.where(traffic_events.c.archive_state == ArchiveState.HOT)
         else:
-            stmt = stmt.where(te.c.ts >= meta.archive_watermark_ms(db, conn))
+            stmt = stmt.where(traffic_events.c.ts >= meta.archive_watermark_ms(db, conn))
         return conn.execute(stmt).scalar()
 
 

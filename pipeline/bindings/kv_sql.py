@@ -16,11 +16,9 @@ from pipeline.bindings.db import Database
 from pipeline.bindings.kv import KV, Entry, prefix_end
 from pipeline.schema import kv_entries
 
-kv = kv_entries
-
 
 def _alive(now: Any) -> sa.ColumnElement[bool]:
-    return sa.or_(kv.c.expiration.is_(None), kv.c.expiration > now)
+    return sa.or_(kv_entries.c.expiration.is_(None), kv_entries.c.expiration > now)
 
 
 class SqlKV(KV):
@@ -32,8 +30,10 @@ class SqlKV(KV):
 
     def _read(self, key: bytes) -> Entry | None:
         def build() -> sa.Select[tuple[bytes, str | None, float | None]]:
-            k, now = sa.bindparam("k", type_=kv.c.key.type), sa.bindparam("now", type_=sa.Float)
-            return sa.select(kv.c.value, kv.c.metadata, kv.c.expiration).where(kv.c.key == k, _alive(now))
+            k, now = sa.bindparam("k", type_=kv_entries.c.key.type), sa.bindparam("now", type_=sa.Float)
+            return sa.select(kv_entries.c.value, kv_entries.c.metadata, kv_entries.c.expiration).where(
+                kv_entries.c.key == k, _alive(now)
+            )
 
         with self.db.read() as conn:
             rows = self.db.fetchall(conn, self.db.cached(("kv_get",), build), ("k", "now"), (key, clock.now_s()))
@@ -41,7 +41,7 @@ class SqlKV(KV):
 
     def _write(self, key: bytes, value: bytes, metadata: str | None, expiration: float | None) -> None:
         def build() -> sa.Insert:
-            stmt = self.db.insert(kv)
+            stmt = self.db.insert(kv_entries)
             return stmt.on_conflict_do_update(
                 index_elements=["key"],
                 set_={
@@ -57,23 +57,23 @@ class SqlKV(KV):
 
     def _delete(self, key: bytes) -> None:
         with self.db.transaction() as conn:
-            conn.execute(kv.delete().where(kv.c.key == key))
+            conn.execute(kv_entries.delete().where(kv_entries.c.key == key))
 
     def _scan(self, prefix: bytes, after: bytes | None, limit: int) -> list[tuple[bytes, Entry]]:
-        stmt = sa.select(kv.c.key, kv.c.metadata, kv.c.expiration).where(_alive(clock.now_s()))
+        stmt = sa.select(kv_entries.c.key, kv_entries.c.metadata, kv_entries.c.expiration).where(_alive(clock.now_s()))
         if prefix:
-            stmt = stmt.where(kv.c.key >= prefix)
+            stmt = stmt.where(kv_entries.c.key >= prefix)
             end = prefix_end(prefix)
             if end is not None:
-                stmt = stmt.where(kv.c.key < end)
+                stmt = stmt.where(kv_entries.c.key < end)
         if after is not None:
-            stmt = stmt.where(kv.c.key > after)
-        stmt = stmt.order_by(kv.c.key).limit(limit)
+            stmt = stmt.where(kv_entries.c.key > after)
+        stmt = stmt.order_by(kv_entries.c.key).limit(limit)
         with self.db.read() as conn:
             rows = conn.execute(stmt).all()
         return [(bytes(r.key), Entry(b"", r.metadata, r.expiration)) for r in rows]
 
     def purge_expired(self) -> int:
         with self.db.transaction() as conn:
-            result = conn.execute(kv.delete().where(kv.c.expiration <= clock.now_s()))
+            result = conn.execute(kv_entries.delete().where(kv_entries.c.expiration <= clock.now_s()))
         return result.rowcount or 0

@@ -37,10 +37,16 @@ from pipeline.errors import ValidationError
 from pipeline.ids import uuid7_batch
 from pipeline.schema import queue_dlq, queue_messages
 
-q = queue_messages
 POLL_INTERVAL_S = 0.05
 SEND_CHUNK = 1000
-RETURNED = (q.c.seq, q.c.message_id, q.c.enqueued_at, q.c.attempts, q.c.content_type, q.c.body)
+RETURNED = (
+    queue_messages.c.seq,
+    queue_messages.c.message_id,
+    queue_messages.c.enqueued_at,
+    queue_messages.c.attempts,
+    queue_messages.c.content_type,
+    queue_messages.c.body,
+)
 SEND_COLUMNS = ("queue", "message_id", "content_type", "body", "enqueued_at", "visible_at", "attempts")
 
 
@@ -61,7 +67,7 @@ class SqlQueue(Queue):
         ids = uuid7_batch(len(encoded))
         rows = [(self.name, mid, kind, data, now, now, 0) for mid, (data, kind) in zip(ids, encoded, strict=True)]
         if rows:
-            insert = self.db.cached(("queue_send",), q.insert)
+            insert = self.db.cached(("queue_send",), queue_messages.insert)
             with self.db.transaction() as conn:
                 for i in range(0, len(rows), SEND_CHUNK):
                     self.db.executemany(conn, insert, SEND_COLUMNS, rows[i : i + SEND_CHUNK])
@@ -72,17 +78,19 @@ class SqlQueue(Queue):
     def _ready(self, columns: Any) -> sa.Select[Any]:
         stmt = (
             sa.select(*columns)
-            .where(q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
-            .order_by(q.c.seq)
+            .where(queue_messages.c.queue == self.name, queue_messages.c.visible_at <= sa.bindparam("now"))
+            .order_by(queue_messages.c.seq)
             .limit(sa.bindparam("n"))
         )
         return stmt.with_for_update(skip_locked=True) if self.db.dialect == "postgresql" else stmt
 
     def _lease_statement(self) -> sa.Update:
         return (
-            q.update()
-            .where(q.c.seq.in_(self._ready([q.c.seq]).scalar_subquery()))
-            .values(attempts=q.c.attempts + 1, visible_at=sa.bindparam("until"), lease=sa.bindparam("lease"))
+            queue_messages.update()
+            .where(queue_messages.c.seq.in_(self._ready([queue_messages.c.seq]).scalar_subquery()))
+            .values(
+                attempts=queue_messages.c.attempts + 1, visible_at=sa.bindparam("until"), lease=sa.bindparam("lease")
+            )
             .returning(*RETURNED)
         )
 
@@ -113,8 +121,11 @@ class SqlQueue(Queue):
     def _retake_statement(self) -> sa.Select[Any]:
         stmt = (
             sa.select(*RETURNED)
-            .where(q.c.seq.in_(sa.bindparam("seqs", expanding=True)), q.c.visible_at <= sa.bindparam("now"))
-            .order_by(q.c.seq)
+            .where(
+                queue_messages.c.seq.in_(sa.bindparam("seqs", expanding=True)),
+                queue_messages.c.visible_at <= sa.bindparam("now"),
+            )
+            .order_by(queue_messages.c.seq)
         )
         return stmt.with_for_update(skip_locked=True) if self.db.dialect == "postgresql" else stmt
 
@@ -123,9 +134,9 @@ class SqlQueue(Queue):
             return  # taken inside a transaction: its rollback released them
         with self.db.transaction() as conn:
             conn.execute(
-                q.update()
-                .where(q.c.seq.in_([m.handle for m in batch]), q.c.lease == batch.lease)
-                .values(attempts=q.c.attempts - 1, visible_at=clock.now_s(), lease=None)
+                queue_messages.update()
+                .where(queue_messages.c.seq.in_([m.handle for m in batch]), queue_messages.c.lease == batch.lease)
+                .values(attempts=queue_messages.c.attempts - 1, visible_at=clock.now_s(), lease=None)
             )
 
     def wait(self, max_messages: int, wait_seconds: float) -> None:
@@ -134,7 +145,7 @@ class SqlQueue(Queue):
             return
         count = self.db.cached(
             ("queue_count_ready", self.name),
-            lambda: sa.select(sa.func.count()).select_from(self._ready([q.c.seq]).subquery()),
+            lambda: sa.select(sa.func.count()).select_from(self._ready([queue_messages.c.seq]).subquery()),
         )
         while clock.monotonic() < deadline:
             with self.db.read() as conn:
@@ -194,34 +205,38 @@ class SqlQueue(Queue):
                     conn, self._delete_taken_range(), ("lo", "hi", "now"), (acks[0], acks[-1], batch.taken_at)
                 )
             elif acks and not batch.lease:  # taken in this transaction: exactly these rows
-                self.db.delete_keys(conn, q, "seq", acks)
+                self.db.delete_keys(conn, queue_messages, "seq", acks)
             elif acks:
-                conn.execute(q.delete().where(q.c.seq.in_(acks), q.c.lease == batch.lease))
+                conn.execute(
+                    queue_messages.delete().where(queue_messages.c.seq.in_(acks), queue_messages.c.lease == batch.lease)
+                )
             if parts:
                 self._dead_parts_to_dlq(conn, parts, now)
             if not dead and not retries:
                 return
-            mine = q.c.lease == batch.lease if batch.lease else q.c.lease.is_(None)
+            mine = queue_messages.c.lease == batch.lease if batch.lease else queue_messages.c.lease.is_(None)
             if dead:
                 self._move_to_dlq(conn, mine, dead, now)
             for m, delay in retries:
                 conn.execute(
-                    q.update()
-                    .where(q.c.seq == m.handle, mine)
+                    queue_messages.update()
+                    .where(queue_messages.c.seq == m.handle, mine)
                     .values(attempts=m.attempts, visible_at=now + delay, lease=None, last_error=failure)
                 )
 
     def _delete_range(self) -> sa.Delete:
         def build() -> sa.Delete:
-            span = q.c.seq.between(sa.bindparam("lo"), sa.bindparam("hi"))
-            return q.delete().where(span, q.c.lease == sa.bindparam("lease"))
+            span = queue_messages.c.seq.between(sa.bindparam("lo"), sa.bindparam("hi"))
+            return queue_messages.delete().where(span, queue_messages.c.lease == sa.bindparam("lease"))
 
         return self.db.cached(("queue_delete_range",), build)
 
     def _delete_taken_range(self) -> sa.Delete:
         def build() -> sa.Delete:
-            span = q.c.seq.between(sa.bindparam("lo"), sa.bindparam("hi"))
-            return q.delete().where(span, q.c.queue == self.name, q.c.visible_at <= sa.bindparam("now"))
+            span = queue_messages.c.seq.between(sa.bindparam("lo"), sa.bindparam("hi"))
+            return queue_messages.delete().where(
+                span, queue_messages.c.queue == self.name, queue_messages.c.visible_at <= sa.bindparam("now")
+            )
 
         return self.db.cached(("queue_delete_taken_range", self.name), build)
 
@@ -243,9 +258,13 @@ class SqlQueue(Queue):
         stored = {
             r.seq: r
             for r in conn.execute(
-                sa.select(q.c.seq, q.c.message_id, q.c.content_type, q.c.body, q.c.enqueued_at).where(
-                    q.c.seq.in_(seqs), mine
-                )
+                sa.select(
+                    queue_messages.c.seq,
+                    queue_messages.c.message_id,
+                    queue_messages.c.content_type,
+                    queue_messages.c.body,
+                    queue_messages.c.enqueued_at,
+                ).where(queue_messages.c.seq.in_(seqs), mine)
             )
         }
         rows = [
@@ -265,19 +284,19 @@ class SqlQueue(Queue):
         ]
         if rows:
             conn.execute(queue_dlq.insert(), rows)
-            conn.execute(q.delete().where(q.c.seq.in_(list(stored))))
+            conn.execute(queue_messages.delete().where(queue_messages.c.seq.in_(list(stored))))
 
     # -- operations -----------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         now = clock.now_s()
-        in_flight = sa.and_(q.c.lease.is_not(None), q.c.visible_at > now)
+        in_flight = sa.and_(queue_messages.c.lease.is_not(None), queue_messages.c.visible_at > now)
         with self.db.read() as conn:
             pending, flying = conn.execute(
                 sa.select(
                     sa.func.count().filter(sa.not_(in_flight)),
                     sa.func.count().filter(in_flight),
-                ).where(q.c.queue == self.name)
+                ).where(queue_messages.c.queue == self.name)
             ).one()
             reasons = conn.execute(
                 sa.select(queue_dlq.c.reason, sa.func.count())
@@ -291,7 +310,7 @@ class SqlQueue(Queue):
     def oldest_age_s(self) -> float:
         stmt = self.db.cached(
             ("queue_oldest", self.name),
-            lambda: sa.select(sa.func.min(q.c.enqueued_at)).where(q.c.queue == self.name),
+            lambda: sa.select(sa.func.min(queue_messages.c.enqueued_at)).where(queue_messages.c.queue == self.name),
         )
         with self.db.read() as conn:
             oldest = conn.execute(stmt).scalar()
@@ -304,8 +323,10 @@ class SqlQueue(Queue):
         or has wide gaps (messages held back by retries)."""
 
         def build() -> sa.Select[Any]:
-            ends = [sa.select(q.c.seq).where(q.c.queue == self.name).order_by(order).limit(1).scalar_subquery()
-                    for order in (q.c.seq, q.c.seq.desc())]  # fmt: skip
+            seq, mine = queue_messages.c.seq, queue_messages.c.queue == self.name
+            ends = [
+                sa.select(seq).where(mine).order_by(order).limit(1).scalar_subquery() for order in (seq, seq.desc())
+            ]
             return sa.select(*ends)
 
         with self.db.read() as conn:
@@ -314,9 +335,10 @@ class SqlQueue(Queue):
         return (bound, False) if bound <= limit else (self.depth(), True)
 
     def dlq_list(self, limit: int = 100) -> list[dict[str, Any]]:
-        d = queue_dlq
         with self.db.read() as conn:
-            rows = conn.execute(sa.select(d).where(d.c.queue == self.name).order_by(d.c.seq).limit(limit)).all()
+            rows = conn.execute(
+                sa.select(queue_dlq).where(queue_dlq.c.queue == self.name).order_by(queue_dlq.c.seq).limit(limit)
+            ).all()
         return [
             {
                 "message_id": r.message_id,
@@ -330,15 +352,14 @@ class SqlQueue(Queue):
         ]
 
     def dlq_redrive(self, limit: int | None = None) -> int:
-        d = queue_dlq
         now = clock.now_s()
         with self.db.transaction() as conn:
-            sel = sa.select(d).where(d.c.queue == self.name).order_by(d.c.seq)
+            sel = sa.select(queue_dlq).where(queue_dlq.c.queue == self.name).order_by(queue_dlq.c.seq)
             rows = conn.execute(sel if limit is None else sel.limit(limit)).all()
             if not rows:
                 return 0
             conn.execute(
-                q.insert(),
+                queue_messages.insert(),
                 [
                     {
                         "queue": self.name,
@@ -352,5 +373,5 @@ class SqlQueue(Queue):
                     for r in rows
                 ],
             )
-            conn.execute(d.delete().where(d.c.seq.in_([r.seq for r in rows])))
+            conn.execute(queue_dlq.delete().where(queue_dlq.c.seq.in_([r.seq for r in rows])))
         return len(rows)

@@ -53,9 +53,10 @@ def check_archive(env: Env) -> str | None:
 
 def check_worker(env: Env) -> str | None:
     """A worker that is not stopped was seen within `[http] heartbeat_max_age` seconds."""
-    hb = worker_heartbeats
     with env.DB.read() as conn:
-        last = conn.execute(sa.select(sa.func.max(hb.c.last_seen_at)).where(hb.c.state != "stopped")).scalar()
+        last = conn.execute(
+            sa.select(sa.func.max(worker_heartbeats.c.last_seen_at)).where(worker_heartbeats.c.state != "stopped")
+        ).scalar()
     if last is None:
         return "no worker heartbeat"
     age = clock.now_s() - float(last)
@@ -73,9 +74,10 @@ def oldest_message_age(env: Env) -> float:
 
 
 def job_run_counts(env: Env) -> list[tuple[str, str, int]]:
-    jr = job_runs
     with env.DB.read() as conn:
-        rows = conn.execute(sa.select(jr.c.job, jr.c.status, sa.func.count()).group_by(jr.c.job, jr.c.status)).all()
+        rows = conn.execute(
+            sa.select(job_runs.c.job, job_runs.c.status, sa.func.count()).group_by(job_runs.c.job, job_runs.c.status)
+        ).all()
     return [(r[0], r[1], int(r[2])) for r in rows]
 
 

@@ -153,16 +153,15 @@ def archive_list(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     """Archive objects ordered by (hour, key): key, row_count, size_bytes, status, checksums."""
-    ao = archive_objects
-    stmt = sa.select(ao).order_by(ao.c.hour, ao.c.key).limit(limit + 1)
+    stmt = sa.select(archive_objects).order_by(archive_objects.c.hour, archive_objects.c.key).limit(limit + 1)
     if (t := _time(start, "from")) is not None:
-        stmt = stmt.where(ao.c.hour >= int(t) // 3600 * 3600)
+        stmt = stmt.where(archive_objects.c.hour >= int(t) // 3600 * 3600)
     if (t := _time(end, "to")) is not None:
-        stmt = stmt.where(ao.c.hour < t)
+        stmt = stmt.where(archive_objects.c.hour < t)
     if status:
-        stmt = stmt.where(ao.c.status == status)
+        stmt = stmt.where(archive_objects.c.status == status)
     if (after := decode_cursor(cursor, (int, str))) is not None:
-        stmt = stmt.where(sa.tuple_(ao.c.hour, ao.c.key) > sa.tuple_(*after))
+        stmt = stmt.where(sa.tuple_(archive_objects.c.hour, archive_objects.c.key) > sa.tuple_(*after))
     with _env(request).DB.read() as conn:
         rows = [dict(r) for r in conn.execute(stmt).mappings()]
     nxt = None
