@@ -255,7 +255,7 @@ class Worker:
         error retries it, counted toward `max_retries`."""
         msg = batch.messages[0]
         error = f"{type(exc).__name__}: {exc}"
-        msg.decision = msg.error = msg.dead_parts = None
+        msg.decision = msg.dead = msg.dead_parts = None
         if isinstance(exc, DataError | ValidationError):
             msg.dead_letter(DeadReason.POISON, error)
         log.event("message_failed", logging.WARNING, message_id=msg.id, poison=msg.decision is not None, error=error)

@@ -50,6 +50,13 @@ class DeadReason(StrEnum):
 REASON_INVALID, REASON_TOO_LATE, REASON_RETRIES = DeadReason.INVALID, DeadReason.TOO_LATE, DeadReason.RETRIES
 
 
+class DeadLetter(msgspec.Struct, frozen=True):
+    """Why a message (or one element of it) goes to the DLQ: a reason code and the detail."""
+
+    reason: DeadReason
+    error: str = ""
+
+
 def encode_body(body: Any) -> tuple[bytes, str]:
     """Serialise a body like Cloudflare's content types: json (default), text or bytes."""
     if isinstance(body, bytes | bytearray | memoryview):
@@ -89,8 +96,8 @@ class Message(msgspec.Struct):  # a Struct: built a thousand times per batch, in
     handle: Any = None  # backend-specific (row key, stream id)
     decision: str | None = None  # "ack" | "retry" | "dead"
     delay: float | None = None
-    error: str | None = None
-    dead_parts: list[tuple[int, str]] | None = None  # (index, error) of array elements
+    dead: DeadLetter | None = None  # why, when the decision is "dead"
+    dead_parts: list[tuple[int, DeadLetter]] | None = None  # array elements for the DLQ, by index
     _body: Any = _UNDECODED
 
     @property
@@ -116,9 +123,10 @@ class Message(msgspec.Struct):  # a Struct: built a thousand times per batch, in
             self.decision, self.delay = "retry", delay_seconds
 
     def dead_letter(self, reason: str, error: str = "") -> None:
-        """Send straight to the DLQ (poison); `reason` is a short code, `error` the detail."""
+        """Send straight to the DLQ (poison); `reason` is a `DeadReason` (ValueError for any other
+        code), `error` the detail."""
         if self.decision is None:
-            self.decision, self.delay, self.error = "dead", None, f"{reason}\x00{error}"
+            self.decision, self.delay, self.dead = "dead", None, DeadLetter(DeadReason(reason), error)
 
     def dead_letter_part(self, index: int, reason: str, error: str = "") -> None:
         """Send element `index` of a JSON array body alone to the DLQ, as the dead letter
@@ -126,7 +134,7 @@ class Message(msgspec.Struct):  # a Struct: built a thousand times per batch, in
         handler's. (A message whose batch fails is retried whole: its parts wait.)"""
         if self.dead_parts is None:
             self.dead_parts = []
-        self.dead_parts.append((index, f"{reason}\x00{error}"))
+        self.dead_parts.append((index, DeadLetter(DeadReason(reason), error)))
 
 
 @dataclass(slots=True)
@@ -195,7 +203,7 @@ class Queue(abc.ABC):
         to find its poison. Backends that share the DB binding's transaction take them again
         inside the caller's transaction (those still waiting; another consumer may have
         taken some meanwhile); the others still hold them under the batch's lease."""
-        fresh = [msgspec.structs.replace(m, decision=None, delay=None, error=None, dead_parts=None) for m in batch]
+        fresh = [msgspec.structs.replace(m, decision=None, delay=None, dead=None, dead_parts=None) for m in batch]
         return MessageBatch(batch.queue, fresh, batch.lease, batch.taken_at)
 
     def release(self, batch: MessageBatch) -> None:  # noqa: B027 (nothing to do for most backends)
@@ -233,8 +241,3 @@ class Queue(abc.ABC):
     def depth(self) -> int:
         s = self.stats()
         return s["pending"] + s["in_flight"]
-
-
-def split_dead(error: str | None) -> tuple[str, str]:
-    reason, _, detail = (error or "").partition("\x00")
-    return reason or REASON_INVALID, detail

@@ -25,13 +25,13 @@ import sqlalchemy as sa
 from pipeline import clock
 from pipeline.bindings.db import Database
 from pipeline.bindings.queue import (
+    REASON_INVALID,
     REASON_RETRIES,
     Message,
     MessageBatch,
     Queue,
     QueueSettings,
     encode_body,
-    split_dead,
 )
 from pipeline.errors import ValidationError
 from pipeline.ids import uuid7_batch
@@ -187,7 +187,7 @@ class SqlQueue(Queue):
                 if m.dead_parts:
                     parts.append(m)
             elif decision == "dead":
-                dead.append((m, *split_dead(m.error)))
+                dead.append((m, m.dead.reason, m.dead.error) if m.dead else (m, REASON_INVALID, ""))
             elif m.attempts >= limit:
                 last = failure or "retried by the consumer"
                 dead.append((m, REASON_RETRIES, f"{m.attempts} deliveries; last error: {last}"))
@@ -244,8 +244,8 @@ class SqlQueue(Queue):
         rows = []
         for m in messages:
             items = orjson.loads(m.raw)
-            for index, error in m.dead_parts or ():
-                reason, detail = split_dead(error)
+            for index, letter in m.dead_parts or ():
+                reason, detail = letter.reason, letter.error
                 rows.append({
                     "queue": self.name, "message_id": f"{m.id}:{index}", "content_type": "json",
                     "body": orjson.dumps(items[index]), "enqueued_at": m.enqueued_at, "failed_at": now,
