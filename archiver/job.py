@@ -54,6 +54,7 @@ from archiver.objects import (
 )
 from pipeline import clock, meta
 from pipeline.clock import HOUR_MS
+from pipeline.env import Env
 from pipeline.errors import IntegrityError, TransientError
 from pipeline.jobs import job
 from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, archive_objects, traffic_events
@@ -66,7 +67,7 @@ SELECT_COLUMNS = [traffic_events.c[c] for c in ROW_FIELDS]
 FETCH = 5000
 
 
-def cutoff_ms(env: Any, scheduled_for: datetime) -> int:
+def cutoff_ms(env: Env, scheduled_for: datetime) -> int:
     return int((scheduled_for - timedelta(days=env.config.retention.detail_days)).timestamp() * 1000)
 
 
@@ -112,12 +113,12 @@ def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = A
     )
 
 
-def recover_pending(env: Any) -> int:
+def recover_pending(env: Env) -> int:
     """Delete the objects (and records) of uploads a crashed run never recorded."""
     with env.DB.read() as conn:
         keys = list(conn.execute(sa.select(archive_objects.c.key).where(archive_objects.c.status == PENDING)).scalars())
     for key in keys:
-        env.ARCHIVE.delete(key)
+        env.require_archive().delete(key)
         with env.DB.transaction() as conn:
             conn.execute(
                 sa.delete(archive_objects).where(archive_objects.c.key == key, archive_objects.c.status == PENDING)
@@ -137,12 +138,12 @@ def _free_key(conn: sa.Connection, prefix: str, hour_s: int, first: int, last: i
         retry += 1
 
 
-def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int, whole_hour: bool) -> dict[str, Any] | None:
+def archive_next(env: Env, hour_s: int, cutoff: int, after_seq: int, whole_hour: bool) -> dict[str, Any] | None:
     """Archive the next object of one hour: its first `max_rows_per_object` unarchived
     rows with seq > `after_seq`, in seq order; or, `whole_hour`, when they all fit in one
     object, all of them in the order the ts index finds them (no sort). None when the
     hour has nothing left."""
-    db, store, cfg = env.DB, env.ARCHIVE, env.config.archive
+    db, store, cfg = env.DB, env.require_archive(), env.config.archive
     stmt = db.cached(("archive_next", whole_hour), lambda: _next_rows(whole_hour))
     names = ("lo", "hi", "cutoff", "after") if whole_hour else ("lo", "hi", "cutoff", "after", "limit")
     values = (hour_s * 1000, hour_s * 1000 + HOUR_MS, cutoff, after_seq, cfg.max_rows_per_object)
@@ -172,7 +173,7 @@ def archive_next(env: Any, hour_s: int, cutoff: int, after_seq: int, whole_hour:
     return {"key": key, "rows": enc.rows, "bytes": enc.size, "raw_bytes": enc.raw_bytes, "last_seq": enc.max_seq}
 
 
-def _mark(env: Any, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
+def _mark(env: Env, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
     """Mark the object's rows archived and the object verified, in one transaction."""
     with env.DB.transaction() as conn:
         marked = conn.execute(
@@ -192,11 +193,11 @@ def _mark(env: Any, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
         )  # fmt: skip
 
 
-def _abandon(env: Any, key: str) -> None:
+def _abandon(env: Env, key: str) -> None:
     """Best effort after a failure: remove the object and its pending record. If this
     fails too, the pending record stays and the next run's recovery does it."""
     try:
-        env.ARCHIVE.delete(key)
+        env.require_archive().delete(key)
         with env.DB.transaction() as conn:
             conn.execute(
                 sa.delete(archive_objects).where(archive_objects.c.key == key, archive_objects.c.status == PENDING)
@@ -205,12 +206,12 @@ def _abandon(env: Any, key: str) -> None:
         log.warning("archive_abandon_failed key=%s error=%s", key, exc)
 
 
-def clean_temp(env: Any, result: dict[str, Any]) -> int:
+def clean_temp(env: Env, result: dict[str, Any]) -> int:
     """Best effort: remove what killed or failed uploads left in the store (temp files,
     incomplete multipart uploads) older than `TMP_MAX_AGE_S`; a failure is logged and
     reported (`tmp_cleanup_error`), never fatal."""
     try:
-        return int(env.ARCHIVE.cleanup(TMP_MAX_AGE_S))
+        return int(env.require_archive().cleanup(TMP_MAX_AGE_S))
     except Exception as exc:
         log.warning("archive_tmp_cleanup_failed error=%s", exc)
         result["tmp_cleanup_error"] = f"{type(exc).__name__}: {exc}"
@@ -230,7 +231,7 @@ def _rows_still_held(obj: Any) -> Any:
     )
 
 
-def _replace(env: Any, obj: Any) -> int | None:
+def _replace(env: Env, obj: Any) -> int | None:
     """In one transaction: mark the flagged record `replaced` (the reason in `error`),
     return its rows still marked archived to state 0 and mark its day's manifest due.
     The rows reset, or None when the record was no longer in the state read."""
@@ -249,7 +250,7 @@ def _replace(env: Any, obj: Any) -> int | None:
     return int(reset)
 
 
-def repair_flagged(env: Any, result: dict[str, Any]) -> None:
+def repair_flagged(env: Env, result: dict[str, Any]) -> None:
     """Take back every object the cleaner flagged (`corrupt`: the stored object is missing
     or does not match; `mismatch`: its rows do not match its count), so that this run
     archives its rows again, in a new object under a new key:
@@ -279,7 +280,7 @@ def repair_flagged(env: Any, result: dict[str, Any]) -> None:
             result.setdefault("repair_skipped", []).append(obj.key)
             continue
         try:
-            env.ARCHIVE.delete(obj.key)
+            env.require_archive().delete(obj.key)
         except Exception as exc:
             log.warning("archive_repair_delete_failed key=%s error=%s", obj.key, exc)
             result.setdefault("repair_skipped", []).append(obj.key)
@@ -296,7 +297,7 @@ MANIFEST_FIELDS = ("key", "hour", "status", "row_count", "size_bytes", "sha256",
                    "max_seq")  # fmt: skip
 
 
-def write_manifest(env: Any, day: str) -> bool:
+def write_manifest(env: Env, day: str) -> bool:
     """Rewrite the manifest of `day` (`YYYY-MM-DD`): every object of the day in the bucket
     (recorded in `archive_objects`, neither pending nor replaced) with its status and
     metadata, in key order, and the day's totals. False, writing nothing, when the day has
@@ -318,7 +319,7 @@ def write_manifest(env: Any, day: str) -> bool:
     totals = {"objects": len(entries), "rows": sum(e["row_count"] for e in entries)}
     totals["bytes"] = sum(e["size_bytes"] for e in entries)
     doc = {"format": "edgepipe-manifest/1", "day": day, "generated_at": clock.iso(clock.now_s()), **totals}
-    env.ARCHIVE.put_bytes(
+    env.require_archive().put_bytes(
         manifest_key(env.config.archive.prefix, day),
         orjson.dumps(doc | {"entries": entries}, option=orjson.OPT_INDENT_2),
         {k: str(v) for k, v in totals.items()},
@@ -331,7 +332,7 @@ def _manifest_failed(result: dict[str, Any], day: str, exc: Exception) -> None:
     result["manifest_error"] = f"{type(exc).__name__}: {exc}"
 
 
-def write_due_manifests(env: Any, result: dict[str, Any]) -> None:
+def write_due_manifests(env: Env, result: dict[str, Any]) -> None:
     """Write the manifest of every day marked due and unmark the day once it is written
     (unless it was marked again meanwhile). Never raises: a failure is logged and reported
     (`manifest_error`), the day stays due and the next run writes it; the objects and
@@ -356,7 +357,7 @@ def write_due_manifests(env: Any, result: dict[str, Any]) -> None:
 # -- the watermark ---------------------------------------------------------------------
 
 
-def raise_watermark(env: Any, cutoff: int) -> int:
+def raise_watermark(env: Env, cutoff: int) -> int:
     with env.DB.transaction() as conn:
         current = meta.archive_watermark_ms(env.DB, conn)
         if cutoff > current:
@@ -369,7 +370,7 @@ def _iso_ms(value: int) -> str | None:
     return None if not value else clock.iso(value / 1000)
 
 
-def _watermark_facts(env: Any, conn: sa.Connection) -> tuple[int, int, int]:
+def _watermark_facts(env: Env, conn: sa.Connection) -> tuple[int, int, int]:
     """(watermark, policy cutoff, safe floor) in epoch ms. Policy cutoff = now −
     `detail_days`; safe floor = max(policy cutoff, 1 + the newest `max_ts` of any recorded
     object that is neither pending nor replaced): the rows of those objects have left or
@@ -383,7 +384,7 @@ def _watermark_facts(env: Any, conn: sa.Connection) -> tuple[int, int, int]:
     return watermark, policy, policy if newest is None else max(policy, int(newest) + 1)
 
 
-def watermark_status(env: Any) -> dict[str, Any]:
+def watermark_status(env: Env) -> dict[str, Any]:
     """`edgepipe watermark show`: the watermark, the retention policy's cutoff, whether the
     watermark is ahead of it (by more than `AHEAD_SLACK_MS`) and the safe floor."""
     with env.DB.read() as conn:
@@ -397,7 +398,7 @@ def watermark_status(env: Any) -> dict[str, Any]:
     }
 
 
-def repair_watermark(env: Any) -> dict[str, Any]:
+def repair_watermark(env: Env) -> dict[str, Any]:
     """`edgepipe watermark repair`: when the watermark is ahead of the policy cutoff, lower
     it to the safe floor (see `_watermark_facts`); otherwise change nothing. It never
     raises the watermark. Runs under the archive job's lease (a TransientError while the
@@ -421,7 +422,7 @@ def repair_watermark(env: Any) -> dict[str, Any]:
 # -- the job ---------------------------------------------------------------------------
 
 
-def _prepare(env: Any, cutoff: int, result: dict[str, Any]) -> None:
+def _prepare(env: Env, cutoff: int, result: dict[str, Any]) -> None:
     """Before archiving: clear what killed or failed writes left, write the manifests an
     earlier run left due, raise the watermark, take back the flagged objects."""
     result["tmp_cleaned"] = clean_temp(env, result)
@@ -432,7 +433,7 @@ def _prepare(env: Any, cutoff: int, result: dict[str, Any]) -> None:
 
 
 @job("archive")
-def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
+def run(env: Env, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
     cutoff = cutoff_ms(env, scheduled_for)
     result: dict[str, Any] = {"cutoff": clock.iso(cutoff / 1000), "dry_run": dry_run, "objects": 0, "rows": 0}
     result |= {"bytes": 0, "raw_bytes": 0, "recovered": 0, "complete": True, "manifests": 0}
@@ -450,7 +451,7 @@ def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
     return result
 
 
-def _archive_hours(env: Any, hours: list[tuple[int, int]], cutoff: int, dry_run: bool, result: dict[str, Any]) -> None:
+def _archive_hours(env: Env, hours: list[tuple[int, int]], cutoff: int, dry_run: bool, result: dict[str, Any]) -> None:
     cfg = env.config.archive
     for hour_s, count in hours:
         if dry_run:

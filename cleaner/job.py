@@ -27,6 +27,7 @@ from archiver.objects import CLEANED, CORRUPT, MISMATCH, VERIFIED, check_stored
 from cleaner import stats_file
 from pipeline import clock
 from pipeline.clock import HOUR_MS
+from pipeline.env import Env
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
 from pipeline.schema import ArchiveState, archive_objects, lifetime_totals, traffic_events
@@ -84,7 +85,7 @@ def add_to_totals(db: Any, conn: sa.Connection, sums: Sequence[Any]) -> None:
     db.execute(conn, db.cached(("add_to_totals",), build), cols, (SCOPE, clock.now_s(), *sums))
 
 
-def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> tuple[int, bool]:
+def clean_batch(env: Env, obj: Any, batch_size: int, first: bool) -> tuple[int, bool]:
     """Delete up to `batch_size` rows of `obj` into lifetime_totals: (rows deleted, whether
     the object is now fully cleaned)."""
     db = env.DB
@@ -118,7 +119,7 @@ def clean_batch(env: Any, obj: Any, batch_size: int, first: bool) -> tuple[int, 
     return n, done
 
 
-def flag(env: Any, key: str, status: str, error: str) -> None:
+def flag(env: Env, key: str, status: str, error: str) -> None:
     with env.DB.transaction() as conn:
         conn.execute(
             sa.update(archive_objects).where(archive_objects.c.key == key).values(status=status, error=error[:2000])
@@ -126,10 +127,10 @@ def flag(env: Any, key: str, status: str, error: str) -> None:
     log.error("clean_refused key=%s status=%s error=%s", key, status, error)
 
 
-def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> int:
+def _clean_object(env: Env, obj: Any, budget: int, result: dict[str, Any]) -> int:
     """Clean one object within `budget` batches; return the batches used."""
     cfg = env.config
-    problem = check_stored(env.ARCHIVE, obj.key, obj.size_bytes, obj.sha256 or "", cfg.archive.verify)
+    problem = check_stored(env.require_archive(), obj.key, obj.size_bytes, obj.sha256 or "", cfg.archive.verify)
     if problem:
         flag(env, obj.key, CORRUPT, problem)
         result["refused"].append(obj.key)
@@ -152,7 +153,7 @@ def _clean_object(env: Any, obj: Any, budget: int, result: dict[str, Any]) -> in
 
 
 @job("clean")
-def run(env: Any, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
+def run(env: Env, scheduled_for: datetime, dry_run: bool = False) -> dict[str, Any]:
     cfg = env.config.cleaner
     with env.DB.read() as conn:
         objects = conn.execute(

@@ -28,6 +28,7 @@ from pipeline import clock, meta
 from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, Message, MessageBatch
 from pipeline.config import Config
+from pipeline.env import Env
 from pipeline.errors import ValidationError
 from pipeline.events import EVENT_COLUMNS, Event, decode_batch, decode_message, parse_event
 from pipeline.paths import PathNormalizer
@@ -87,7 +88,7 @@ class TrafficConsumer:
         self._known: OrderedDict[int, set[str]] = OrderedDict()  # least recently used first
         self._redelivering = False  # the last batch stored was all duplicates
 
-    def handle_batch(self, batch: MessageBatch, env: Any, ctx: Any = None) -> BatchReport:
+    def handle_batch(self, batch: MessageBatch, env: Env, ctx: Any = None) -> BatchReport:
         report = BatchReport(received=len(batch))
         now_ms = clock.now_ms()
         with env.DB.transaction() as conn:
@@ -153,7 +154,7 @@ class TrafficConsumer:
                 events.append(ev)
         return events
 
-    def _store(self, env: Any, conn: sa.Connection, events: list[Event]) -> int:
+    def _store(self, env: Env, conn: sa.Connection, events: list[Event]) -> int:
         """Insert the events; add exactly the rows this call inserted to the aggregates.
 
         Only inserted events spend an hour's path budget, so the budget is settled after

@@ -14,6 +14,7 @@ from typing import TypeVar
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
 from pipeline.bindings.kv import KV
+from pipeline.bindings.kv import KV as KVStore  # the name the methods see (the field KV shadows it)
 from pipeline.bindings.queue import Queue, QueueSettings
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -95,6 +96,18 @@ class Env:
     QUEUE: Queue
     KV: KV | None = None
     ARCHIVE: ObjectStore | None = None
+
+    def require_archive(self) -> ObjectStore:
+        """The ARCHIVE binding; ConfigError when this deployment has none."""
+        if self.ARCHIVE is None:
+            raise ConfigError("config error: bindings.archive: no archive binding configured")
+        return self.ARCHIVE
+
+    def require_kv(self) -> KVStore:
+        """The KV binding; ConfigError when this deployment has none."""
+        if self.KV is None:
+            raise ConfigError("config error: bindings.kv: no KV binding configured")
+        return self.KV
 
     def close(self) -> None:
         for binding in (self.QUEUE, self.KV, self.ARCHIVE):

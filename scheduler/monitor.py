@@ -23,6 +23,7 @@ import orjson
 import sqlalchemy as sa
 
 from pipeline import clock, log, meta
+from pipeline.env import Env
 from pipeline.jobs import job
 from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, job_runs, metadata, traffic_events
 
@@ -103,7 +104,7 @@ def _oldest_unarchived_ms(db: Any) -> int | None:
         return conn.execute(stmt).scalar()
 
 
-def report(env: Any, now_s: float | None = None) -> dict[str, Any]:
+def report(env: Env, now_s: float | None = None) -> dict[str, Any]:
     """The capacity report as a JSON-serialisable dict (see the module docstring)."""
     now_s = clock.now_s() if now_s is None else now_s
     cfg = env.config
@@ -154,7 +155,7 @@ def alerts(r: dict[str, Any], cfg: Any) -> list[str]:
 
 
 @job("monitor")
-def run(env: Any, scheduled_for: datetime, dry_run: bool) -> dict[str, Any]:
+def run(env: Env, scheduled_for: datetime, dry_run: bool) -> dict[str, Any]:
     """The report is the result: the scheduler stores it in `job_runs.result`, where the
     next runs find the size history they compute growth from."""
     result = report(env)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline import clock, log
 from pipeline.cron import CronSpec
+from pipeline.env import Env
 from pipeline.errors import NotFound, TransientError, ValidationError
 from pipeline.heartbeat import process_name
 from pipeline.jobruns import JobStore
@@ -47,7 +48,7 @@ class Outcome:
 
 
 def execute(
-    env: Any,
+    env: Env,
     store: JobStore,
     name: str,
     slot: datetime,
@@ -79,7 +80,7 @@ def execute(
         return _call(env, store, registry[name], run_id, Outcome(name, slot, "running", attempt), dry_run)
 
 
-def _call(env: Any, store: JobStore, fn: Any, run_id: int, out: Outcome, dry_run: bool) -> Outcome:
+def _call(env: Env, store: JobStore, fn: Any, run_id: int, out: Outcome, dry_run: bool) -> Outcome:
     started = clock.monotonic()
     try:
         out.result = fn(env, out.scheduled_for, dry_run)
@@ -102,7 +103,7 @@ def _call(env: Any, store: JobStore, fn: Any, run_id: int, out: Outcome, dry_run
     return out
 
 
-def run_by_hand(env: Any, name: str, when: datetime | None, dry_run: bool = False) -> Outcome:
+def run_by_hand(env: Env, name: str, when: datetime | None, dry_run: bool = False) -> Outcome:
     """`edgepipe jobs run NAME [--at T]`: the same lease and recording as scheduled runs.
     Refuses (TransientError) while another process runs the job, and (ValidationError
     naming `--at`) a slot more than `MAX_AHEAD_S` in the future: a run scheduled ahead
@@ -122,7 +123,7 @@ def run_by_hand(env: Any, name: str, when: datetime | None, dry_run: bool = Fals
     return out
 
 
-def scheduled_recheck(env: Any, store: JobStore, spec: CronSpec, policy: Policy) -> Callable[[], Due | None]:
+def scheduled_recheck(env: Env, store: JobStore, spec: CronSpec, policy: Policy) -> Callable[[], Due | None]:
     def recheck() -> Due | None:
         now = clock.now()
         since = (now - policy.lookback).timestamp()

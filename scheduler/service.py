@@ -22,6 +22,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from pipeline import clock, log
 from pipeline.cron import CronSpec, parse_table, zone
+from pipeline.env import Env
 from pipeline.errors import ConfigError
 from pipeline.jobruns import JobStore
 from pipeline.jobs import JOBS
@@ -42,7 +43,7 @@ def load_specs(config: Any) -> list[CronSpec]:
 
 
 class JobScheduler:
-    def __init__(self, env: Any, holder: str, on_run: Callable[[Outcome], None] | None = None) -> None:
+    def __init__(self, env: Env, holder: str, on_run: Callable[[Outcome], None] | None = None) -> None:
         self.env = env
         self.holder = holder
         self.specs = load_specs(env.config)

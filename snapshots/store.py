@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from pipeline import clock, log, meta
+from pipeline.env import Env
 from pipeline.queries import top_paths
 from pipeline.snapshot_doc import LATEST_KEY
 
@@ -52,7 +53,7 @@ def next_version(db: Any) -> int:
         return meta.increment(db, conn, VERSION_COUNTER)
 
 
-def refresh(env: Any, now_s: float | None = None) -> dict[str, Any]:
+def refresh(env: Env, now_s: float | None = None) -> dict[str, Any]:
     """Build and publish a new snapshot version; returns a summary of what was written."""
     cfg = env.config.snapshots
     started = clock.monotonic()
@@ -60,7 +61,7 @@ def refresh(env: Any, now_s: float | None = None) -> dict[str, Any]:
     return publish(env, doc, started)
 
 
-def publish(env: Any, doc: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+def publish(env: Env, doc: dict[str, Any], started: float | None = None) -> dict[str, Any]:
     """Write a built document as the next version, then as `latest` if it is newer.
 
     One write transaction for the version and both puts (a KV binding in the DB binding's
@@ -71,11 +72,11 @@ def publish(env: Any, doc: dict[str, Any], started: float | None = None) -> dict
         version = next_version(env.DB)
         doc = {"version": version, **doc}
         info = {"version": version, "generated_at": doc["generated_at"], "paths": len(doc["paths"])}
-        env.KV.put(version_key(version), doc, metadata=info)
-        current = env.KV.get_with_metadata(LATEST_KEY, type="bytes")["metadata"] or {}
+        env.require_kv().put(version_key(version), doc, metadata=info)
+        current = env.require_kv().get_with_metadata(LATEST_KEY, type="bytes")["metadata"] or {}
         moved = int(current.get("version", 0)) < version
         if moved:
-            env.KV.put(LATEST_KEY, doc, metadata=info)
+            env.require_kv().put(LATEST_KEY, doc, metadata=info)
     ms = round((clock.monotonic() - started) * 1000, 1)
     log.event("snapshot_refresh", version=version, paths=len(doc["paths"]), latest=moved, ms=ms)
     return {"version": version, "key": version_key(version), "paths": len(doc["paths"]), "latest": moved, "ms": ms}

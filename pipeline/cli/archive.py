@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from pipeline import clock
-from pipeline.cli import emit_json, main, pass_state, time_option
+from pipeline.cli import State, emit_json, main, pass_state, time_option
 from pipeline.errors import IntegrityError, ValidationError
 
 INTEGRITY_EXIT = IntegrityError.exit_code
@@ -26,7 +26,7 @@ def _range(start: str | None, end: str | None) -> tuple[float, float]:
     return 946_684_800.0 if lo is None else lo, clock.now_s() + 3600 if hi is None else hi
 
 
-def _archive(state: Any) -> tuple[Any, Any, str]:
+def _archive(state: State) -> tuple[Any, Any, str]:
     env = state.env()
     if env.ARCHIVE is None:
         raise ValidationError("bindings.archive", "no archive binding configured")
@@ -75,7 +75,7 @@ def with_range(fn: Any) -> Any:
 @main.command("stats")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def stats_cmd(state: Any, as_json: bool) -> None:
+def stats_cmd(state: State, as_json: bool) -> None:
     """Events hot (in the DB), cold (cleaned into lifetime totals) and total (aggregates)."""
     from pipeline import totals
 
@@ -97,7 +97,7 @@ def stats_cmd(state: Any, as_json: bool) -> None:
 @main.command("verify")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def verify_cmd(state: Any, as_json: bool) -> None:
+def verify_cmd(state: State, as_json: bool) -> None:
     """Check hot + cold == total == sum of hourly requests, and every archived range."""
     from pipeline import totals
 
@@ -121,7 +121,7 @@ def replay() -> None:
 @with_range
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def replay_list(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+def replay_list(state: State, start: str | None, end: str | None, as_json: bool) -> None:
     """Archive objects of the range, with rows and bytes."""
     from archiver import replay as r
 
@@ -140,7 +140,7 @@ def replay_list(state: Any, start: str | None, end: str | None, as_json: bool) -
 @with_range
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def replay_verify(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+def replay_verify(state: State, start: str | None, end: str | None, as_json: bool) -> None:
     """Check objects (sha256, rows) and recompute the hourly aggregates against the DB."""
     from archiver import replay as r
 
@@ -164,7 +164,7 @@ def replay_verify(state: Any, start: str | None, end: str | None, as_json: bool)
 @click.option("--format", "fmt", type=click.Choice(["ndjson", "csv"]), default="ndjson", show_default=True)
 @click.option("--output", "output", type=click.File("w"), default="-", show_default=True)
 @pass_state
-def replay_export(state: Any, start: str | None, end: str | None, path: str | None, fmt: str, output: Any) -> None:
+def replay_export(state: State, start: str | None, end: str | None, path: str | None, fmt: str, output: Any) -> None:
     """Stream archived rows as NDJSON or CSV."""
     from archiver import replay as r
 
@@ -187,7 +187,7 @@ def _finish_quiet(result: dict[str, Any]) -> None:
 @with_range
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def replay_restore(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+def replay_restore(state: State, start: str | None, end: str | None, as_json: bool) -> None:
     """Put archived rows back into traffic_events (idempotent; aggregates untouched)."""
     from archiver import replay as r
 
@@ -203,7 +203,7 @@ def replay_restore(state: Any, start: str | None, end: str | None, as_json: bool
 @with_range
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def replay_drop_restored(state: Any, start: str | None, end: str | None, as_json: bool) -> None:
+def replay_drop_restored(state: State, start: str | None, end: str | None, as_json: bool) -> None:
     """Delete rows that `restore` put back (they stay in the bucket; totals unchanged)."""
     from archiver import replay as r
 
@@ -216,7 +216,7 @@ def replay_drop_restored(state: Any, start: str | None, end: str | None, as_json
 @click.option("--into", "into", required=True, metavar="DB_URL", help="A fresh database to rebuild into.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def replay_rebuild(state: Any, start: str | None, end: str | None, into: str, as_json: bool) -> None:
+def replay_rebuild(state: State, start: str | None, end: str | None, into: str, as_json: bool) -> None:
     """Rebuild the hourly aggregates into DB_URL from the archive alone."""
     from archiver import replay as r
     from pipeline import migrate

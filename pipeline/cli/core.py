@@ -13,7 +13,7 @@ import click
 import orjson
 
 from pipeline import log
-from pipeline.cli import emit_json, main, pass_state, print_table, time_option
+from pipeline.cli import State, emit_json, main, pass_state, print_table, time_option
 
 
 def _data_dirs(cfg: Any) -> list[Path]:
@@ -25,7 +25,7 @@ def _data_dirs(cfg: Any) -> list[Path]:
 
 @main.command()
 @pass_state
-def init(state: Any) -> None:
+def init(state: State) -> None:
     """Create the data directories and upgrade the database schema (idempotent)."""
     from pipeline import migrate
     from pipeline.bindings.db import Database
@@ -52,7 +52,7 @@ def db() -> None:
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
 @pass_state
-def db_upgrade(state: Any, revision: str) -> None:
+def db_upgrade(state: State, revision: str) -> None:
     """Apply Alembic migrations up to REVISION (idempotent)."""
     from pipeline import migrate
     from pipeline.bindings.db import Database
@@ -66,7 +66,7 @@ def db_upgrade(state: Any, revision: str) -> None:
 
 @db.command("current")
 @pass_state
-def db_current(state: Any) -> None:
+def db_current(state: State) -> None:
     """Print the schema revision of the database (empty when uninitialised)."""
     from pipeline import migrate
     from pipeline.bindings.db import Database
@@ -82,7 +82,7 @@ def db_current(state: Any) -> None:
 @click.argument("source", type=click.File("rb"))
 @click.option("--json", "as_json", is_flag=True, help='Print {"enqueued": n, "rejected": n}.')
 @pass_state
-def ingest(state: Any, source: Any, as_json: bool) -> None:
+def ingest(state: State, source: Any, as_json: bool) -> None:
     """Validate events from SOURCE (NDJSON or a JSON array, `-` for stdin) and enqueue them.
 
     Rejected lines (array elements are numbered as lines) are reported on stderr with their
@@ -142,7 +142,7 @@ def ingest(state: Any, source: Any, as_json: bool) -> None:
 @click.option("--max-batches", type=click.IntRange(min=1), help="Exit after N batches.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def consume(state: Any, until_empty: bool, max_batches: int | None, as_json: bool) -> None:
+def consume(state: State, until_empty: bool, max_batches: int | None, as_json: bool) -> None:
     """Run the queue consumer in the foreground, then exit (for cron and tests)."""
     from pipeline.cli.compose import consumer_worker
 
@@ -177,7 +177,7 @@ def _install_signals(target: Any) -> None:
 @main.command()
 @click.option("--no-scheduler", is_flag=True, help="Only consume; run no scheduled jobs in this process.")
 @pass_state
-def worker(state: Any, no_scheduler: bool) -> None:
+def worker(state: State, no_scheduler: bool) -> None:
     """The long-running process: consume the queue, refresh the KV snapshot every
     `[consumer] snapshot_every_batches` batches and run the scheduled jobs. SIGTERM/SIGINT:
     finish the batch and job in hand, release leases, exit 0; a second signal exits at once."""
@@ -196,7 +196,7 @@ def queue() -> None:
 @queue.command("stats")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def queue_stats(state: Any, as_json: bool) -> None:
+def queue_stats(state: State, as_json: bool) -> None:
     """Pending, in-flight and dead-lettered message counts."""
     stats = state.env().QUEUE.stats()
     if as_json:
@@ -215,7 +215,7 @@ def dlq() -> None:
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def dlq_list(state: Any, limit: int, as_json: bool) -> None:
+def dlq_list(state: State, limit: int, as_json: bool) -> None:
     """Dead letters, oldest first, with their reasons."""
     rows = state.env().QUEUE.dlq_list(limit)
     if as_json:
@@ -228,7 +228,7 @@ def dlq_list(state: Any, limit: int, as_json: bool) -> None:
 @dlq.command("redrive")
 @click.option("--limit", type=click.IntRange(min=1))
 @pass_state
-def dlq_redrive(state: Any, limit: int | None) -> None:
+def dlq_redrive(state: State, limit: int | None) -> None:
     """Move dead letters back to the queue with a fresh attempt count."""
     n = state.env().QUEUE.dlq_redrive(limit)
     click.echo(f"redrove {n} messages", err=True)
@@ -247,7 +247,7 @@ TABLE_COLUMNS = ("path", "method", "requests", "status_4xx", "status_5xx", "rt_a
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def paths_top(state: Any, hours: int, limit: int, as_json: bool) -> None:
+def paths_top(state: State, hours: int, limit: int, as_json: bool) -> None:
     """The busiest paths over the last HOURS hours."""
     from pipeline import queries
 
@@ -266,7 +266,7 @@ def paths_top(state: Any, hours: int, limit: int, as_json: bool) -> None:
 @click.option("--to", "end", metavar="T", help="RFC 3339 or epoch seconds (exclusive).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def paths_hourly(state: Any, path: str | None, method: str | None, host: str | None,
+def paths_hourly(state: State, path: str | None, method: str | None, host: str | None,
                  start: str | None, end: str | None, as_json: bool) -> None:  # fmt: skip
     """Hourly rows; with no filter, every path and every hour in the database."""
     from pipeline import queries

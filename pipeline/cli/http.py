@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
-from pipeline.cli import emit_json, main, pass_state
+from pipeline.cli import State, emit_json, main, pass_state
 from pipeline.errors import ConfigError
 
 
@@ -15,7 +13,7 @@ from pipeline.errors import ConfigError
 @click.option("--port", default=None, type=click.IntRange(0, 65535), help="Port (default: [http] port, 8787).")
 @click.option("--consume", is_flag=True, help="Also run the consumer in this process (development).")
 @pass_state
-def serve(state: Any, host: str | None, port: int | None, consume: bool) -> None:
+def serve(state: State, host: str | None, port: int | None, consume: bool) -> None:
     """Serve the HTTP API (POST /v1/events, the read API, /health, /ready, /metrics).
 
     Secure by default: bound to a non-loopback address, it refuses to start until an API
@@ -51,7 +49,7 @@ def tokens() -> None:
 @click.option("--name", default="default", show_default=True, help="A label for the token.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def tokens_create(state: Any, name: str, as_json: bool) -> None:
+def tokens_create(state: State, name: str, as_json: bool) -> None:
     """Create a token and print it once; it cannot be shown again."""
     from pipeline.http.auth import create_token
 
@@ -66,7 +64,7 @@ def tokens_create(state: Any, name: str, as_json: bool) -> None:
 @tokens.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def tokens_list(state: Any, as_json: bool) -> None:
+def tokens_list(state: State, as_json: bool) -> None:
     """List tokens (ids, names, dates; never the tokens)."""
     from pipeline.http.auth import list_tokens
 
@@ -82,7 +80,7 @@ def tokens_list(state: Any, as_json: bool) -> None:
 @tokens.command("revoke")
 @click.argument("token_id", metavar="ID", type=int)
 @pass_state
-def tokens_revoke(state: Any, token_id: int) -> None:
+def tokens_revoke(state: State, token_id: int) -> None:
     """Revoke a token by id (takes effect within a few seconds on running servers)."""
     from pipeline.http.auth import revoke_token
 

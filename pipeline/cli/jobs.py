@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from pipeline import clock
-from pipeline.cli import emit_json, main, pass_state, print_table, time_option
+from pipeline.cli import State, emit_json, main, pass_state, print_table, time_option
 
 
 @main.group()
@@ -28,7 +28,7 @@ def jobs() -> None:
 @click.option("--dry-run", is_flag=True, help="Report what would be done, change nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def jobs_run(state: Any, name: str, at: str | None, dry_run: bool, as_json: bool) -> None:
+def jobs_run(state: State, name: str, at: str | None, dry_run: bool, as_json: bool) -> None:
     """Run job NAME once, now, as if scheduled at T (recorded in the job history).
     T may not be more than 60 s in the future (exit 3). Exits 1 when the job fails, 4
     while another process runs it."""
@@ -78,7 +78,7 @@ def _job_rows(env: Any) -> list[dict[str, Any]]:
 @jobs.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def jobs_list(state: Any, as_json: bool) -> None:
+def jobs_list(state: State, as_json: bool) -> None:
     """The cron table: expression, time zone, next fire time, last run and its status."""
     rows = _job_rows(state.env())
     if as_json:
@@ -94,7 +94,7 @@ def jobs_list(state: Any, as_json: bool) -> None:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def jobs_history(state: Any, job_name: str | None, status: str | None, limit: int, as_json: bool) -> None:
+def jobs_history(state: State, job_name: str | None, status: str | None, limit: int, as_json: bool) -> None:
     """Recorded runs, newest first (scheduled and by hand, every attempt)."""
     from pipeline.jobruns import JobStore
 
@@ -122,7 +122,7 @@ def watermark() -> None:
 @watermark.command("show")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def watermark_show(state: Any, as_json: bool) -> None:
+def watermark_show(state: State, as_json: bool) -> None:
     """The watermark, the retention policy's cutoff (now - [retention] detail_days),
     whether the watermark is ahead of it (by more than 60 s) and the safe floor."""
     from archiver.job import watermark_status
@@ -133,7 +133,7 @@ def watermark_show(state: Any, as_json: bool) -> None:
 @watermark.command("repair")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def watermark_repair(state: Any, as_json: bool) -> None:
+def watermark_repair(state: State, as_json: bool) -> None:
     """Lower a watermark that is ahead of the policy cutoff to the safe floor.
 
     Safe floor = max(policy cutoff, 1 ms + the newest event ts of any recorded archive

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli import emit_json, main, pass_state, print_table
+from pipeline.cli import State, emit_json, main, pass_state, print_table
 from pipeline.errors import NotFound
 
 
@@ -19,7 +19,7 @@ def snapshot() -> None:
 @snapshot.command("show")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def snapshot_show(state: Any, as_json: bool) -> None:
+def snapshot_show(state: State, as_json: bool) -> None:
     """The latest published snapshot."""
     import snapshots
 
@@ -37,7 +37,7 @@ def snapshot_show(state: Any, as_json: bool) -> None:
 @snapshot.command("refresh")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def snapshot_refresh(state: Any, as_json: bool) -> None:
+def snapshot_refresh(state: State, as_json: bool) -> None:
     """Build and publish a new snapshot version now."""
     import snapshots
 
@@ -51,7 +51,7 @@ def snapshot_refresh(state: Any, as_json: bool) -> None:
 @snapshot.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def snapshot_list(state: Any, as_json: bool) -> None:
+def snapshot_list(state: State, as_json: bool) -> None:
     """Stored snapshot versions, oldest first."""
     import snapshots
 
@@ -67,7 +67,7 @@ def snapshot_list(state: Any, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def snapshot_prune(state: Any, keep: int | None, dry_run: bool, as_json: bool) -> None:
+def snapshot_prune(state: State, keep: int | None, dry_run: bool, as_json: bool) -> None:
     """Delete all but the newest KEEP versions (`snapshot:latest` is kept)."""
     import snapshots
 
@@ -84,7 +84,7 @@ def snapshot_prune(state: Any, keep: int | None, dry_run: bool, as_json: bool) -
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--check", is_flag=True, help="Exit 1 when any threshold is crossed (for cron and alerting).")
 @pass_state
-def monitor(state: Any, as_json: bool, check: bool) -> None:
+def monitor(state: State, as_json: bool, check: bool) -> None:
     """Capacity report: sizes, rows, growth, days until full, archive lag, queue and DLQ."""
     from scheduler.monitor import report
 
@@ -112,7 +112,7 @@ def _print_report(r: dict[str, Any]) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def status(state: Any, as_json: bool) -> None:
+def status(state: State, as_json: bool) -> None:
     """Workers from their heartbeats; exits 1 when none is running or one is stuck."""
     from pipeline.heartbeat import status as worker_status
 
