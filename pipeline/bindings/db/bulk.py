@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection
 
 from pipeline.bindings.db.fastpath import FastPath
@@ -112,7 +111,7 @@ class Bulk(FastPath):
         else:
             stmt = self.cached(
                 ("delete_keys", table.name, column),
-                lambda: table.delete().where(col == sa.any_(sa.bindparam("k", type_=ARRAY(col.type)))),
+                lambda: table.delete().where(col == sa.any_(sa.bindparam("k", type_=_pg().ARRAY(col.type)))),
             )
             conn.execute(stmt, {"k": list(values)})
 
@@ -183,8 +182,16 @@ class Bulk(FastPath):
         types by the server. Many rows, one statement and one parameter: an executemany
         costs a round trip per row, and array parameters are adapted value by value in
         Python."""
-        rows = sa.bindparam("rows", type_=sa.Text).cast(JSONB)
+        rows = sa.bindparam("rows", type_=sa.Text).cast(_pg().JSONB)
         r = sa.func.jsonb_array_elements(rows).table_valued("value").alias("r")
         value = r.c.value.op("->>")
         values = [sa.cast(value(sa.literal_column(str(i))), table.c[c].type) for i, c in enumerate(columns)]
         return self.insert(table).from_select(list(columns), sa.select(*values).select_from(r))
+
+
+def _pg() -> Any:
+    """SQLAlchemy's PostgreSQL dialect module, imported only by a PostgreSQL database (a
+    SQLite command then starts ~25 ms sooner)."""
+    from sqlalchemy.dialects import postgresql
+
+    return postgresql
