@@ -180,6 +180,11 @@ class Schedule(Section):
         return self
 
 
+class Worker(Section):
+    dead_after: float = Field(120, ge=10)  # seconds without a heartbeat before a worker is dead
+    forget_after: float = Field(86_400, ge=60)  # seconds after which dead and stopped workers are no longer listed
+
+
 class Monitor(Section):
     capacity_bytes: int = Field(10 * 1000**3, ge=1)
     warn_ratio: float = Field(0.8, gt=0, le=1)  # alert when the database fills this share of capacity
@@ -210,6 +215,7 @@ class Config(Section):
     cleaner: Cleaner = Field(default_factory=Cleaner)
     snapshots: Snapshots = Field(default_factory=Snapshots)
     schedule: Schedule = Field(default_factory=Schedule)
+    worker: Worker = Field(default_factory=Worker)
     monitor: Monitor = Field(default_factory=Monitor)
     http: Http = Field(default_factory=Http)
     source: str = Field("built-in defaults", exclude=True)

@@ -2,8 +2,8 @@
 check can tell a live worker from a stuck or vanished one.
 
 A worker writes its row every `BEAT_EVERY_S` seconds (and at start and stop), recording
-when it last finished a batch and a job run. A row not refreshed for `STALE_AFTER_S` is a
-worker that is stuck (or died without saying so); a live worker that has not finished a
+when it last finished a batch and a job run. A row not refreshed for `[worker] dead_after` is a
+dead worker (killed, or its host gone); a live worker that has not finished a
 batch for `IDLE_STUCK_AFTER_S` while messages are waiting is stuck in its consumer.
 """
 
@@ -22,9 +22,9 @@ from pipeline import clock, log
 from pipeline.schema import worker_heartbeats
 
 BEAT_EVERY_S = 5.0
-STALE_AFTER_S = 60.0
+DEAD_AFTER_S = 120.0  # defaults of [worker] dead_after and forget_after
+FORGET_AFTER_S = 86_400.0
 IDLE_STUCK_AFTER_S = 300.0
-FORGET_STOPPED_AFTER_S = 7 * 86400
 
 
 def process_name() -> str:
@@ -83,28 +83,32 @@ class Heartbeat:
             log.event("heartbeat_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}")
 
 
-def status(db: Any, queue_depth: int | None = None, now_s: float | None = None) -> dict[str, Any]:
-    """Every known worker with a verdict (`ok`, `degraded`, `stuck`, `stale`, `stopped`), and `healthy`:
-    at least one worker is running and none is stuck or stale."""
+def status(
+    db: Any,
+    queue_depth: int | None = None,
+    now_s: float | None = None,
+    dead_after: float = DEAD_AFTER_S,
+    forget_after: float = FORGET_AFTER_S,
+) -> dict[str, Any]:
+    """Every known worker with a verdict (`ok`, `degraded`, `stuck`, `dead`, `stopped`), and
+    `healthy`: at least one worker is alive and working (verdict `ok`). A worker whose
+    heartbeat is older than `dead_after` is `dead` (SIGKILLed, or its host gone); dead and
+    stopped rows older than `forget_after` are no longer listed (`forget` deletes them)."""
     now = clock.now_s() if now_s is None else now_s
     with db.read() as conn:
         rows = conn.execute(
-            sa.select(worker_heartbeats).where(
-                sa.or_(
-                    worker_heartbeats.c.state != "stopped",
-                    worker_heartbeats.c.last_seen_at > now - FORGET_STOPPED_AFTER_S,
-                )
-            )
+            sa.select(worker_heartbeats).where(worker_heartbeats.c.last_seen_at > now - forget_after)
         ).all()
     workers = []
     for r in sorted(rows, key=lambda r: (r.started_at, r.holder)):
         verdict, reason = "ok", ""
+        silent = now - r.last_seen_at
         if r.state == "stopped":
             verdict = "stopped"
-        elif r.state == "degraded" and now - r.last_seen_at <= STALE_AFTER_S:
+        elif silent > dead_after:
+            verdict, reason = "dead", f"no heartbeat for {silent:.0f} s"
+        elif r.state == "degraded":
             verdict, reason = "degraded", "backing off a transient fault (see its log: event=worker_degraded)"
-        elif now - r.last_seen_at > STALE_AFTER_S:
-            verdict, reason = "stale", f"no heartbeat for {now - r.last_seen_at:.0f} s"
         elif queue_depth and (idle := now - (r.last_batch_at or r.started_at)) > IDLE_STUCK_AFTER_S:
             verdict, reason = "stuck", f"{queue_depth} messages waiting, no batch for {idle:.0f} s"
         workers.append(
@@ -122,6 +126,15 @@ def status(db: Any, queue_depth: int | None = None, now_s: float | None = None) 
                 "batches": r.batches,
             }
         )
-    running = [w for w in workers if w["verdict"] != "stopped"]
-    healthy = bool(running) and all(w["verdict"] == "ok" for w in running)
+    healthy = any(w["verdict"] == "ok" for w in workers)
     return {"healthy": healthy, "queue_depth": queue_depth, "workers": workers}
+
+
+def forget(db: Any, dead_after: float = DEAD_AFTER_S, now_s: float | None = None) -> int:
+    """Delete the rows of dead workers (not stopped, no heartbeat for `dead_after`); returns
+    how many (`edgepipe status --forget-dead`)."""
+    now = clock.now_s() if now_s is None else now_s
+    hb = worker_heartbeats.c
+    gone = sa.and_(hb.state != "stopped", hb.last_seen_at < now - dead_after)
+    with db.transaction() as conn:
+        return int(conn.execute(worker_heartbeats.delete().where(gone)).rowcount or 0)

@@ -117,7 +117,7 @@ def test_monitor_job_stores_its_report_in_the_run(env: Any) -> None:
     assert orjson.loads(stored)["rows"]["traffic_events"] == 40
 
 
-def test_status_reports_stale_and_stuck_workers(env: Any) -> None:
+def test_status_reports_dead_and_stuck_workers(env: Any) -> None:
     with freeze_time(NOW) as frozen:
         assert worker_status(env.DB)["healthy"] is False  # no worker at all
         live = Heartbeat(env.DB, "host:1:aa")
@@ -125,14 +125,18 @@ def test_status_reports_stale_and_stuck_workers(env: Any) -> None:
         assert _cli(env, "status").exit_code == 0
         quiet = Heartbeat(env.DB, "host:2:bb")
         quiet.beat(force=True)
-        frozen.tick(120)
+        frozen.tick(60)
+        live.beat(force=True)
+        assert {w["verdict"] for w in worker_status(env.DB)["workers"]} == {"ok"}  # 60 s: not dead yet
+        frozen.tick(61)
         live.batch_done()
         live.beat(force=True)
         s = worker_status(env.DB)
         verdicts = {w["holder"]: w["verdict"] for w in s["workers"]}
-        assert verdicts == {"host:1:aa": "ok", "host:2:bb": "stale"} and not s["healthy"]
+        assert verdicts == {"host:1:aa": "ok", "host:2:bb": "dead"}
+        assert s["healthy"]  # one dead worker beside a live one
         result = _cli(env, "status", "--json")
-        assert result.exit_code == 1 and orjson.loads(result.stdout)["workers"][1]["verdict"] == "stale"
+        assert result.exit_code == 0 and orjson.loads(result.stdout)["workers"][1]["verdict"] == "dead"
         quiet.beat("stopped", force=True)
         frozen.tick(400)
         live.beat(force=True)  # alive, but no batch for 400 s while messages wait
@@ -140,3 +144,27 @@ def test_status_reports_stale_and_stuck_workers(env: Any) -> None:
         s = worker_status(env.DB, env.QUEUE.depth())
         assert [(w["holder"], w["verdict"]) for w in s["workers"]] == [("host:1:aa", "stuck"), ("host:2:bb", "stopped")]
         assert not s["healthy"]
+
+
+def test_dead_workers_are_forgotten(env: Any) -> None:
+    """A SIGKILLed worker's row (never written `stopped`) does not make `status` fail for
+    good: it is dead after `[worker] dead_after`, listed until `forget_after`, and
+    `status --forget-dead` drops it at once."""
+    with freeze_time(NOW) as frozen:
+        killed = Heartbeat(env.DB, "host:3:cc")
+        killed.beat(force=True)
+        frozen.tick(3600)
+        live = Heartbeat(env.DB, "host:4:dd")
+        live.beat(force=True)
+        assert [w["verdict"] for w in worker_status(env.DB)["workers"]] == ["dead", "ok"]
+        frozen.tick(86_400 - 3600 + 1)  # the dead row is now older than forget_after
+        live.beat(force=True)
+        assert [w["holder"] for w in worker_status(env.DB)["workers"]] == ["host:4:dd"]
+        killed.beat(force=True)  # another dead one, recent
+        frozen.tick(200)
+        live.beat(force=True)
+        result = _cli(env, "status", "--forget-dead", "--json")
+        assert result.exit_code == 0
+        assert [w["holder"] for w in orjson.loads(result.stdout)["workers"]] == ["host:4:dd"]
+        assert "forgot 1 dead workers" in result.stderr
+        assert [w["holder"] for w in worker_status(env.DB)["workers"]] == ["host:4:dd"]

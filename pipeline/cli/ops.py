@@ -111,13 +111,19 @@ def _print_report(r: dict[str, Any]) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--forget-dead", is_flag=True, help="First delete the rows of dead workers.")
 @pass_state
-def status(state: State, as_json: bool) -> None:
-    """Workers from their heartbeats; exits 1 when none is running or one is stuck."""
-    from pipeline.heartbeat import status as worker_status
+def status(state: State, as_json: bool, forget_dead: bool) -> None:
+    """Workers from their heartbeats; exits 1 unless at least one worker is alive and working.
+    A worker silent for `[worker] dead_after` is dead; dead and stopped workers are listed
+    until `[worker] forget_after`."""
+    from pipeline import heartbeat
 
     env = state.env()
-    s = worker_status(env.DB, env.QUEUE.depth())
+    cfg = env.config.worker
+    if forget_dead:
+        click.echo(f"forgot {heartbeat.forget(env.DB, cfg.dead_after)} dead workers", err=True)
+    s = heartbeat.status(env.DB, env.QUEUE.depth(), dead_after=cfg.dead_after, forget_after=cfg.forget_after)
     if as_json:
         emit_json(s)
     else:
