@@ -140,26 +140,29 @@ def _env(work: Path) -> Any:
 
 
 def phase_archive(work: Path) -> dict[str, Any]:
-    from archiver.job import run
+    from pipeline.cli.compose import register_jobs
 
+    run = register_jobs()["archive"]
     env = _env(work)
     when = datetime.fromtimestamp(clock.parse_time(SCHEDULED), UTC)
     return _timed(lambda: run(env, when, False), env)
 
 
 def phase_archive_ref(work: Path) -> dict[str, Any]:
-    from archiver.objects import COMPRESS_LEVEL, ROW_FIELDS
+    from pipeline.cli.compose import archive_format
+
+    row_fields, level, _ = archive_format()
 
     con = sqlite3.connect(work / "bench.db")
-    rows = con.execute(f"SELECT {', '.join(ROW_FIELDS)} FROM traffic_events ORDER BY seq").fetchall()
+    rows = con.execute(f"SELECT {', '.join(row_fields)} FROM traffic_events ORDER BY seq").fetchall()
     con.close()
 
     def serialise() -> dict[str, Any]:
         out = io.BytesIO()
         raw = 0
-        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=COMPRESS_LEVEL, mtime=0) as gz:
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz:
             for i in range(0, len(rows), 2000):
-                data = b"\n".join(orjson.dumps(dict(zip(ROW_FIELDS, r, strict=True))) for r in rows[i : i + 2000])
+                data = b"\n".join(orjson.dumps(dict(zip(row_fields, r, strict=True))) for r in rows[i : i + 2000])
                 gz.write(data + b"\n")
                 raw += len(data) + 1
         return {"rows": len(rows), "raw_bytes": raw, "bytes": out.tell()}
@@ -168,8 +171,9 @@ def phase_archive_ref(work: Path) -> dict[str, Any]:
 
 
 def phase_clean(work: Path) -> dict[str, Any]:
-    from cleaner.job import run
+    from pipeline.cli.compose import register_jobs
 
+    run = register_jobs()["clean"]
     env = _env(work)
     return _timed(lambda: run(env, clock.now(), False), env)
 
@@ -195,12 +199,12 @@ def phase_clean_ref(work: Path) -> dict[str, Any]:
 
 
 def phase_replay(work: Path) -> dict[str, Any]:
-    from archiver import replay
+    from pipeline.cli.compose import replay_verify
 
     env = _env(work)
 
     def verify() -> dict[str, Any]:
-        r = replay.verify(env.DB, env.ARCHIVE, "events", 946_684_800, clock.parse_time(SCHEDULED), config=env.config)
+        r = replay_verify(env, 946_684_800, clock.parse_time(SCHEDULED))
         return {"rows": r["archived_rows"], "ok": r["ok"], "mismatches": len(r["mismatches"]), "bad": len(r["bad"]),
                 "processes": r["processes"]}  # fmt: skip
 
@@ -208,10 +212,11 @@ def phase_replay(work: Path) -> dict[str, Any]:
 
 
 def phase_replay_ref(work: Path) -> dict[str, Any]:
-    from archiver.objects import KEY_RE
+    from pipeline.cli.compose import archive_format
 
+    key_re = archive_format()[2]
     env = _env(work)
-    keys = [i.key for i in env.ARCHIVE.list("events/") if KEY_RE.search(i.key)]
+    keys = [i.key for i in env.ARCHIVE.list("events/") if key_re.search(i.key)]
 
     def parse() -> dict[str, Any]:
         n = 0

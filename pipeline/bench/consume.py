@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from consumers.traffic import TrafficConsumer
 from pipeline import clock, log, migrate, sample
 from pipeline.bench.common import (
     SLICE_EVENTS,
@@ -29,6 +28,7 @@ from pipeline.bench.common import (
 )
 from pipeline.bench.scratch import scratch_db
 from pipeline.bench.snapshot import consume_with_snapshots
+from pipeline.cli.compose import traffic_handler
 from pipeline.config import Config
 from pipeline.env import open_env
 from pipeline.worker import Worker
@@ -116,7 +116,7 @@ def run(
             started = clock.monotonic()
             send_events(env.QUEUE, events)
             enqueue_s = clock.monotonic() - started
-            worker = Worker(env, TrafficConsumer(cfg).handle_batch)
+            worker = Worker(env, traffic_handler(env))
             progress("consume, alternating with the raw SQLite reference")
             first = race(worker, rows, work / "raw1.db")
             progress("consume again (all duplicates), alternating with the raw reference")

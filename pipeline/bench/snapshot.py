@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import snapshots
 from pipeline import clock, log, migrate
 from pipeline.bench.common import (
     SLICE_EVENTS,
@@ -33,13 +32,12 @@ from pipeline.bench.common import (
     send_events,
 )
 from pipeline.bench.scratch import scratch_db
-from pipeline.cli.compose import traffic_handler
+from pipeline.cli.compose import refresh_snapshot, snapshot_refresher, snapshot_stats, traffic_handler
 from pipeline.config import Config
 from pipeline.env import Env, open_env
 from pipeline.queries import top_paths_statement
 from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
-from pipeline.worker import Context, Worker
-from snapshots.refresher import SnapshotRefresher, refresher_for
+from pipeline.worker import Context, SideWork, Worker
 
 HOUR = 3600
 INSERT_CHUNK = 20_000
@@ -77,11 +75,11 @@ def _fill(env: Env, hours: range, paths: list[str], rng: random.Random, progress
 
 def _time_refresh(env: Env, now_s: float, repeat: int) -> float:
     """Median seconds of `repeat` refreshes (after one warm-up)."""
-    snapshots.refresh(env, now_s)
+    refresh_snapshot(env, now_s)
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        snapshots.refresh(env, now_s)
+        refresh_snapshot(env, now_s)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -140,11 +138,10 @@ def run(paths: int = 2000, db_url: str | None = None, repeat: int = 5, progress:
 
 
 def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_size: int, db_url: str | None,
-            work: Path, every: int) -> tuple[Worker, SnapshotRefresher | None]:  # fmt: skip
+            work: Path, every: int) -> tuple[Worker, SideWork | None]:  # fmt: skip
     """A worker on a fresh database holding `events`, refreshing every `every` batches (0:
     never; strictly: `min_interval_s = 0`, so only a refresh still running skips one), and
-    its snapshot refresher (None when it has none): composed as `consumer_worker` does, but
-    keeping the refresher's own type, whose builder and refresh count the benchmark reads."""
+    its snapshot refresher (None when it has none), as `consumer_worker` composes them."""
     work.mkdir(parents=True, exist_ok=True)
     url = stack.enter_context(scratch_db(db_url, work))
     cfg = Config().replace(
@@ -157,7 +154,7 @@ def _worker(stack: contextlib.ExitStack, events: list[dict[str, Any]], batch_siz
     migrate.upgrade(env.DB)
     send_events(env.QUEUE, events)
     ctx = Context()
-    refresher = refresher_for(env, ctx)
+    refresher = snapshot_refresher(env, ctx)
     worker = Worker(env, traffic_handler(env), ctx=ctx, side=refresher)
     stack.callback(worker.close)
     return worker, refresher
@@ -187,8 +184,7 @@ def consume_with_snapshots(
             if not moved:
                 break
     n = len(events)
-    builder = refresher.builder if refresher is not None else None
-    builder_cpu = builder.cpu_s if builder is not None else 0.0  # the helper process's
+    refreshes, builder_cpu = snapshot_stats(refresher)  # builder_cpu: the helper process's
     return {
         "snapshot_every_batches": every,
         "snapshot_events_per_s": round(n / meters["on"].wall),
@@ -196,5 +192,5 @@ def consume_with_snapshots(
         "snapshot_cpu_overhead": round((meters["on"].cpu + builder_cpu) / meters["off"].cpu - 1, 4),
         "snapshot_builder_cpu_s": round(builder_cpu, 2),
         "snapshot_batch_p99_ms": percentile(latencies["on"], 99),
-        "snapshot_refreshes": refresher.refreshes if refresher is not None else 0,
+        "snapshot_refreshes": refreshes,
     }

@@ -2,16 +2,17 @@
 (`pipeline`) knows registries and interfaces only; this module (and nothing else in
 `pipeline` but the CLI commands and the benchmarks) imports the worker packages and plugs
 them in: the traffic consumer as the queue handler, the snapshot refresher as the worker's
-side work, the job scheduler, the jobs (registered in `pipeline.jobs.JOBS` by importing
-their modules) and the snapshot reader of the HTTP read API."""
+side work, the job scheduler and the jobs (registered in `pipeline.jobs.JOBS` by importing
+their modules). The benchmarks (`pipeline.bench`) reach the workers through here too."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pipeline.env import Env
 from pipeline.jobs import JOBS, JobFn
-from pipeline.worker import Context, Handler, Worker, WorkerProcess
+from pipeline.worker import Context, Handler, SideWork, Worker, WorkerProcess
 
 
 def register_jobs() -> dict[str, JobFn]:
@@ -30,19 +31,53 @@ def traffic_handler(env: Env) -> Handler:
     return TrafficConsumer(env.config).handle_batch
 
 
-def consumer_worker(env: Env, handler: Handler | None = None) -> Worker:
-    """A worker consuming with the traffic consumer (or `handler`) and refreshing snapshots."""
+def snapshot_refresher(env: Env, ctx: Context) -> SideWork | None:
+    """The snapshot refresher of a worker on `env` (None when snapshots are off)."""
     from snapshots.refresher import refresher_for
 
+    return refresher_for(env, ctx)
+
+
+def snapshot_stats(side: SideWork | None) -> tuple[int, float]:
+    """(snapshots published, CPU seconds of the builder process) of a snapshot refresher."""
+    from snapshots.refresher import SnapshotRefresher
+
+    if not isinstance(side, SnapshotRefresher):
+        return 0, 0.0
+    return side.refreshes, side.builder.cpu_s if side.builder is not None else 0.0
+
+
+def refresh_snapshot(env: Env, now_s: float | None = None) -> dict[str, Any]:
+    """Build and publish a snapshot now, in this process."""
+    from snapshots import refresh
+
+    return refresh(env, now_s)
+
+
+def consumer_worker(env: Env, handler: Handler | None = None) -> Worker:
+    """A worker consuming with the traffic consumer (or `handler`) and refreshing snapshots."""
     ctx = Context()
-    return Worker(env, handler or traffic_handler(env), ctx=ctx, side=refresher_for(env, ctx))
+    return Worker(env, handler or traffic_handler(env), ctx=ctx, side=snapshot_refresher(env, ctx))
+
+
+def replay_verify(env: Env, start_s: float, end_s: float) -> dict[str, Any]:
+    """`edgepipe replay verify` over [start_s, end_s) of the configured archive."""
+    from archiver import replay
+
+    return replay.verify(env.DB, env.require_archive(), env.config.archive.prefix, start_s, end_s, config=env.config)
+
+
+def archive_format() -> tuple[tuple[str, ...], int, re.Pattern[str]]:
+    """The archive objects' row fields, gzip level and key pattern (for references that
+    serialise or read the same objects by hand)."""
+    from archiver.objects import COMPRESS_LEVEL, KEY_RE, ROW_FIELDS
+
+    return ROW_FIELDS, COMPRESS_LEVEL, KEY_RE
 
 
 def worker_process(env: Env, with_scheduler: bool = True) -> WorkerProcess:
     """`edgepipe worker`: the consumer, the snapshot refresher and (unless told not to) the
     job scheduler in one process."""
-    from snapshots.refresher import refresher_for
-
     factory = None
     if with_scheduler:
         register_jobs()
@@ -51,4 +86,6 @@ def worker_process(env: Env, with_scheduler: bool = True) -> WorkerProcess:
         def factory(holder: str, on_run: Any) -> JobScheduler:
             return JobScheduler(env, holder, on_run=on_run)
 
-    return WorkerProcess(env, traffic_handler(env), side=lambda ctx: refresher_for(env, ctx), scheduler_factory=factory)
+    return WorkerProcess(
+        env, traffic_handler(env), side=lambda ctx: snapshot_refresher(env, ctx), scheduler_factory=factory
+    )
