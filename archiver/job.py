@@ -43,10 +43,7 @@ import orjson
 import sqlalchemy as sa
 
 from archiver.objects import (
-    PENDING,
-    REPLACED,
     ROW_FIELDS,
-    VERIFIED,
     check_stored,
     encode,
     manifest_key,
@@ -57,7 +54,7 @@ from pipeline.clock import HOUR_MS
 from pipeline.env import Env
 from pipeline.errors import IntegrityError, TransientError
 from pipeline.jobs import job
-from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, archive_objects, traffic_events
+from pipeline.schema import FLAGGED, HOLDS_NOTHING, ArchiveState, ObjectStatus, archive_objects, traffic_events
 
 log = logging.getLogger("edgepipe.archiver")
 DAY_S = 86_400
@@ -113,16 +110,24 @@ def _object_rows(hour_s: int, cutoff: int, first: int, last: int, state: int = A
     )
 
 
+def _drop_pending(env: Env, key: str) -> None:
+    """Delete the object `key` from the bucket, then its `pending` record."""
+    env.require_archive().delete(key)
+    with env.DB.transaction() as conn:
+        conn.execute(
+            sa.delete(archive_objects).where(
+                archive_objects.c.key == key, archive_objects.c.status == ObjectStatus.PENDING
+            )
+        )
+
+
 def recover_pending(env: Env) -> int:
     """Delete the objects (and records) of uploads a crashed run never recorded."""
+    pending = sa.select(archive_objects.c.key).where(archive_objects.c.status == ObjectStatus.PENDING)
     with env.DB.read() as conn:
-        keys = list(conn.execute(sa.select(archive_objects.c.key).where(archive_objects.c.status == PENDING)).scalars())
+        keys = list(conn.execute(pending).scalars())
     for key in keys:
-        env.require_archive().delete(key)
-        with env.DB.transaction() as conn:
-            conn.execute(
-                sa.delete(archive_objects).where(archive_objects.c.key == key, archive_objects.c.status == PENDING)
-            )
+        _drop_pending(env, key)
         log.warning("archive_recovered key=%s", key)
     return len(keys)
 
@@ -156,7 +161,7 @@ def archive_next(env: Env, hour_s: int, cutoff: int, after_seq: int, whole_hour:
             key = _free_key(conn, cfg.prefix, hour_s, enc.min_seq, enc.max_seq)  # type: ignore[arg-type]
             conn.execute(
                 sa.insert(archive_objects).values(
-                    key=key, hour=hour_s, status=PENDING, row_count=enc.rows, min_seq=enc.min_seq,
+                    key=key, hour=hour_s, status=ObjectStatus.PENDING, row_count=enc.rows, min_seq=enc.min_seq,
                     max_seq=enc.max_seq, created_at=clock.now_s(),
                 )
             )  # fmt: skip
@@ -187,8 +192,8 @@ def _mark(env: Env, key: str, hour_s: int, cutoff: int, enc: Any) -> None:
             sa.update(archive_objects)
             .where(archive_objects.c.key == key)
             .values(
-                status=VERIFIED, size_bytes=enc.size, sha256=enc.sha256, min_ts=enc.min_ts, max_ts=enc.max_ts,
-                verified_at=clock.now_s(),
+                status=ObjectStatus.VERIFIED, size_bytes=enc.size, sha256=enc.sha256, min_ts=enc.min_ts,
+                max_ts=enc.max_ts, verified_at=clock.now_s(),
             )
         )  # fmt: skip
 
@@ -197,11 +202,7 @@ def _abandon(env: Env, key: str) -> None:
     """Best effort after a failure: remove the object and its pending record. If this
     fails too, the pending record stays and the next run's recovery does it."""
     try:
-        env.require_archive().delete(key)
-        with env.DB.transaction() as conn:
-            conn.execute(
-                sa.delete(archive_objects).where(archive_objects.c.key == key, archive_objects.c.status == PENDING)
-            )
+        _drop_pending(env, key)
     except Exception as exc:
         log.warning("archive_abandon_failed key=%s error=%s", key, exc)
 
@@ -240,7 +241,7 @@ def _replace(env: Env, obj: Any) -> int | None:
         record = sa.update(archive_objects).where(
             archive_objects.c.key == obj.key, archive_objects.c.status == obj.status
         )
-        taken = conn.execute(record.values(status=REPLACED, error=reason[:2000])).rowcount
+        taken = conn.execute(record.values(status=ObjectStatus.REPLACED, error=reason[:2000])).rowcount
         if not taken:
             return None
         reset = conn.execute(
@@ -309,13 +310,13 @@ def write_manifest(env: Env, day: str) -> bool:
             .where(
                 archive_objects.c.hour >= day_s,
                 archive_objects.c.hour < day_s + DAY_S,
-                archive_objects.c.status != PENDING,
+                archive_objects.c.status != ObjectStatus.PENDING,
             )
             .order_by(archive_objects.c.key)
         ).all()
     if not rows:
         return False
-    entries = [dict(zip(MANIFEST_FIELDS, r, strict=True)) for r in rows if r.status != REPLACED]
+    entries = [dict(zip(MANIFEST_FIELDS, r, strict=True)) for r in rows if r.status != ObjectStatus.REPLACED]
     totals = {"objects": len(entries), "rows": sum(e["row_count"] for e in entries)}
     totals["bytes"] = sum(e["size_bytes"] for e in entries)
     doc = {"format": "edgepipe-manifest/1", "day": day, "generated_at": clock.iso(clock.now_s()), **totals}

@@ -39,7 +39,6 @@ import orjson
 
 from pipeline.bindings.archive import ObjectStore
 from pipeline.errors import IntegrityError, NotFound
-from pipeline.schema import ObjectStatus
 
 ROW_FIELDS = ("seq", "ts", "id", "method", "path", "overflow", "status", "response_time_ms", "host", "colo", "bytes")
 COMPRESS_LEVEL = 6
@@ -47,8 +46,6 @@ SPOOL_BYTES = 8 * 1024 * 1024
 _ROW_SEP, _ROW_NL = b'},{"seq":', b'}\n{"seq":'  # between two rows, whose first field is seq
 ROW_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()  # a row as a dict
 MANIFEST_NAME = "_manifest.json"
-PENDING, VERIFIED, CLEANED = ObjectStatus.PENDING, ObjectStatus.VERIFIED, ObjectStatus.CLEANED
-CORRUPT, MISMATCH, REPLACED = ObjectStatus.CORRUPT, ObjectStatus.MISMATCH, ObjectStatus.REPLACED
 KEY_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/part-(\d+)-(\d+)(?:-r(\d+))?\.ndjson\.gz$")
 
 

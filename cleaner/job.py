@@ -23,14 +23,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from archiver.objects import CLEANED, CORRUPT, MISMATCH, VERIFIED, check_stored
+from archiver.objects import check_stored
 from cleaner import stats_file
 from pipeline import clock
 from pipeline.clock import HOUR_MS
 from pipeline.env import Env
 from pipeline.errors import IntegrityError
 from pipeline.jobs import job
-from pipeline.schema import ArchiveState, archive_objects, lifetime_totals, traffic_events
+from pipeline.schema import ArchiveState, ObjectStatus, archive_objects, lifetime_totals, traffic_events
 from pipeline.totals import FIELDS, SCOPE, event_sums
 
 log = logging.getLogger("edgepipe.cleaner")
@@ -114,7 +114,7 @@ def clean_batch(env: Env, obj: Any, batch_size: int, first: bool) -> tuple[int, 
             conn.execute(
                 sa.update(archive_objects)
                 .where(archive_objects.c.key == obj.key)
-                .values(status=CLEANED, cleaned_at=clock.now_s())
+                .values(status=ObjectStatus.CLEANED, cleaned_at=clock.now_s())
             )
     return n, done
 
@@ -132,7 +132,7 @@ def _clean_object(env: Env, obj: Any, budget: int, result: dict[str, Any]) -> in
     cfg = env.config
     problem = check_stored(env.require_archive(), obj.key, obj.size_bytes, obj.sha256 or "", cfg.archive.verify)
     if problem:
-        flag(env, obj.key, CORRUPT, problem)
+        flag(env, obj.key, ObjectStatus.CORRUPT, problem)
         result["refused"].append(obj.key)
         return 0
     used = 0
@@ -140,7 +140,7 @@ def _clean_object(env: Env, obj: Any, budget: int, result: dict[str, Any]) -> in
         try:
             n, done = clean_batch(env, obj, cfg.cleaner.batch_size, first=used == 0)
         except IntegrityError as exc:
-            flag(env, obj.key, MISMATCH, str(exc))
+            flag(env, obj.key, ObjectStatus.MISMATCH, str(exc))
             result["refused"].append(obj.key)
             return used
         if n:
@@ -158,7 +158,7 @@ def run(env: Env, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
     with env.DB.read() as conn:
         objects = conn.execute(
             sa.select(archive_objects)
-            .where(archive_objects.c.status == VERIFIED)
+            .where(archive_objects.c.status == ObjectStatus.VERIFIED)
             .order_by(archive_objects.c.hour, archive_objects.c.key)
         ).all()
     result: dict[str, Any] = {"dry_run": dry_run, "objects": 0, "rows": 0, "batches": 0, "refused": []}
