@@ -91,6 +91,7 @@ class Consumer(Section):
     # backoff_initial_s, doubling per failure up to backoff_max_s (jittered), and tries again.
     backoff_initial_s: float = Field(0.5, gt=0, le=60)
     backoff_max_s: float = Field(30.0, gt=0, le=3600)
+    dlq_retention_days: float = Field(14, ge=0, le=36_500)  # dead letters older are purged by `clean`; 0 = keep
 
 
 class PathRule(Section):
@@ -125,7 +126,24 @@ class Paths(Section):
 
 
 class Retention(Section):
-    detail_days: int = Field(3, ge=1, le=3650)
+    """How long each tier is kept. 0 means forever for the tiers that may be kept forever."""
+
+    detail_days: int = Field(3, ge=1, le=3650)  # detail rows in the database, then archived and cleaned
+    archive_days: int = Field(0, ge=0, le=36_500)  # archive objects in the bucket (the `expire` job)
+    hourly_days: int = Field(0, ge=0, le=36_500)  # hourly aggregates of rolled-up days (the `rollup` job)
+
+    @model_validator(mode="after")
+    def _tiers(self) -> Retention:
+        if self.archive_days and self.archive_days <= self.detail_days:
+            raise ValueError(
+                f"archive_days ({self.archive_days}) must be 0 (forever) or more than detail_days ({self.detail_days})"
+            )
+        if self.hourly_days and self.hourly_days < self.detail_days + 2:
+            raise ValueError(
+                f"hourly_days ({self.hourly_days}) must be 0 (forever) or at least detail_days + 2 "
+                f"({self.detail_days + 2}): late events still land in the hours of the last detail_days + 1 days"
+            )
+        return self
 
 
 class Archive(Section):
@@ -140,8 +158,8 @@ class Archive(Section):
 
 
 class Cleaner(Section):
-    batch_size: int = Field(1000, ge=1, le=100_000)
-    max_batches: int = Field(50, ge=1, le=1_000_000)
+    batch_size: int = Field(1000, ge=1, le=100_000)  # ≈ rows per clean transaction (whole objects)
+    max_run_seconds: float = Field(900, gt=0, le=86_400)  # a clean run stops after this; `complete` says so
     reclaim_space: bool = False
     stats_file: str = "data/stats/lifetime_stats.json"
 
@@ -190,7 +208,9 @@ class Monitor(Section):
     warn_ratio: float = Field(0.8, gt=0, le=1)  # alert when the database fills this share of capacity
     min_days_left: float = Field(30, ge=0)  # alert when projected days until capacity drop below this
     max_queue_depth: int = Field(100_000, ge=0)
+    max_queue_age_s: float = Field(3600, gt=0)  # alert `queue_age` when the oldest message waits longer
     max_dlq_depth: int = Field(1000, ge=0)
+    max_dlq_growth: int = Field(100, ge=0)  # alert `dlq` when more letters than this arrived in the last day
 
 
 class Http(Section):

@@ -51,6 +51,7 @@ class ObjectStatus(StrEnum):
     CORRUPT = "corrupt"  # the cleaner found it missing or not matching its checksum
     MISMATCH = "mismatch"  # the cleaner found its row counts not matching
     REPLACED = "replaced"  # flagged, then its rows went back to the archive queue and into a new object
+    EXPIRED = "expired"  # cleaned, then deleted from the bucket by the `expire` job ([retention] archive_days)
 
 
 FLAGGED = (ObjectStatus.CORRUPT, ObjectStatus.MISMATCH)  # the next archive run replaces these
@@ -106,6 +107,26 @@ path_stats_hourly = Table(
     *(Column(c, BigInteger, nullable=False) for c in BUCKET_COLUMNS),
     # Clustered by its key on SQLite: one B-tree per upsert instead of index + table, and
     # hour-range reads are sequential.
+    sqlite_with_rowid=False,
+)
+
+# The hourly rows of each closed UTC day folded into one row per (day, host, path, method)
+# by the `rollup` job; same columns, so the same readers and histogram merge apply. Once
+# `[retention] hourly_days` prunes a day's hourly rows, its daily rows hold that day.
+path_stats_daily = Table(
+    "path_stats_daily",
+    metadata,
+    Column("day", BigInteger, primary_key=True),  # epoch seconds at 00:00 UTC of the day
+    Column("host", String(255), primary_key=True),
+    Column("path", Text, primary_key=True),
+    Column("method", String(16), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    *(Column(c, BigInteger, nullable=False) for c in STATUS_COLUMNS),
+    Column("bytes_sum", BigInteger, nullable=False),
+    Column("rt_sum_ms", Float, nullable=False),
+    Column("rt_min_ms", Float, nullable=False),
+    Column("rt_max_ms", Float, nullable=False),
+    *(Column(c, BigInteger, nullable=False) for c in BUCKET_COLUMNS),
     sqlite_with_rowid=False,
 )
 

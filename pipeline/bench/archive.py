@@ -53,7 +53,7 @@ def _config(work: Path) -> Any:
     return Config().replace(
         bindings={"db": f"sqlite:///{work / 'bench.db'}", "archive": f"file://{work / 'archive'}"},
         archive={"max_objects_per_run": 1_000_000},
-        cleaner={"batch_size": 1000, "max_batches": 1_000_000, "stats_file": str(work / "stats.json")},
+        cleaner={"batch_size": 1000, "stats_file": str(work / "stats.json")},
     )
 
 
