@@ -1,28 +1,56 @@
 """Every "now" in edgepipe goes through here, so time rules are testable with freezegun
 and the demo can simulate days in seconds. Uses `time.time()` (which freezegun patches),
-never a cached start time.
+never a cached start time, unless a simulated clock is set (`simulated`): then every wall
+clock reading in the process is the simulated instant, which only its owner moves.
+`monotonic` (durations, budgets) and `sleep` stay real.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 HOUR_S = 3600
 HOUR_MS = HOUR_S * 1000
 
 
+_simulated: float | None = None  # the simulated wall clock (epoch seconds), when one is set
+
+
 def now() -> datetime:
     """Current time as an aware UTC datetime."""
-    return datetime.fromtimestamp(time.time(), UTC)
+    return datetime.fromtimestamp(now_s(), UTC)
 
 
 def now_s() -> float:
-    return time.time()
+    return time.time() if _simulated is None else _simulated
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return int(now_s() * 1000)
+
+
+@contextmanager
+def simulated(start_s: float) -> Iterator[Callable[[float], None]]:
+    """Run the block on a simulated wall clock starting at `start_s`; yields `set_to(t)`,
+    which moves it (never backwards: a ValueError). The real clock is back on exit."""
+    global _simulated
+    if _simulated is not None:
+        raise RuntimeError("a simulated clock is already running")
+
+    def set_to(t: float) -> None:
+        global _simulated
+        if _simulated is not None and t < _simulated:
+            raise ValueError(f"the simulated clock cannot go back from {iso(_simulated)} to {iso(t)}")
+        _simulated = t
+
+    _simulated = start_s
+    try:
+        yield set_to
+    finally:
+        _simulated = None
 
 
 def monotonic() -> float:

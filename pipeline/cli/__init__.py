@@ -145,12 +145,13 @@ def emit_json(data: Any) -> None:
 
 
 from pipeline.bench import cli as bench  # noqa: E402  (registers `edgepipe bench`)
-from pipeline.cli import archive, core, http, jobs, ops  # noqa: E402  (registers the commands)
+from pipeline.cli import archive, core, demo, http, jobs, ops  # noqa: E402  (registers the commands)
 
 __all__ = [
     "archive",
     "bench",
     "core",
+    "demo",
     "emit_json",
     "http",
     "jobs",
