@@ -168,3 +168,117 @@ def test_dead_workers_are_forgotten(env: Any) -> None:
         assert [w["holder"] for w in orjson.loads(result.stdout)["workers"]] == ["host:4:dd"]
         assert "forgot 1 dead workers" in result.stderr
         assert [w["holder"] for w in worker_status(env.DB)["workers"]] == ["host:4:dd"]
+
+
+# --- alerts: each raised by a constructed situation, with its figure, and cleared ---------
+
+
+def _raised(env: Any, name: str) -> list[dict[str, Any]]:
+    return [a for a in report(env)["raised"] if a["name"] == name]
+
+
+def test_archive_lag_counts_the_late_rows_and_clears_when_archived(env: Any) -> None:
+    with freeze_time(NOW):
+        _load(env, 30, age_ms=6 * DAY_MS, seed=11)
+        _load(env, 10, age_ms=DAY_MS, seed=12)  # recent rows are no lag
+        (alert,) = _raised(env, "archive_lag")
+        assert alert["value"] == 30 and "30 rows older than 4 days" in alert["message"]
+        assert run_by_hand(env, "archive", None).status == "succeeded"
+        assert _raised(env, "archive_lag") == []
+
+
+def test_clean_lag_from_old_verified_rows_and_from_a_run_out_of_time(db_url: str, make_env: Any) -> None:
+    archive = {"max_rows_per_object": 10}
+    hurried = make_env(db_url, archive=archive, cleaner={"batch_size": 10, "max_run_seconds": 1e-9})
+    with freeze_time(NOW) as frozen:
+        _load(hurried, 60, age_ms=5 * DAY_MS, seed=13)
+        run_by_hand(hurried, "archive", None)
+        assert _raised(hurried, "clean_lag") == []  # verified just now, not cleaned yet: no lag
+        out = run_by_hand(hurried, "clean", None)
+        assert out.result is not None and out.result["complete"] is False
+        left = out.result["remaining_rows"]
+        assert 0 < left < 60
+        (alert,) = _raised(hurried, "clean_lag")
+        assert alert["value"] == left and "out of time" in alert["message"]
+        frozen.tick(2 * 86_400)
+        (alert,) = _raised(hurried, "clean_lag")
+        assert alert["value"] == left and "more than a day ago" in alert["message"]
+        unhurried = make_env(db_url, archive=archive)  # the same database, the default time budget
+        out = run_by_hand(unhurried, "clean", None)
+        assert out.result is not None and out.result["complete"] is True and out.result["remaining_rows"] == 0
+        assert _raised(unhurried, "clean_lag") == []
+
+
+def test_queue_age(env: Any) -> None:
+    with freeze_time(NOW) as frozen:
+        env.QUEUE.send_batch([b for b, _ in make_events(seed=14, n=5, now_ms=clock.now_ms(), span_ms=60_000)])
+        assert _raised(env, "queue_age") == []
+        frozen.tick(7200)
+        (alert,) = _raised(env, "queue_age")
+        assert alert["value"] == 7200.0 and alert["limit"] == 3600
+        Worker(env, TrafficConsumer(env.config).handle_batch).run(until_empty=True)
+        assert _raised(env, "queue_age") == []
+
+
+def test_dlq_depth_and_growth(db_url: str, make_env: Any) -> None:
+    env = make_env(db_url, monitor={"max_dlq_depth": 3, "max_dlq_growth": 2})
+
+    def poison(n: int) -> None:
+        env.QUEUE.send_batch([{"id": f"bad-{clock.now_s()}-{i}", "status": 99} for i in range(n)])
+        Worker(env, TrafficConsumer(env.config).handle_batch).run(until_empty=True)
+
+    with freeze_time(NOW) as frozen:
+        poison(5)
+        (alert,) = _raised(env, "dlq")
+        assert alert["value"] == 5 and alert["limit"] == 3
+        run_by_hand(env, "monitor", None)  # its stored report is the growth's reference
+        assert env.QUEUE.dlq_purge() == 5
+        assert _raised(env, "dlq") == []  # purged; no growth known yet
+        frozen.tick(86_400)
+        poison(4)
+        env.QUEUE.dlq_purge()
+        (alert,) = _raised(env, "dlq")
+        assert alert["value"] == 4.0 and "4 dead letters a day" in alert["message"]
+        run_by_hand(env, "monitor", None)
+        frozen.tick(86_400)
+        assert _raised(env, "dlq") == []  # nothing new for a day
+
+
+def test_no_worker_once_every_worker_seen_is_gone(env: Any) -> None:
+    with freeze_time(NOW) as frozen:
+        assert _raised(env, "no_worker") == []  # none ever seen (jobs run by cron, `consume` by hand)
+        beat = Heartbeat(env.DB, "host:9:zz")
+        beat.beat(force=True)
+        assert _raised(env, "no_worker") == []
+        frozen.tick(200)  # past dead_after (120 s)
+        (alert,) = _raised(env, "no_worker")
+        assert alert["value"] == 0 and "1 workers" in alert["message"]
+        beat.beat(force=True)
+        assert _raised(env, "no_worker") == []
+
+
+def test_job_missed_and_job_failed(env: Any) -> None:
+    from pipeline import meta
+    from pipeline.jobruns import JobStore
+
+    with freeze_time("2026-11-20T01:00:00Z"):
+        meta.ensure_deployment_start(env.DB)
+    with freeze_time("2026-11-20T03:30:00Z"):
+        r = report(env)
+        assert r["jobs"]["archive"]["status"] == "missed"  # 02:00 passed more than misfire_grace ago
+        assert r["jobs"]["clean"]["status"] == "pending"  # 03:00, still within grace
+        assert "monitor" not in r["jobs"]  # its last slot (yesterday 04:00) predates the deployment
+        (alert,) = _raised(env, "job_missed")
+        assert alert["value"] == "archive" and alert["limit"] == "2026-11-20T02:00:00Z"
+        assert run_by_hand(env, "archive", None).status == "succeeded"  # a run by hand covers the slot
+        assert _raised(env, "job_missed") == []
+        store = JobStore(env.DB)
+        run_id = store.start("clean", clock.parse_time("2026-11-20T03:00:00Z"), 1, "host:1:aa")
+        assert run_id is not None
+        store.finish(run_id, "failed", error="OSError: disk gone")
+        (alert,) = _raised(env, "job_failed")
+        assert alert["value"] == "clean" and "1 attempts" in alert["message"]
+        result = _cli(env, "monitor", "--check", "--json")
+        assert result.exit_code == 1 and "job_failed" in {a["name"] for a in orjson.loads(result.stdout)["raised"]}
+        assert run_by_hand(env, "clean", None).status == "succeeded"
+        assert _raised(env, "job_failed") == []

@@ -85,7 +85,8 @@ def snapshot_prune(state: State, keep: int | None, dry_run: bool, as_json: bool)
 @click.option("--check", is_flag=True, help="Exit 1 when any threshold is crossed (for cron and alerting).")
 @pass_state
 def monitor(state: State, as_json: bool, check: bool) -> None:
-    """Capacity report: sizes, rows, growth, days until full, archive lag, queue and DLQ."""
+    """Capacity and health report: sizes, growth, days until full, archive and clean lag,
+    queue depth and age, DLQ, workers, jobs' last slots, and the alerts raised."""
     from scheduler.monitor import report
 
     r = report(state.env())
@@ -103,8 +104,12 @@ def _print_report(r: dict[str, Any]) -> None:
     print_table(
         rows, ("table", "rows", "bytes"), f"database {r['db_bytes']:,} bytes ({r['used_ratio']:.2%} of capacity)"
     )
-    for key in ("growth_7d_bytes", "days_until_full", "oldest_unarchived_at", "queue_depth", "dlq_depth", "archive"):
+    keys = ["growth_7d_bytes", "days_until_full", "oldest_unarchived_at", "archive_lag_rows", "clean_lag_rows"]
+    keys += ["queue_depth", "queue_oldest_age_s", "dlq_depth", "dlq_growth_per_day", "workers_alive", "archive"]
+    for key in keys:
         click.echo(f"{key:>24} {r[key]}")
+    for name, j in r["jobs"].items():
+        click.echo(f"{'job ' + name:>24} {j['status']} ({j['slot']})")
     for alert in r["alerts"]:
         click.echo(f"ALERT {alert}")
 
