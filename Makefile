@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EVENTS ?= 20000
+DAYS ?= 2
+RATE ?= 1
 
 .PHONY: run test lint clean
 
@@ -12,12 +13,12 @@ $(BIN)/edgepipe: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# End-to-end sample on embedded defaults: SQLite + local archive dir under ./data/.
+# End to end on embedded defaults (SQLite + local archive dir under ./data/): a simulated
+# deployment of DAYS days at RATE events/s (traffic, consumer, every cron job), then the top
+# paths. --force: a second `make run` adds to the first (`make clean` starts again).
 run: $(BIN)/edgepipe
 	$(BIN)/edgepipe init
-	$(BIN)/edgepipe sample --events $(EVENTS) > data/sample.ndjson
-	$(BIN)/edgepipe ingest data/sample.ndjson
-	$(BIN)/edgepipe --log-level WARNING consume --until-empty
+	$(BIN)/edgepipe --log-level WARNING demo --days $(DAYS) --rate $(RATE) --force
 	$(BIN)/edgepipe paths top --hours 24 --limit 15
 
 test: $(BIN)/edgepipe

@@ -2,10 +2,10 @@
 
 The real system runs over a simulated wall clock (`pipeline.clock.simulated`; no sleeps):
 the demo producer (`pipeline.sample.DemoTraffic`: a daily curve, resent duplicates, late
-events, a little poison) sends each five-minute slice to the QUEUE binding, the clock moves
-to the slice's end, the real worker (traffic consumer, snapshot refresher every
-`snapshot_every_batches` batches) drains the queue, and the real job scheduler decides, at
-that instant, which cron jobs are due: archive, clean, monitor, rollup, expire, snapshot
+events, a little poison) sends each slice of time (five minutes at 2 events/s) to the
+QUEUE binding, the clock moves to the slice's end, the real worker (traffic consumer,
+snapshot refresher every `snapshot_every_batches` batches) drains the queue, and at every
+cron fire time the real job scheduler decides which jobs are due: archive, clean, monitor, rollup, expire, snapshot
 prune each run at their simulated hour, under their leases, recorded in `job_runs`. It
 runs on the configured bindings (SQLite + a local archive by default; PostgreSQL and S3 the
 same) and ends at the present, with a database that looks like N days of production.
@@ -20,6 +20,7 @@ import contextlib
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -62,6 +63,13 @@ def _job_runs(env: Any, start_s: float, end_s: float) -> dict[str, int]:
         return {job: int(n) for job, n in conn.execute(stmt).all()}
 
 
+def _forget(env: Any, holder: str) -> None:
+    from pipeline.schema import worker_heartbeats
+
+    with env.DB.transaction() as conn:
+        conn.execute(worker_heartbeats.delete().where(worker_heartbeats.c.holder == holder))
+
+
 def _drain(worker: Any) -> None:
     while (result := worker.step(wait=0.0)) is not None:
         if result.transient:
@@ -69,16 +77,90 @@ def _drain(worker: Any) -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[int, float], None]]:
+def _progress(total: float, enabled: bool) -> Iterator[Callable[[float, float], None]]:
     if not enabled:
         yield lambda done, now_s: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("simulating", total=total)
         yield lambda done, now_s: bar.update(task, completed=done, description=f"simulating {clock.iso(now_s)}")
+
+
+class _Simulation:
+    """The demo's loop. The simulated clock moves slice by slice (`SLICE_S`, longer at low
+    rates so that batches stay full) and stops at every cron fire time; the scheduler is
+    asked what is due at each fire time, each whole hour (retries of failed runs) and after
+    a run failed, as APScheduler asks a worker's scheduler."""
+
+    def __init__(self, env: Any, traffic: DemoTraffic, start: float) -> None:
+        from pipeline.cli.compose import consumer_worker
+        from pipeline.heartbeat import Heartbeat, process_name
+        from scheduler.service import JobScheduler
+
+        self.env, self.traffic, self.t = env, traffic, start
+        self.slice_s = SLICE_S * min(12, max(1, round(2 / traffic.rate)))
+        # From the first archive run that covers demo traffic on, the detail rows span at
+        # most detail_days + 1 days (+ the hour between the archive and the clean runs).
+        self.steady = start + (env.config.retention.detail_days + 1) * DAY_S
+        self.max_rows, self.max_span = 0, 0.0
+        self.holder = process_name()
+        self.heartbeat = Heartbeat(env.DB, self.holder, started_at=start)
+        self.worker = consumer_worker(env)
+        self.worker.heartbeat = self.heartbeat
+        self.scheduler = JobScheduler(env, self.holder, on_run=lambda _out: self.heartbeat.job_done())
+
+    def _watermark(self) -> int:
+        from pipeline import meta
+
+        with self.env.DB.read() as conn:
+            return meta.archive_watermark_ms(self.env.DB, conn)
+
+    def _next_fire(self) -> float:
+        now = datetime.fromtimestamp(self.t, UTC)
+        fires = [f.timestamp() for s in self.scheduler.specs if (f := s.next_fire(now)) is not None]
+        return min(fires, default=float("inf"))
+
+    def _sample(self) -> None:
+        rows, oldest = _detail_rows(self.env)
+        self.max_rows = max(self.max_rows, rows)
+        if oldest is not None and self.t >= self.steady:
+            self.max_span = max(self.max_span, (self.t - oldest / 1000) / DAY_S)
+
+    def run(self, end: float, set_to: Callable[[float], None], report: Callable[[float, float], None]) -> None:
+        from pipeline.cli.compose import refresh_snapshot
+
+        start, send = self.t, self.env.QUEUE.send_batch
+        watermark, next_fire, retry = self._watermark(), self._next_fire(), False
+        self.heartbeat.beat(force=True)
+        try:
+            while self.t < end:
+                t0, t1 = self.t, min(self.t + self.slice_s, end, next_fire)
+                batch = self.traffic.slice(t0, t1, watermark)
+                set_to(t1)
+                self.t = t1
+                for k in range(0, len(batch), SEND_CHUNK):
+                    send(batch[k : k + SEND_CHUNK])
+                _drain(self.worker)
+                new_hour = t1 // 3600 > t0 // 3600
+                if t1 >= next_fire or new_hour or retry:
+                    self.heartbeat.beat(force=True)
+                    outcomes = self.scheduler.tick()
+                    retry = any(o.status == "failed" for o in outcomes)
+                    if any(o.job == "archive" for o in outcomes):
+                        watermark = self._watermark()
+                    next_fire = self._next_fire()
+                if new_hour:
+                    self._sample()
+                report(t1 - start, t1)
+            _drain(self.worker)
+            self.worker.drain()
+            refresh_snapshot(self.env)  # the snapshot of the final state, for `serve`
+        finally:
+            self.worker.close()
+            _forget(self.env, self.holder)  # the demo's stand-in worker is no process to watch
 
 
 def run_demo(
@@ -92,12 +174,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Simulate `days` days ending at `end_s` (default: now, on a five-minute boundary);
     returns the summary `edgepipe demo --json` prints."""
-    from pipeline import meta, migrate, totals
+    from pipeline import migrate, totals
     from pipeline.bindings.db import Database
-    from pipeline.cli.compose import consumer_worker, refresh_snapshot, register_jobs
+    from pipeline.cli.compose import register_jobs
     from pipeline.env import open_env
-    from pipeline.heartbeat import Heartbeat, process_name
-    from scheduler.service import JobScheduler
 
     started = clock.monotonic()
     end = (clock.now_s() if end_s is None else end_s) // SLICE_S * SLICE_S
@@ -116,46 +196,10 @@ def run_demo(
                 "database", f"it already holds {before:,} events; the demo needs an empty one (--force: add to it)"
             )
         register_jobs()
-        traffic = DemoTraffic(rate, seed)
-        max_rows, max_span = 0, 0.0
-        # From the first archive run that covers demo traffic on, the detail rows span at
-        # most detail_days + 1 days (+ the hour between the archive and the clean runs).
-        steady = start + (cfg.retention.detail_days + 1) * DAY_S
-        with clock.simulated(start) as set_to:
-            meta.ensure_deployment_start(env.DB)
-            holder = process_name()
-            heartbeat = Heartbeat(env.DB, holder)
-            worker = consumer_worker(env)
-            worker.heartbeat = heartbeat
-            scheduler = JobScheduler(env, holder, on_run=lambda _out: heartbeat.job_done())
-            slices = int(days * DAY_S // SLICE_S)
-            try:
-                with env.DB.read() as conn:
-                    watermark = meta.archive_watermark_ms(env.DB, conn)
-                with _progress(slices, progress) as report:
-                    for i in range(slices):
-                        t0 = start + i * SLICE_S
-                        batch = traffic.slice(t0, t0 + SLICE_S, watermark)
-                        set_to(t0 + SLICE_S)
-                        for k in range(0, len(batch), SEND_CHUNK):
-                            env.QUEUE.send_batch(batch[k : k + SEND_CHUNK])
-                        _drain(worker)
-                        heartbeat.beat()
-                        if any(o.job == "archive" for o in scheduler.tick()):
-                            with env.DB.read() as conn:
-                                watermark = meta.archive_watermark_ms(env.DB, conn)
-                        if (t0 + SLICE_S) % 3600 == 0:
-                            rows, oldest = _detail_rows(env)
-                            max_rows = max(max_rows, rows)
-                            if oldest is not None and t0 + SLICE_S >= steady:
-                                max_span = max(max_span, (t0 + SLICE_S - oldest / 1000) / DAY_S)
-                        report(i + 1, t0 + SLICE_S)
-                _drain(worker)
-                worker.drain()
-                refresh_snapshot(env)  # the snapshot of the final state, for `serve`
-            finally:
-                worker.close()
-                heartbeat.beat("stopped", force=True)
+        sim = _Simulation(env, DemoTraffic(rate, seed), start)
+        with clock.simulated(start) as set_to, _progress(end - start, progress) as report:
+            sim.run(end, set_to, report)
+        traffic = sim.traffic
         stats = totals.stats(env.DB)
         checked = totals.verify(env.DB)
         dlq = env.QUEUE.dlq_counts()
@@ -180,8 +224,8 @@ def run_demo(
         "total_events": total,
         "exact": total - before == traffic.unique,
         "dlq": dlq,
-        "max_hot_events": max_rows,
-        "max_hot_span_days": round(max_span, 3),
+        "max_hot_events": sim.max_rows,
+        "max_hot_span_days": round(sim.max_span, 3),
         "job_runs": dict(sorted(Counter(runs).items())),
         "verify_ok": checked["ok"],
         "problems": checked["problems"],
