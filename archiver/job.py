@@ -448,6 +448,12 @@ def run(env: Env, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
     finally:  # the days of the objects written, even if a later one failed
         if not dry_run:
             write_due_manifests(env, result)
+    # Hot rows older than the cutoff this run leaves (a dry run: all it would archive). The
+    # watermark, raised before `hours` was read, keeps new ones out, so what was found less
+    # what was archived is what is left; complete: nothing is (a run that stopped at
+    # `max_objects_per_run` with its last object is complete too).
+    result["remaining_rows"] = max(0, sum(n for _, n in hours) - (0 if dry_run else result["rows"]))
+    result["complete"] = result["remaining_rows"] == 0
     log.info("archive_run %s", " ".join(f"{k}={v}" for k, v in result.items()))
     return result
 

@@ -149,12 +149,15 @@ def test_limits_per_object_and_per_run_resume(archive_env: Any) -> None:
     env = archive_env(archive={"max_rows_per_object": 4, "max_objects_per_run": 2})
     hour = ms("2026-11-18T09:00:00Z")
     consume(env, [event(i, hour + i * 10) for i in range(10)])
+    consume(env, [event(100 + i, ms("2026-11-18T11:00:00Z") + i) for i in range(3)])  # a later hour, not reached
+    consume(env, [event(200, ms(CUTOFF))])  # at the cutoff: not due, never counted as left
     first = run_job(env, "archive", NOW)
-    assert (first["objects"], first["rows"], first["complete"]) == (2, 8, False)
+    assert (first["objects"], first["rows"], first["complete"], first["remaining_rows"]) == (2, 8, False, 5)
+    assert len(hot_ids(env, (0,))) == 5 + 1
     second = run_job(env, "archive", NOW)
-    assert (second["objects"], second["rows"], second["complete"]) == (1, 2, True)
-    assert sorted(o["row_count"] for o in _objects(env)) == [2, 4, 4]
-    assert sorted(bucket_ids(env)) == sorted(f"ev-{i}" for i in range(10))
+    assert (second["objects"], second["rows"], second["complete"], second["remaining_rows"]) == (2, 5, True, 0)
+    assert sorted(o["row_count"] for o in _objects(env)) == [2, 3, 4, 4]
+    assert sorted(bucket_ids(env)) == sorted([*(f"ev-{i}" for i in range(10)), "ev-100", "ev-101", "ev-102"])
 
 
 @freeze_time(NOW)
@@ -162,7 +165,7 @@ def test_dry_run_changes_nothing(archive_env: Any) -> None:
     env = archive_env()
     consume(env, [event(i, ms("2026-11-17T01:00:00Z") + i) for i in range(5)])
     result = run_job(env, "archive", NOW, dry_run=True)
-    assert (result["objects"], result["rows"]) == (1, 5)
+    assert (result["objects"], result["rows"], result["complete"], result["remaining_rows"]) == (1, 5, False, 5)
     assert _objects(env) == [] and list(env.ARCHIVE.list("")) == []
     with env.DB.read() as conn:
         assert meta.archive_watermark_ms(env.DB, conn) == 0

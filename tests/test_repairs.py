@@ -6,6 +6,7 @@ mismatch (taken back and rewritten by the next archive run)."""
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import signal
@@ -307,12 +308,16 @@ def test_the_next_archive_run_replaces_a_flagged_object(archive_env: Any, how: s
 
 
 @freeze_time(NOW)
-def test_a_partly_cleaned_flagged_object_is_left_to_an_operator(make_env: Any, db_url: str) -> None:
+def test_a_partly_cleaned_flagged_object_is_left_to_an_operator(
+    make_env: Any, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Its cleaned rows exist only in that object: the run does not delete it."""
-    env = make_env(db_url, cleaner={"batch_size": 10, "max_batches": 1})
+    env = make_env(db_url, cleaner={"batch_size": 10, "max_run_seconds": 0.001})
     consume(env, [event(i, ms("2026-11-18T06:00:00Z") + i) for i in range(30)])
     run_job(env, "archive", NOW)
-    assert run_job(env, "clean", NOW)["rows"] == 10
+    with monkeypatch.context() as m:  # a clock that ticks 1 s a reading: the budget stops the run after one batch
+        m.setattr(clock, "monotonic", itertools.count().__next__)
+        assert run_job(env, "clean", NOW)["rows"] == 10
     (bad,) = (o["key"] for o in _objects(env))
     _damage(env, bad, "overwritten")
     assert run_job(env, "clean", NOW)["refused"] == [bad]

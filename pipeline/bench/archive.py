@@ -5,7 +5,9 @@ pipeline.bench.archive PHASE DIR`), so the peak RSS reported is that phase's own
 the generator's; for the same reason each phase imports what it runs inside itself, and
 this module's top imports stay light. References, measured in the same run on the same rows:
 * archive — serialise the rows to NDJSON and gzip them in memory (no DB, no I/O);
-* clean   — bare `DELETE … WHERE seq BETWEEN` in 1000-row transactions on a copy;
+* clean   — bare `DELETE … WHERE seq BETWEEN` in 1000-row transactions on a copy; the
+  rows are archived in objects of `CLEAN_OBJECT_ROWS` (small objects: the clean job's
+  transactions of `batch_size` 1000 rows each take several whole objects);
 * replay  — plain gunzip + JSON parse of the same objects (no checks, no aggregation);
   verify runs after the clean job, as it does in service.
 Each phase runs three times alternating with its reference (archive and clean from a copy
@@ -41,18 +43,19 @@ SCHEDULED = "2026-11-30T02:00:00Z"  # every generated row is older than its cuto
 ROUNDS = 3
 END_MS = int(clock.parse_time("2026-11-25T00:00:00Z") * 1000)
 GENERATE_CHUNK = 50_000
+CLEAN_OBJECT_ROWS = 250  # `[archive] max_rows_per_object` of the clean benchmark: 4 objects a transaction
 INSERT = (
     "INSERT INTO traffic_events (ts, id, method, path, overflow, status, response_time_ms, host, colo, bytes)"
     " VALUES (?,?,?,?,0,?,?,?,?,?)"
 )
 
 
-def _config(work: Path) -> Any:
+def _config(work: Path, **archive: Any) -> Any:
     from pipeline.config import Config
 
     return Config().replace(
         bindings={"db": f"sqlite:///{work / 'bench.db'}", "archive": f"file://{work / 'archive'}"},
-        archive={"max_objects_per_run": 1_000_000},
+        archive={"max_objects_per_run": 1_000_000, **archive},
         cleaner={"batch_size": 1000, "stats_file": str(work / "stats.json")},
     )
 
@@ -133,19 +136,24 @@ def _cpu_s() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def _env(work: Path) -> Any:
+def _env(work: Path, **archive: Any) -> Any:
     from pipeline.env import open_env
 
-    return open_env(_config(work))
+    return open_env(_config(work, **archive))
 
 
-def phase_archive(work: Path) -> dict[str, Any]:
+def phase_archive(work: Path, **archive: Any) -> dict[str, Any]:
     from pipeline.cli.compose import register_jobs
 
     run = register_jobs()["archive"]
-    env = _env(work)
+    env = _env(work, **archive)
     when = datetime.fromtimestamp(clock.parse_time(SCHEDULED), UTC)
     return _timed(lambda: run(env, when, False), env)
+
+
+def phase_archive_small(work: Path) -> dict[str, Any]:
+    """The archive job cutting the rows into objects of `CLEAN_OBJECT_ROWS` (for clean)."""
+    return phase_archive(work, max_rows_per_object=CLEAN_OBJECT_ROWS)
 
 
 def phase_archive_ref(work: Path) -> dict[str, Any]:
@@ -232,6 +240,7 @@ def phase_replay_ref(work: Path) -> dict[str, Any]:
 PHASES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "archive": phase_archive,
     "archive_ref": phase_archive_ref,
+    "archive_small": phase_archive_small,
     "clean": phase_clean,
     "clean_ref": phase_clean_ref,
     "replay": phase_replay,
@@ -276,8 +285,8 @@ def run(kind: str, n: int, progress: Progress = quiet) -> dict[str, Any]:
                 "cpu_ratio": _ratio(arch["rows"] / arch["cpu_seconds"], ref["rows"] / ref["cpu_seconds"]),
                 "reference_peak_rss_mb": ref["peak_rss_mb"], "round_ratios": rounds,
             }  # fmt: skip
-        progress("archive")
-        arch = _child("archive", work)
+        progress("archive" + (f" in objects of {CLEAN_OBJECT_ROWS} rows" if kind == "clean" else ""))
+        arch = _child("archive_small" if kind == "clean" else "archive", work)
         if kind == "clean":
             _keep_db(work, "archived.db")
 
@@ -299,6 +308,8 @@ def run(kind: str, n: int, progress: Progress = quiet) -> dict[str, Any]:
             "reference_rows": ref["rows"],
             "archive_peak_rss_mb": arch["peak_rss_mb"],
             **({"replay_ok": mine["ok"]} if kind == "replay" else {}),
+            **({"objects": mine["objects"], "object_rows": CLEAN_OBJECT_ROWS, "transactions": mine["batches"],
+                "complete": mine["complete"]} if kind == "clean" else {}),
             "round_ratios": rounds,
         }  # fmt: skip
 
