@@ -5,6 +5,13 @@ trusted only through their own metadata (sha256, row count), so none of this nee
 `archive_objects` table. Every object is decoded and checked in full before any of its
 rows is used; a truncated or corrupt object is reported by name in `bad` and skipped,
 the others are still processed, and callers exit non-zero when `bad` is not empty.
+
+Retention takes two things out of a range, and replay says so rather than failing on
+them: the objects of hours older than `[retention] archive_days`, deleted by the `expire`
+job (`expired_hours`, read from `archive_objects`: the bucket no longer knows them), and
+the hourly rows of days older than `[retention] hourly_days`, pruned into daily rows by
+the `rollup` job (`verify` compares those days with their daily rows; `rebuild` refuses to
+bring their hourly rows back).
 """
 
 from __future__ import annotations
@@ -25,14 +32,23 @@ import orjson
 import sqlalchemy as sa
 
 from archiver.objects import ROW_DECODER, ROW_FIELDS, key_hour, read_objects
-from pipeline import clock, log, procs
+from pipeline import clock, log, meta, procs
 from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
 from pipeline.bindings.archive import ObjectStore
 from pipeline.bindings.db import Database
 from pipeline.errors import ConfigError, IntegrityError, ValidationError
-from pipeline.schema import OTHER_PATH, ArchiveState, path_stats_hourly, traffic_events
+from pipeline.schema import (
+    OTHER_PATH,
+    ArchiveState,
+    ObjectStatus,
+    archive_objects,
+    path_stats_daily,
+    path_stats_hourly,
+    traffic_events,
+)
 
 HOUR_S = 3600
+DAY_S = 86_400
 FETCH = 5000
 # `verify` splits a range holding this many bytes of objects (~650,000 rows) between two
 # processes; starting the helper costs ~0.5 s, which a smaller range would not win back.
@@ -52,6 +68,16 @@ def hour_range(start_s: float, end_s: float) -> tuple[int, int]:
     if end_s <= start_s:
         raise ValidationError("--to", "must be after --from")
     return int(start_s) // HOUR_S * HOUR_S, -(-int(end_s) // HOUR_S) * HOUR_S
+
+
+def expired_hours(db: Database, start_s: float, end_s: float) -> list[int]:
+    """The hours (epoch s) of [start, end) whose objects the `expire` job deleted from the
+    bucket (`[retention] archive_days`): replay finds nothing of them there any more."""
+    h0, h1 = hour_range(start_s, end_s)
+    hour = archive_objects.c.hour
+    stmt = sa.select(hour).where(archive_objects.c.status == ObjectStatus.EXPIRED, hour >= h0, hour < h1)
+    with db.read() as conn:
+        return [int(h) for h in conn.execute(stmt.group_by(hour).order_by(hour)).scalars()]
 
 
 def objects_in(store: ObjectStore, prefix: str, start_s: float, end_s: float) -> list[tuple[str, int, int]]:
@@ -223,6 +249,65 @@ _STORED = (
 )
 
 
+_STORED_DAILY = (
+    sa.select(
+        path_stats_daily.c.day,
+        *(path_stats_daily.c[k] for k in AGG_KEYS[1:]),
+        *(path_stats_daily.c[c] for c in AGG_COLUMNS),
+    )
+    .where(path_stats_daily.c.day >= sa.bindparam("lo"), path_stats_daily.c.day < sa.bindparam("hi"))
+    .order_by(path_stats_daily.c.day, *(path_stats_daily.c[k] for k in AGG_KEYS[1:]))
+)
+_MIN, _MAX = AGG_COLUMNS.index("rt_min_ms"), AGG_COLUMNS.index("rt_max_ms")
+
+
+class _PrunedDays:
+    """`_verify` for the hours before the pruning watermark (`before`), whose hourly rows
+    live on in daily rows only: their recomputed aggregates are summed per day and compared
+    with the daily rows, for the days the range [h0, h1) covers whole and whose every hour
+    is sound and unexpired. The other hours of pruned days (the range cuts their day, or an
+    hour of their day is expired or has a bad object) go to `pruned_hours`, unverified."""
+
+    def __init__(self, h0: int, h1: int, before: int, expired: set[int]) -> None:
+        self.before, self.expired = before, expired
+        self.first, self.end = -(-h0 // DAY_S) * DAY_S, min(before, h1 // DAY_S * DAY_S)  # the whole days
+        self.mismatches: list[dict[str, Any]] = []
+        self.pruned_hours: list[int] = []
+        self._day: int | None = None
+        self._acc: Acc = {}
+        self._stored: list[tuple[Any, ...]] = []
+        self._hours: list[int] = []
+        self._whole = True
+
+    def add(self, hour: int, acc: Acc, sound: bool, stored: list[tuple[Any, ...]]) -> None:
+        """One hour's recomputed aggregates, and the daily rows that come with its day."""
+        day = hour - hour % DAY_S
+        if day != self._day:
+            self.finish()
+            self._day, self._acc, self._stored, self._hours = day, {}, [], []
+            self._whole = self.first <= day < self.end
+        self._stored += stored
+        if not sound or hour in self.expired:
+            self._whole = False
+            return
+        self._hours.append(hour)
+        for (_hour, host, path, method), values in acc.items():
+            into = self._acc.setdefault((day, host, path, method), [])
+            if not into:
+                into += values
+                continue
+            for i, v in enumerate(values):
+                into[i] = min(into[i], v) if i == _MIN else max(into[i], v) if i == _MAX else into[i] + v
+
+    def finish(self) -> None:
+        """Compare (or set aside) the day in hand."""
+        if self._day is not None and self._whole:
+            self.mismatches += [m | {"daily": True} for m in compare(self._acc, self._stored)]
+        elif self._day is not None:
+            self.pruned_hours += self._hours
+        self._day = None
+
+
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off meanwhile. Verify creates no reference cycles, but
@@ -256,6 +341,9 @@ def verify(
     cut = None
     if config is not None and sum(size for _key, _hour, size in listing) >= split_bytes:
         cut = _halving_hour(listing)
+    if cut is not None and cut < _pruned_before(db):  # pruned days are verified whole: cut between two
+        cut = -(-cut // DAY_S) * DAY_S
+        cut = cut if cut < h1 else None
     if cut is None:
         return _verify(db, store, listing, h0, h1, progress) | {"processes": 1}
     first, second = [o for o in listing if o[1] < cut], [o for o in listing if o[1] >= cut]
@@ -273,6 +361,11 @@ def verify(
     helper.done.value = 0  # its part is read again, here
     theirs = _verify(db, store, second, cut, h1, lambda n, _t: report(len(first) + n))
     return _merged(mine, theirs) | {"processes": 1}
+
+
+def _pruned_before(db: Database) -> int:
+    with db.read() as conn:
+        return meta.get_int(conn, meta.HOURLY_PRUNED_BEFORE)
 
 
 def _halving_hour(listing: list[tuple[str, int, int]]) -> int | None:
@@ -347,17 +440,22 @@ def _verify(
     """Verify hours [h0, h1) whose objects are `listing`, one hour at a time: the objects
     (in key order), the hot rows (by ts) and the stored aggregates (by hour) are streamed
     side by side, so memory holds one hour's aggregates (and the next objects' text,
-    fetched ahead by `read_objects`). Hours with a bad object are skipped."""
+    fetched ahead by `read_objects`). Hours with a bad object are skipped, so are expired
+    hours (`expired_hours`: their objects were deleted by retention); hours whose hourly
+    rows were pruned are compared day by day with the daily rows (`_PrunedDays`)."""
     bad: list[dict[str, str]] = []
     mismatches: list[dict[str, Any]] = []
     unverified: list[int] = []
     objects = rows = hot = 0
+    expired = expired_hours(db, h0, h1)
+    days = _PrunedDays(h0, h1, _pruned_before(db), set(expired))
     archive = _by_hour(listing, itemgetter(1))
     bodies = _reading(store, [key for key, _hour, _size in listing], FOLD_DECODER, progress)
     with _collector_paused(), closing(bodies), db.read() as conn:
         hot_rows = _by_hour(db.stream(conn, _HOT, ("lo", "hi"), (h0 * 1000, h1 * 1000), FETCH), _hot_hour)
         stored = _by_hour(db.stream(conn, _STORED, ("lo", "hi"), (h0, h1), FETCH), itemgetter(0))
-        for hour, (found, hot_part, stored_part) in _walk(archive, hot_rows, stored):
+        daily = _by_hour(db.stream(conn, _STORED_DAILY, ("lo", "hi"), (days.first, days.end), FETCH), itemgetter(0))
+        for hour, (found, hot_part, stored_part, daily_part) in _walk(archive, hot_rows, stored, daily):
             acc: Acc = {}
             sound = True
             for _found in found:  # `bodies` yields the listing's objects in its order
@@ -371,10 +469,14 @@ def _verify(
                 rows += len(obj_rows)
             fold(acc, hot_part)
             hot += len(hot_part)
-            if sound:
-                mismatches += compare(acc, stored_part)
-            else:
+            if not sound:
                 unverified.append(hour)
+            if hour < days.before:
+                days.add(hour, acc, sound, daily_part)
+            elif sound and hour not in days.expired:
+                mismatches += compare(acc, stored_part)
+    days.finish()
+    mismatches += days.mismatches
     return {
         "ok": not bad and not mismatches,
         "objects": objects,
@@ -383,6 +485,8 @@ def _verify(
         "bad": bad,
         "unverified_hours": unverified,
         "mismatches": mismatches,
+        "expired_hours": expired,
+        "pruned_hours": days.pruned_hours,
     }
 
 
@@ -420,7 +524,8 @@ def restore(
 ) -> dict[str, Any]:
     """Put archived rows with `start <= ts < end` back into `traffic_events` in
     archive_state 2: idempotent (ON CONFLICT (ts, id) DO NOTHING), never aggregated, never
-    counted as hot nor archived again (they are already counted in cold)."""
+    counted as hot nor archived again (they are already counted in cold). Expired hours
+    have nothing left to restore: `expired_hours` names them."""
     lo, hi = int(start_s * 1000), int(end_s * 1000)
     bad: list[dict[str, str]] = []
     inserted = seen = objects = 0
@@ -436,7 +541,8 @@ def restore(
         for i in range(0, len(values), FETCH):
             with db.transaction() as conn:
                 inserted += len(conn.execute(stmt, values[i : i + FETCH]).all())
-    return {"ok": not bad, "objects": objects, "rows": seen, "inserted": inserted, "bad": bad}
+    result = {"ok": not bad, "objects": objects, "rows": seen, "inserted": inserted, "bad": bad}
+    return result | {"expired_hours": expired_hours(db, start_s, end_s)}
 
 
 def drop_restored(db: Database, start_s: float, end_s: float, batch: int = FETCH) -> dict[str, Any]:
@@ -466,8 +572,21 @@ def rebuild(
     store: ObjectStore, prefix: str, start_s: float, end_s: float, into: Database, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Rebuild the hourly aggregates of [start, end) into a fresh database from the archive
-    alone (disaster recovery). Refuses a target that already has aggregates there."""
+    alone (disaster recovery). Refuses a target that already has aggregates there. Never
+    brings back the hourly rows of days the target pruned into daily rows (`[retention]
+    hourly_days`; they would count twice): those hours are skipped, and `note` says so."""
     h0, h1 = hour_range(start_s, end_s)
+    with into.read() as conn:
+        pruned = meta.get_int(conn, meta.HOURLY_PRUNED_BEFORE)
+    skipped: dict[str, Any] = {}
+    if pruned > h0:
+        upto = min(pruned, h1)
+        skipped = {"pruned_hours_skipped": (upto - h0) // HOUR_S, "note": (
+            f"hours before {clock.iso(upto)} not rebuilt: the target pruned the hourly rows of those days "
+            "into daily rows ([retention] hourly_days)")}  # fmt: skip
+        if pruned >= h1:
+            return {"ok": True, "objects": 0, "rows": 0, "hourly_rows": 0, "bad": []} | skipped
+        start_s = h0 = pruned
     with into.read() as conn:
         present = conn.execute(
             sa.select(sa.func.count()).where(path_stats_hourly.c.hour >= h0, path_stats_hourly.c.hour < h1)
@@ -483,7 +602,7 @@ def rebuild(
     with into.transaction() as conn:
         for i in range(0, len(values), FETCH):
             into.upsert_add(conn, path_stats_hourly, values[i : i + FETCH], AGG_KEYS, ["rt_min_ms"], ["rt_max_ms"])
-    return {"ok": not bad, "objects": objects, "rows": rows, "hourly_rows": len(values), "bad": bad}
+    return {"ok": not bad, "objects": objects, "rows": rows, "hourly_rows": len(values), "bad": bad} | skipped
 
 
-__all__ = ["drop_restored", "export", "list_objects", "rebuild", "restore", "verify"]
+__all__ = ["drop_restored", "expired_hours", "export", "list_objects", "rebuild", "restore", "verify"]

@@ -181,10 +181,12 @@ class Schedule(Section):
     tick_seconds: float = Field(30, ge=1, le=3600)  # how often a worker re-checks for due or retried runs
     jobs: dict[str, str] = Field(
         default_factory=lambda: {
+            "rollup": "15 0 * * *",
             "archive": "0 2 * * *",
             "clean": "0 3 * * *",
             "monitor": "0 4 * * *",
             "snapshot_prune": "0 5 * * sun",
+            "expire": "0 6 * * *",
         }
     )
 

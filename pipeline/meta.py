@@ -1,7 +1,12 @@
 """Small durable facts: durable counters (`counters`), and in `edgepipe_meta` the
 deployment start, the archive watermark (epoch ms below which detail rows may already have left the database, so the
 consumer can no longer deduplicate against them and refuses such events as `too_late`), and durable sets of marks:
-one key per member under a prefix (e.g. `archive_manifest_due:2026-11-18`, a day whose manifest is due)."""
+one key per member under a prefix (e.g. `archive_manifest_due:2026-11-18`, a day whose manifest is due).
+
+Retention keeps two day boundaries (epoch seconds of a 00:00 UTC) here: `rollup_through_s`, before which
+every closed day was rolled up into `path_stats_daily` at least once, and `hourly_pruned_before_s`, before
+which the hourly rows were pruned (`[retention] hourly_days`): the daily rows of those days hold them, and
+the totals count them (`pipeline.totals`)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from pipeline.schema import counters, meta
 DEPLOYMENT_START = "deployment_started_at"
 ARCHIVE_WATERMARK_MS = "archive_watermark_ms"
 MANIFEST_DUE = "archive_manifest_due:"  # + YYYY-MM-DD: the day's manifest is to be (re)written
+EXPIRED_DAY_DUE = "archive_expired_day:"  # + YYYY-MM-DD: a day that lost objects to `expire`, manifest to settle
+ROLLUP_THROUGH = "rollup_through_s"  # every closed day before it was rolled up at least once
+HOURLY_PRUNED_BEFORE = "hourly_pruned_before_s"  # hourly rows of the days before it were pruned into daily rows
 
 
 _GET = sa.select(meta.c.value).where(meta.c.key == sa.bindparam("key"))
@@ -26,9 +34,32 @@ def get(conn: sa.Connection, key: str) -> str | None:
     return conn.execute(_GET, {"key": key}).scalar_one_or_none()
 
 
+def get_int(conn: sa.Connection, key: str) -> int:
+    """An integer fact (a watermark), 0 when not set."""
+    value = get(conn, key)
+    return int(value) if value else 0
+
+
+def int_value(key: str) -> sa.ScalarSelect[Any]:
+    """An integer fact as a scalar subquery (NULL when not set), for readers that must see
+    it in the same statement as the rows it describes (`pipeline.totals.stats`)."""
+    return sa.select(sa.cast(meta.c.value, sa.BigInteger)).where(meta.c.key == key).scalar_subquery()
+
+
 def put(db: Database, conn: sa.Connection, key: str, value: str) -> None:
     stmt = db.insert(meta).values(key=key, value=value)
     conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value}))
+
+
+def put_often(db: Database, conn: sa.Connection, key: str, value: str) -> None:
+    """`put` for a fact written often (an ingest's checkpoint, with every send): the upsert
+    is built once and run on the DB binding's fast path, in the caller's transaction."""
+
+    def build() -> Any:
+        stmt = db.insert(meta).values(key=sa.bindparam("key"), value=sa.bindparam("value"))
+        return stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value})
+
+    db.execute(conn, db.cached(("meta_put",), build), ("key", "value"), (key, value))
 
 
 def mark(db: Database, conn: sa.Connection, prefix: str, member: str) -> None:

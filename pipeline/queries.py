@@ -1,7 +1,12 @@
-"""Read side: hourly rows and top paths from `path_stats_hourly`, with percentile estimates.
+"""Read side: hourly rows and top paths from `path_stats_hourly`, daily rows from
+`path_stats_daily`, with percentile estimates.
 
 Row field names here are the public ones: the CLI's `--json`, the HTTP API and snapshots
-all use them.
+all use them. Daily rows have the hourly rows' shape, `day` (00:00 UTC) for `hour`.
+
+The hourly readers (`hourly`, `top_paths`, hence the snapshots) read recent windows; with
+`[retention] hourly_days` the hourly rows of older days are pruned (their daily rows hold
+them), so a window reaching further back counts only the hourly rows still kept.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sqlalchemy as sa
 from pipeline import clock
 from pipeline.bindings.db import Database
 from pipeline.histogram import percentiles
-from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_hourly
+from pipeline.schema import BUCKET_COLUMNS, STATUS_COLUMNS, path_stats_daily, path_stats_hourly
 
 SUMMED = ("requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms", *BUCKET_COLUMNS)
 
@@ -35,6 +40,37 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _rows(
+    table: sa.Table, unit_s: int, path: str | None, method: str | None, start: float | None, end: float | None,
+    host: str | None, limit: int | None, after: tuple[int, str, str, str] | None,
+) -> sa.Select[Any]:  # fmt: skip
+    """Rows of an aggregate table whose first key column is a period start (`unit_s` long)."""
+    period = table.c[table.primary_key.columns.keys()[0]]
+    key = (period, table.c.host, table.c.path, table.c.method)
+    stmt = sa.select(table).order_by(*key)
+    if path is not None:
+        stmt = stmt.where(table.c.path == path)
+    if method is not None:
+        stmt = stmt.where(table.c.method == method.upper())
+    if host is not None:
+        stmt = stmt.where(table.c.host == host)
+    if start is not None:
+        stmt = stmt.where(period >= int(start) // unit_s * unit_s)
+    if end is not None:
+        stmt = stmt.where(period < end)
+    if after is not None:
+        stmt = stmt.where(sa.tuple_(*key) > sa.tuple_(*after))
+    return stmt if limit is None else stmt.limit(limit)
+
+
+def _read(db: Database, stmt: sa.Select[Any], period: str) -> Iterator[dict[str, Any]]:
+    with db.read() as conn:
+        for r in conn.execute(stmt).mappings():
+            row = _plain(r)
+            row[period] = clock.iso(row[period])
+            yield _public(row)
+
+
 def hourly(
     db: Database,
     path: str | None = None,
@@ -47,33 +83,23 @@ def hourly(
 ) -> Iterator[dict[str, Any]]:
     """Hourly rows ordered by (hour, host, path, method); `start`/`end` are epoch seconds
     (`end` exclusive); `after` is a keyset cursor (the key of the last row seen)."""
-    stmt = sa.select(path_stats_hourly).order_by(
-        path_stats_hourly.c.hour, path_stats_hourly.c.host, path_stats_hourly.c.path, path_stats_hourly.c.method
-    )
-    if path is not None:
-        stmt = stmt.where(path_stats_hourly.c.path == path)
-    if method is not None:
-        stmt = stmt.where(path_stats_hourly.c.method == method.upper())
-    if host is not None:
-        stmt = stmt.where(path_stats_hourly.c.host == host)
-    if start is not None:
-        stmt = stmt.where(path_stats_hourly.c.hour >= int(start) // 3600 * 3600)
-    if end is not None:
-        stmt = stmt.where(path_stats_hourly.c.hour < end)
-    if after is not None:
-        stmt = stmt.where(
-            sa.tuple_(
-                path_stats_hourly.c.hour, path_stats_hourly.c.host, path_stats_hourly.c.path, path_stats_hourly.c.method
-            )
-            > sa.tuple_(*after)
-        )
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    with db.read() as conn:
-        for r in conn.execute(stmt).mappings():
-            row = _plain(r)
-            row["hour"] = clock.iso(row["hour"])
-            yield _public(row)
+    return _read(db, _rows(path_stats_hourly, 3600, path, method, start, end, host, limit, after), "hour")
+
+
+def daily(
+    db: Database,
+    path: str | None = None,
+    method: str | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    host: str | None = None,
+    limit: int | None = None,
+    after: tuple[int, str, str, str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Daily rows (closed UTC days, rolled up by the `rollup` job) ordered by (day, host,
+    path, method), `day` an RFC 3339 date-time (00:00 UTC); arguments as for `hourly`,
+    `start` taken back to its day's start."""
+    return _read(db, _rows(path_stats_daily, 86_400, path, method, start, end, host, limit, after), "day")
 
 
 def _first_hour(hours: int, now_s: float) -> int:

@@ -56,6 +56,7 @@ class ObjectStatus(StrEnum):
 
 FLAGGED = (ObjectStatus.CORRUPT, ObjectStatus.MISMATCH)  # the next archive run replaces these
 HOLDS_NOTHING = (ObjectStatus.PENDING, ObjectStatus.REPLACED)  # records no row belongs to
+NOT_IN_BUCKET = (*HOLDS_NOTHING, ObjectStatus.EXPIRED)  # records whose object is not (or no longer) in the bucket
 
 # SQLite only aliases the rowid for a column declared exactly INTEGER PRIMARY KEY.
 RowId = BigInteger().with_variant(Integer(), "sqlite")

@@ -4,10 +4,14 @@ hot   = detail rows still in `traffic_events` that are counted there (archive_st
         1; restored rows, state 2, are already in cold);
 cold  = `lifetime_totals` (scope `all`), filled by the cleaner in the same transaction
         that deletes the rows;
-total = the sum of the hourly aggregates, which are never deleted.
-The invariant hot + cold == total holds at every commit. All three are read in ONE
-statement, so a consumer committing meanwhile cannot make a consistent database look
-inconsistent (READ COMMITTED gives each statement its own snapshot).
+total = the sum of the aggregates: every hourly row, plus the daily rows of the days whose
+        hourly rows were pruned (`[retention] hourly_days`: the `rollup` job folds a day's
+        hourly rows into daily rows, deletes them and moves the watermark
+        `meta.HOURLY_PRUNED_BEFORE` past the day, in one transaction).
+The invariant hot + cold == total holds at every commit. All three, and the watermark,
+are read in ONE statement, so a consumer or a rollup committing meanwhile cannot make a
+consistent database look inconsistent (READ COMMITTED gives each statement its own
+snapshot).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pipeline import meta
+from pipeline import clock, meta
 from pipeline.bindings.db import Database
 from pipeline.clock import HOUR_MS
 from pipeline.schema import (
@@ -27,6 +31,7 @@ from pipeline.schema import (
     ObjectStatus,
     archive_objects,
     lifetime_totals,
+    path_stats_daily,
     path_stats_hourly,
     traffic_events,
 )
@@ -50,7 +55,12 @@ def _scalar_subqueries() -> list[Any]:
     hot = sa.select(*event_sums()).where(traffic_events.c.archive_state != ArchiveState.RESTORED).subquery()
     cold = sa.select(*(lifetime_totals.c[f] for f in FIELDS)).where(lifetime_totals.c.scope == SCOPE).subquery()
     total_cols = ["requests", *STATUS_COLUMNS, "bytes_sum", "rt_sum_ms"]
-    total = [sa.select(sa.func.coalesce(sa.func.sum(path_stats_hourly.c[c]), 0)).scalar_subquery() for c in total_cols]
+    pruned = path_stats_daily.c.day < sa.func.coalesce(meta.int_value(meta.HOURLY_PRUNED_BEFORE), 0)
+    total = [
+        sa.select(sa.func.coalesce(sa.func.sum(path_stats_hourly.c[c]), 0)).scalar_subquery()
+        + sa.select(sa.func.coalesce(sa.func.sum(path_stats_daily.c[c]), 0)).where(pruned).scalar_subquery()
+        for c in total_cols
+    ]
     hot_cols = [sa.select(c).scalar_subquery() for c in hot.c]
     cold_cols = [sa.select(sa.func.coalesce(sa.func.max(c), 0)).scalar_subquery() for c in cold.c]
     return hot_cols + cold_cols + total
@@ -94,7 +104,9 @@ def check_archive(db: Database) -> list[str]:
     row is in state 1 without a verified (or flagged) object; flagged objects (`corrupt`,
     `mismatch`) are reported. `pending` and `replaced` records hold nothing and are no
     problem: a replaced object's rows went back to the archive queue (the state-1 rows in
-    its range, if any, are those of the object that replaced it)."""
+    its range, if any, are those of the object that replaced it). An `expired` object (deleted
+    from the bucket by the `expire` job) is a cleaned one whose detail is gone: it holds no
+    row either, its rows counted in cold."""
     problems: list[str] = []
     state1 = sa.and_(
         traffic_events.c.archive_state == ArchiveState.ARCHIVED,
@@ -122,8 +134,8 @@ def check_archive(db: Database) -> list[str]:
             problems.append(f"{key}: flagged {status}: {error}")
         elif status == ObjectStatus.VERIFIED and held_rows != rows - cleaned:
             problems.append(f"{key}: {held_rows} archived rows in the database, expected {rows - cleaned}")
-        elif status == ObjectStatus.CLEANED and held_rows:
-            problems.append(f"{key}: cleaned but {held_rows} rows remain")
+        elif status in (ObjectStatus.CLEANED, ObjectStatus.EXPIRED) and held_rows:
+            problems.append(f"{key}: {status} but {held_rows} rows remain")
         if status == ObjectStatus.VERIFIED or status in FLAGGED:
             expected_marked += held_rows
     if marked != expected_marked:
@@ -131,8 +143,19 @@ def check_archive(db: Database) -> list[str]:
     return problems
 
 
+def check_rollup(db: Database) -> list[str]:
+    """No hourly row is left before the pruning watermark: the daily rows of those days
+    are counted in the total, so such a row (one brought back by hand) would count twice."""
+    with db.read() as conn:
+        before = meta.get_int(conn, meta.HOURLY_PRUNED_BEFORE)
+        n = conn.execute(sa.select(sa.func.count()).where(path_stats_hourly.c.hour < before)).scalar_one()
+    if not n:
+        return []
+    return [f"{n} hourly rows before {clock.iso(before)}, where the daily rows hold the pruned days"]
+
+
 def verify(db: Database) -> dict[str, Any]:
     """Run every check; `ok` is false when any fails."""
     s = stats(db)
-    problems = check_totals(s) + check_archive(db)
+    problems = check_totals(s) + check_archive(db) + check_rollup(db)
     return {"ok": not problems, "problems": problems, "stats": s}

@@ -34,7 +34,7 @@ from pipeline.jobruns import JobStore, RunStatus
 from pipeline.jobs import job
 from pipeline.schema import (
     FLAGGED,
-    HOLDS_NOTHING,
+    NOT_IN_BUCKET,
     ArchiveState,
     ObjectStatus,
     archive_objects,
@@ -95,7 +95,7 @@ def _archive_totals(db: Any) -> dict[str, Any]:
         with db.read() as conn:
             objects, rows, size = conn.execute(
                 sa.select(sa.func.count(), sa.func.sum(table.c.row_count), sa.func.sum(table.c.size_bytes)).where(
-                    table.c.status.not_in(HOLDS_NOTHING)  # pending uploads and replaced objects are not in the bucket
+                    table.c.status.not_in(NOT_IN_BUCKET)  # pending, replaced and expired objects are not in the bucket
                 )
             ).one()
     except Exception:  # the table is declared but not created in this database yet

@@ -91,11 +91,12 @@ def _simulate_week(tz: str, start: datetime, step_s: int = 300) -> list[tuple[st
 def test_simulated_week_each_job_once_at_its_hour_utc() -> None:
     started = _simulate_week("UTC", MONDAY)
     counts = Counter(job for job, _ in started)
-    assert counts == {"archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1}
+    assert counts == {"rollup": 7, "archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1, "expire": 7}
     assert len(set(started)) == len(started)
-    hours = {"archive": 2, "clean": 3, "monitor": 4, "snapshot_prune": 5}
+    times = {"rollup": (0, 15), "archive": (2, 0), "clean": (3, 0), "monitor": (4, 0), "snapshot_prune": (5, 0),
+             "expire": (6, 0)}  # fmt: skip
     for job, slot in started:
-        assert (slot.hour, slot.minute) == (hours[job], 0), (job, slot)
+        assert (slot.hour, slot.minute) == times[job], (job, slot)
     (prune,) = [slot for job, slot in started if job == "snapshot_prune"]
     assert prune.astimezone(UTC).strftime("%A %H:%M") == "Sunday 05:00"
     days = sorted(slot.date() for job, slot in started if job == "archive")
@@ -106,8 +107,8 @@ def test_simulated_week_in_another_timezone() -> None:
     # New York in November is UTC-5: 02:00 local is 07:00 UTC; Sunday 05:00 local is 10:00 UTC.
     started = _simulate_week("America/New_York", MONDAY)
     counts = Counter(job for job, _ in started)
-    assert counts == {"archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1}
-    utc_hours = {"archive": 7, "clean": 8, "monitor": 9, "snapshot_prune": 10}
+    assert counts == {"rollup": 7, "archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1, "expire": 7}
+    utc_hours = {"rollup": 5, "archive": 7, "clean": 8, "monitor": 9, "snapshot_prune": 10, "expire": 11}
     for job, slot in started:
         assert slot.astimezone(UTC).hour == utc_hours[job], (job, slot)
     (prune,) = [slot for job, slot in started if job == "snapshot_prune"]
@@ -119,7 +120,9 @@ def test_week_across_a_dst_change_fires_at_local_hours() -> None:
     # Europe/Berlin leaves summer time on Sunday 2026-10-25 at 03:00 local.
     start = datetime(2026, 10, 19, tzinfo=UTC)
     started = _simulate_week("Europe/Berlin", start)
-    assert Counter(job for job, _ in started) == {"archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1}
+    assert Counter(job for job, _ in started) == {
+        "rollup": 7, "archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1, "expire": 7,
+    }  # fmt: skip
     assert {slot.hour for job, slot in started if job == "archive"} == {2}
 
 

@@ -20,7 +20,7 @@ from scheduler.service import JobScheduler
 from tests.conftest import run_cli
 
 calls: list[tuple[str, datetime, bool]] = []
-OFF = {"archive": "off", "clean": "off", "monitor": "off", "snapshot_prune": "off"}
+OFF = {"archive": "off", "clean": "off", "monitor": "off", "snapshot_prune": "off", "rollup": "off", "expire": "off"}
 failures_left = {"n": 0}
 
 

@@ -33,11 +33,35 @@ def _archive(state: State) -> tuple[Any, Any, str]:
     return env, env.ARCHIVE, env.config.archive.prefix
 
 
+def _hour_spans(hours: list[int]) -> str:
+    """Hours (epoch s, ascending) as runs of consecutive hours: `A`, `A to B`."""
+    spans: list[list[int]] = []
+    for h in hours:
+        if spans and h == spans[-1][1] + 3600:
+            spans[-1][1] = h
+        else:
+            spans.append([h, h])
+    return ", ".join(clock.iso(a) if a == b else f"{clock.iso(a)} to {clock.iso(b)}" for a, b in spans)
+
+
+def _retention_notes(result: dict[str, Any]) -> None:
+    """Name on stderr what retention took out of the range (see `archiver.replay`)."""
+    if expired := result.get("expired_hours"):
+        click.echo(f"edgepipe: {len(expired)} expired hours, their objects deleted by [retention] archive_days: "
+                   f"{_hour_spans(expired)}", err=True)  # fmt: skip
+    if pruned := result.get("pruned_hours"):
+        click.echo(f"edgepipe: {len(pruned)} hours of pruned days not verified (the range cuts their day, or the "
+                   f"day has an expired or bad hour): {_hour_spans(pruned)}", err=True)  # fmt: skip
+    if note := result.get("note"):
+        click.echo(f"edgepipe: {note}", err=True)
+
+
 def _finish(result: dict[str, Any], as_json: bool, summary: str) -> None:
     if as_json:
         emit_json(result)
     else:
         click.echo(summary)
+    _retention_notes(result)
     for bad in result.get("bad", []):
         click.echo(f"edgepipe: skipped {bad['key']}: {bad['error']}", err=True)
     if not result.get("ok", True):
@@ -76,10 +100,13 @@ def with_range(fn: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
 def stats_cmd(state: State, as_json: bool) -> None:
-    """Events hot (in the DB), cold (cleaned into lifetime totals) and total (aggregates)."""
+    """Events hot (in the DB), cold (cleaned into lifetime totals) and total (aggregates),
+    and `rejected`: per reason, the events dead-lettered for good since deployment, whether
+    still in the DLQ or purged (a redriven letter is no longer counted)."""
     from pipeline import totals
 
-    s = totals.stats(state.env().DB)
+    env = state.env()
+    s = totals.stats(env.DB) | {"rejected": env.QUEUE.rejected_totals()}
     if as_json:
         emit_json(s)
         return
@@ -92,6 +119,7 @@ def stats_cmd(state: State, as_json: bool) -> None:
                 f"{s[part][field]:>14,.{2 if field == 'rt_sum_ms' else 0}f}" for part in ("hot", "cold", "total")
             )
         )
+    click.echo(f"{'rejected':>12} " + ", ".join(f"{reason} {n:,}" for reason, n in s["rejected"].items()))
 
 
 @main.command("verify")
@@ -125,8 +153,9 @@ def replay_list(state: State, start: str | None, end: str | None, as_json: bool)
     """Archive objects of the range, with rows and bytes."""
     from archiver import replay as r
 
-    _, store, prefix = _archive(state)
+    env, store, prefix = _archive(state)
     objects = r.list_objects(store, prefix, *_range(start, end))
+    _retention_notes({"expired_hours": r.expired_hours(env.DB, *_range(start, end))})
     if as_json:
         emit_json(objects)
         return
@@ -168,10 +197,11 @@ def replay_export(state: State, start: str | None, end: str | None, path: str | 
     """Stream archived rows as NDJSON or CSV."""
     from archiver import replay as r
 
-    _, store, prefix = _archive(state)
+    env, store, prefix = _archive(state)
     with _object_progress(False) as progress:
         result = r.export(store, prefix, *_range(start, end), output, fmt, path, progress)
     output.flush()
+    _retention_notes({"expired_hours": r.expired_hours(env.DB, *_range(start, end))})
     click.echo(f"exported {result['rows']:,} rows from {result['objects']} objects", err=True)
     _finish_quiet(result)
 
@@ -222,12 +252,13 @@ def replay_rebuild(state: State, start: str | None, end: str | None, into: str, 
     from pipeline import migrate
     from pipeline.bindings.db import Database
 
-    _, store, prefix = _archive(state)
+    env, store, prefix = _archive(state)
+    expired = r.expired_hours(env.DB, *_range(start, end))
     target = Database(into)
     try:
         migrate.upgrade(target)
         with _object_progress(as_json) as progress:
-            result = r.rebuild(store, prefix, *_range(start, end), target, progress)
+            result = r.rebuild(store, prefix, *_range(start, end), target, progress) | {"expired_hours": expired}
     finally:
         target.dispose()
     _finish(result, as_json, f"rebuilt {result['hourly_rows']:,} hourly rows from {result['rows']:,} archived rows")

@@ -17,8 +17,10 @@ from pipeline.worker import Context, Handler, SideWork, Worker, WorkerProcess
 
 def register_jobs() -> dict[str, JobFn]:
     """Import the modules whose `@job` functions make up the scheduled jobs."""
+    import archiver.expire
     import archiver.job  # noqa: F401
-    import cleaner.job  # noqa: F401
+    import cleaner.job
+    import cleaner.rollup  # noqa: F401
     import scheduler.monitor  # noqa: F401
     import snapshots.job  # noqa: F401
 

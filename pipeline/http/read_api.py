@@ -1,4 +1,4 @@
-"""Read API: top paths, hourly rows, hot/cold/total counts, job runs, archive objects.
+"""Read API: top paths, hourly and daily rows, hot/cold/total counts, job runs, archive objects.
 
 Rows carry the field names of the CLI's `--json` (`pipeline.queries`). Handlers are plain
 functions, so FastAPI runs them in its thread pool and the event loop never waits on SQL.
@@ -24,6 +24,7 @@ from pipeline.snapshot_doc import read_latest
 
 router = APIRouter(prefix="/v1", responses={k: v for k, v in ERRORS.items() if k in (400, 401, 503)})
 HOURLY_LIMIT = 10_000
+DAY_S = 86_400
 
 
 def _env(request: Request) -> Env:
@@ -77,8 +78,12 @@ def paths_top(
     limit: Annotated[int, Query(ge=1, le=100_000)] = 20,
 ) -> dict[str, Any]:
     """The busiest paths over the last `hours` hours: from the KV snapshot when it is fresh
-    and covers the request, else from the hourly aggregates (`source` says which)."""
+    and covers the request, else from the hourly aggregates (`source` says which). A window
+    longer than the hourly rows are kept (`[retention] hourly_days`) is refused."""
     env = _env(request)
+    kept = env.config.retention.hourly_days
+    if kept and hours > kept * 24:
+        raise ValidationError("hours", f"at most {kept * 24}: hourly rows are kept {kept} days; see /v1/paths/daily")
     snap = _snapshot_rows(env, hours, limit)
     if snap is not None:
         return snap
@@ -121,11 +126,40 @@ def paths_hourly(
     return {"rows": rows, "next": nxt}
 
 
+@router.get("/paths/daily", response_model=PagedRows)
+def paths_daily(
+    request: Request,
+    path: str | None = None,
+    method: str | None = None,
+    host: str | None = None,
+    days: Annotated[int, Query(ge=1, le=36_600, description="The last N days, when `from` is not given")] = 30,
+    start: Annotated[str | None, Query(alias="from", description="RFC 3339 or epoch seconds, inclusive")] = None,
+    end: Annotated[str | None, Query(alias="to", description="RFC 3339 or epoch seconds, exclusive")] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = HOURLY_LIMIT,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Daily rows (closed UTC days, rolled up at 00:15) ordered by (day, host, path, method):
+    the hourly rows' fields with `day` for `hour`. Without `from`, the last `days` days."""
+    env = _env(request)
+    after = decode_cursor(cursor, (int, str, str, str))
+    first = _time(start, "from")
+    if first is None:
+        first = (int(clock.now_s()) // DAY_S - days) * DAY_S
+    rows = list(queries.daily(env.DB, path, method, first, _time(end, "to"), host, limit=limit + 1, after=after))
+    nxt = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        nxt = encode_cursor([int(clock.parse_time(last["day"])), last["host"], last["path"], last["method"]])
+    return {"rows": rows, "next": nxt}
+
+
 @router.get("/stats")
 def stats(request: Request) -> dict[str, Any]:
-    """Hot (detail rows), cold (lifetime totals) and total (hourly aggregates), plus the queue."""
+    """Hot (detail rows), cold (lifetime totals) and total (hourly aggregates), the queue,
+    and `rejected`: events dead-lettered for good per reason (in the DLQ or purged)."""
     env = _env(request)
-    return {**totals.stats(env.DB), "queue": env.QUEUE.stats()}
+    return {**totals.stats(env.DB), "queue": env.QUEUE.stats(), "rejected": env.QUEUE.rejected_totals()}
 
 
 def _iso(v: float | None) -> str | None:
