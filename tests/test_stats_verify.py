@@ -35,7 +35,7 @@ def _day(rng: random.Random, day: int, n: int) -> list[dict[str, Any]]:
 
 
 def test_six_days_end_to_end(make_env: Any, db_url: str) -> None:
-    env = make_env(db_url, cleaner={"batch_size": 50, "max_batches": 1000})
+    env = make_env(db_url, cleaner={"batch_size": 50})
     rng = random.Random(11)
     accepted: set[str] = set()
     too_late = 0
@@ -89,7 +89,7 @@ def test_stats_and_verify_commands(make_env: Any, db_url: str, tmp_path: Path) -
     res = _cli(tmp_path, env, "stats", "--json")
     assert res.exit_code == 0
     s = json.loads(res.stdout)
-    assert set(s) == {"hot", "cold", "total", "deployment_started_at"}
+    assert set(s) == {"hot", "cold", "total", "deployment_started_at", "rejected"}
     assert (s["hot"]["events"], s["cold"]["events"], s["total"]["events"]) == (10, 100, 110)
     assert s["cold"]["status_5xx"] == 20
     res = _cli(tmp_path, env, "verify")

@@ -19,6 +19,12 @@ A retried message whose deliveries exceed `1 + max_retries` moves to the DLQ wit
 last error. Backends whose `shares_transaction` is true keep their messages in the DB
 binding's database: `settle` then runs inside the batch's DB transaction, so event rows,
 aggregates and acks commit as one.
+
+Dead letters can be listed, redriven and purged by reason and age. Every dead letter is
+also counted for good per reason (`rejected_totals`), in the transaction that stores it:
+`rejected` means events failed for good since deployment, whether still in the DLQ or
+purged since. A redriven letter goes back to be processed, so it is no longer a failure and
+leaves the count (it enters it again if it fails again); a purge leaves the count alone.
 """
 
 from __future__ import annotations
@@ -50,6 +56,18 @@ class DeadReason(StrEnum):
 REASON_INVALID, REASON_TOO_LATE, REASON_RETRIES = DeadReason.INVALID, DeadReason.TOO_LATE, DeadReason.RETRIES
 
 
+def parse_reason(value: str | None, name: str = "reason") -> DeadReason | None:
+    """`value` as a `DeadReason` (None stays None); any other code is a ValidationError
+    naming `name` and the valid codes."""
+    if value is None:
+        return None
+    try:
+        return DeadReason(value)
+    except ValueError:
+        valid = ", ".join(r.value for r in DeadReason)
+        raise ValidationError(name, f"{value!r} is not a dead-letter reason (one of {valid})") from None
+
+
 class DeadLetter(msgspec.Struct, frozen=True):
     """Why a message (or one element of it) goes to the DLQ: a reason code and the detail."""
 
@@ -58,8 +76,12 @@ class DeadLetter(msgspec.Struct, frozen=True):
 
 
 def encode_body(body: Any) -> tuple[bytes, str]:
-    """Serialise a body like Cloudflare's content types: json (default), text or bytes."""
-    if isinstance(body, bytes | bytearray | memoryview):
+    """Serialise a body like Cloudflare's content types: json (default), text or bytes.
+    JSON already encoded, as `msgspec.Raw` or `orjson.Fragment` (a producer that checked
+    it), is stored as it is."""
+    if type(body) is msgspec.Raw:
+        data, kind = bytes(body), "json"
+    elif isinstance(body, bytes | bytearray | memoryview):
         data, kind = bytes(body), "bytes"
     elif isinstance(body, str):
         data, kind = body.encode("utf-8"), "text"
@@ -230,13 +252,32 @@ class Queue(abc.ABC):
         asks many times a second."""
         return self.depth(), True
 
+    # The DLQ operations below take the same filters: `reason` (a `DeadReason` code; any
+    # other is a ValidationError) and `before` (epoch seconds: letters that failed earlier,
+    # `failed_at < before`). No filter selects every letter of this queue.
+
     @abc.abstractmethod
-    def dlq_list(self, limit: int = 100) -> list[dict[str, Any]]:
+    def dlq_list(
+        self, limit: int = 100, reason: str | None = None, before: float | None = None
+    ) -> list[dict[str, Any]]:
         """Dead letters, oldest first: message_id, attempts, reason, error, failed_at, body."""
 
     @abc.abstractmethod
-    def dlq_redrive(self, limit: int | None = None) -> int:
-        """Move dead letters back to the queue with a fresh attempt count."""
+    def dlq_redrive(self, limit: int | None = None, reason: str | None = None, before: float | None = None) -> int:
+        """Move dead letters (oldest first, at most `limit`) back to the queue with a fresh
+        attempt count; returns how many. They leave `rejected_totals` in the same
+        transaction: a redriven letter is to be processed again, no longer a failure."""
+
+    @abc.abstractmethod
+    def dlq_purge(self, reason: str | None = None, before: float | None = None) -> int:
+        """Delete dead letters for good; returns how many. `rejected_totals` keeps counting
+        them. With no filter, every letter of this queue goes."""
+
+    @abc.abstractmethod
+    def rejected_totals(self) -> dict[str, int]:
+        """The lasting count of messages dead-lettered on this queue, per reason: every
+        `DeadReason` code is present (zeros included). Letters are counted in the
+        transaction that stores them and stay counted when purged; redriven ones leave it."""
 
     def depth(self) -> int:
         s = self.stats()

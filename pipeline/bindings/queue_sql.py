@@ -10,6 +10,9 @@ Two ways to take messages:
   (A crash therefore does not count as a delivery attempt; a handler error does.)
 * outside a transaction: a short transaction leases the rows (`UPDATE … RETURNING`) for
   `visibility_timeout` seconds; they reappear if the consumer dies holding them.
+
+Dead letters and their lasting counts are `SqlDeadLetters`' (queue_sql_dlq.py): a settle
+stores and counts its letters in its own transaction.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from collections.abc import Iterable
 from operator import attrgetter
 from typing import Any
 
+import msgspec
 import orjson
 import sqlalchemy as sa
 
 from pipeline import clock
 from pipeline.bindings.db import Database
 from pipeline.bindings.queue import (
+    MAX_MESSAGE_BYTES,
     REASON_INVALID,
     REASON_RETRIES,
     Message,
@@ -33,6 +38,7 @@ from pipeline.bindings.queue import (
     QueueSettings,
     encode_body,
 )
+from pipeline.bindings.queue_sql_dlq import SqlDeadLetters
 from pipeline.errors import ValidationError
 from pipeline.ids import uuid7_batch
 from pipeline.schema import queue_dlq, queue_messages
@@ -60,18 +66,30 @@ class SqlQueue(Queue):
         self.db = db
         self.name = name
         self.settings = settings or QueueSettings()
+        self.dlq = SqlDeadLetters(db, name)
 
     def send_batch(self, bodies: Iterable[Any]) -> list[str]:
         now = clock.now_s()
-        encoded = [encode_body(body) for body in bodies]
-        ids = uuid7_batch(len(encoded))
-        rows = [(self.name, mid, kind, data, now, now, 0) for mid, (data, kind) in zip(ids, encoded, strict=True)]
+        bodies = list(bodies)
+        ids = uuid7_batch(len(bodies))
+        rows = self._send_rows(bodies, ids, now)
         if rows:
             insert = self.db.cached(("queue_send",), queue_messages.insert)
             with self.db.transaction() as conn:
                 for i in range(0, len(rows), SEND_CHUNK):
                     self.db.executemany(conn, insert, SEND_COLUMNS, rows[i : i + SEND_CHUNK])
-        return [r[1] for r in rows]
+        return ids
+
+    def _send_rows(self, bodies: list[Any], ids: list[str], now: float) -> list[tuple[Any, ...]]:
+        """The rows of a send, in `SEND_COLUMNS` order. Bodies that are all JSON already
+        encoded (`msgspec.Raw`: what `edgepipe ingest` sends) within the size limit are
+        taken in one pass; any other send goes body by body through `encode_body`, which
+        also refuses what cannot be a message."""
+        name = self.name
+        if set(map(type, bodies)) == {msgspec.Raw} and max(map(len, bodies)) <= MAX_MESSAGE_BYTES:
+            return [(name, mid, "json", bytes(body), now, now, 0) for mid, body in zip(ids, bodies, strict=True)]
+        encoded = [encode_body(body) for body in bodies]
+        return [(name, mid, kind, data, now, now, 0) for mid, (data, kind) in zip(ids, encoded, strict=True)]
 
     # -- consuming ----------------------------------------------------------------
 
@@ -210,13 +228,13 @@ class SqlQueue(Queue):
                 conn.execute(
                     queue_messages.delete().where(queue_messages.c.seq.in_(acks), queue_messages.c.lease == batch.lease)
                 )
-            if parts:
-                self._dead_parts_to_dlq(conn, parts, now)
-            if not dead and not retries:
+            if not parts and not dead and not retries:
                 return
             mine = queue_messages.c.lease == batch.lease if batch.lease else queue_messages.c.lease.is_(None)
+            letters = self._dead_parts_to_dlq(parts, now) if parts else []
             if dead:
-                self._move_to_dlq(conn, mine, dead, now)
+                letters += self._move_to_dlq(conn, mine, dead, now)
+            self.dlq.add(conn, letters)  # one insert, one upsert of the counts
             for m, delay in retries:
                 conn.execute(
                     queue_messages.update()
@@ -240,7 +258,8 @@ class SqlQueue(Queue):
 
         return self.db.cached(("queue_delete_taken_range", self.name), build)
 
-    def _dead_parts_to_dlq(self, conn: sa.Connection, messages: list[Message], now: float) -> None:
+    def _dead_parts_to_dlq(self, messages: list[Message], now: float) -> list[dict[str, Any]]:
+        """The DLQ rows of the array elements that acked messages dead-lettered."""
         rows = []
         for m in messages:
             items = orjson.loads(m.raw)
@@ -251,9 +270,11 @@ class SqlQueue(Queue):
                     "body": orjson.dumps(items[index]), "enqueued_at": m.enqueued_at, "failed_at": now,
                     "attempts": m.attempts, "reason": reason, "error": detail,
                 })  # fmt: skip
-        conn.execute(queue_dlq.insert(), rows)
+        return rows
 
-    def _move_to_dlq(self, conn: sa.Connection, mine: Any, dead: list, now: float) -> None:
+    def _move_to_dlq(self, conn: sa.Connection, mine: Any, dead: list, now: float) -> list[dict[str, Any]]:
+        """Delete the dead messages still held by this batch from the queue; returns their
+        DLQ rows (for `SqlDeadLetters.add`, in the same transaction)."""
         seqs = [m.handle for m, _, _ in dead]
         stored = {
             r.seq: r
@@ -283,8 +304,8 @@ class SqlQueue(Queue):
             if (r := stored.get(m.handle)) is not None
         ]
         if rows:
-            conn.execute(queue_dlq.insert(), rows)
             conn.execute(queue_messages.delete().where(queue_messages.c.seq.in_(list(stored))))
+        return rows
 
     # -- operations -----------------------------------------------------------------
 
@@ -334,44 +355,35 @@ class SqlQueue(Queue):
         bound = 0 if first is None else int(last) - int(first) + 1
         return (bound, False) if bound <= limit else (self.depth(), True)
 
-    def dlq_list(self, limit: int = 100) -> list[dict[str, Any]]:
-        with self.db.read() as conn:
-            rows = conn.execute(
-                sa.select(queue_dlq).where(queue_dlq.c.queue == self.name).order_by(queue_dlq.c.seq).limit(limit)
-            ).all()
-        return [
-            {
-                "message_id": r.message_id,
-                "attempts": r.attempts,
-                "reason": r.reason,
-                "error": r.error,
-                "failed_at": clock.iso(r.failed_at),
-                "body": bytes(r.body).decode("utf-8", errors="replace"),
-            }
-            for r in rows
-        ]
+    def dlq_list(
+        self, limit: int = 100, reason: str | None = None, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        return self.dlq.fetch(limit, reason, before)
 
-    def dlq_redrive(self, limit: int | None = None) -> int:
+    def dlq_redrive(self, limit: int | None = None, reason: str | None = None, before: float | None = None) -> int:
         now = clock.now_s()
         with self.db.transaction() as conn:
-            sel = sa.select(queue_dlq).where(queue_dlq.c.queue == self.name).order_by(queue_dlq.c.seq)
-            rows = conn.execute(sel if limit is None else sel.limit(limit)).all()
-            if not rows:
-                return 0
-            conn.execute(
-                queue_messages.insert(),
-                [
-                    {
-                        "queue": self.name,
-                        "message_id": r.message_id,
-                        "content_type": r.content_type,
-                        "body": r.body,
-                        "enqueued_at": r.enqueued_at,
-                        "visible_at": now,
-                        "attempts": 0,
-                    }
-                    for r in rows
-                ],
-            )
-            conn.execute(queue_dlq.delete().where(queue_dlq.c.seq.in_([r.seq for r in rows])))
+            rows = self.dlq.take(conn, limit, reason, before)
+            if rows:
+                conn.execute(
+                    queue_messages.insert(),
+                    [
+                        {
+                            "queue": self.name,
+                            "message_id": r.message_id,
+                            "content_type": r.content_type,
+                            "body": r.body,
+                            "enqueued_at": r.enqueued_at,
+                            "visible_at": now,
+                            "attempts": 0,
+                        }
+                        for r in rows
+                    ],
+                )
         return len(rows)
+
+    def dlq_purge(self, reason: str | None = None, before: float | None = None) -> int:
+        return self.dlq.purge(reason, before)
+
+    def rejected_totals(self) -> dict[str, int]:
+        return self.dlq.totals()
