@@ -50,3 +50,53 @@ def test_race_inserts_the_consumed_rows_raw_and_refuses_a_short_queue(tmp_path: 
             consume.race(worker, rows, tmp_path / "raw2.db")
     finally:
         env.close()
+
+
+def test_bench_clean_measures_small_objects_sharing_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean benchmark's rows are archived in objects of at most `CLEAN_OBJECT_ROWS`
+    (here 40, below an hour's rows), so what it times is whole objects sharing
+    transactions of `batch_size`; its reference deletes every row."""
+    from pipeline.bench import archive
+
+    log.setup("WARNING")
+    monkeypatch.setattr(archive, "CLEAN_OBJECT_ROWS", 40)
+    archive.generate(tmp_path, 12_000)  # ~100 rows an hour over 5 days
+    archived = archive.phase_archive_small(tmp_path)
+    assert archived["rows"] == 12_000 and archived["objects"] >= 300  # 12,000 / 40, and the hours' last ones
+    archive._keep_db(tmp_path, "archived.db")
+    archive._restore_db(tmp_path, "archived.db", "ref.db")
+    cleaned = archive.phase_clean(tmp_path)
+    assert (cleaned["rows"], cleaned["complete"], cleaned["remaining_rows"]) == (12_000, True, 0)
+    assert cleaned["objects"] == archived["objects"]
+    assert cleaned["batches"] <= 15  # ~25 whole objects share each transaction of batch_size 1000
+    assert archive.phase_clean_ref(tmp_path)["rows"] == 12_000
+
+
+def test_bench_ingest_stores_every_event_once_per_round() -> None:
+    """Every round's ingest enqueues each generated event once; its figures are not judged."""
+    from pipeline.bench import ingest
+
+    result = ingest.run(3000, rounds=2)
+    assert (result["events"], result["enqueued"], result["rejected"], result["stored"]) == (3000, 3000, 0, [3000] * 2)
+    assert len(result["round_ratios"]) == 2
+    for key in ("events_per_s", "reference_rows_per_s", "ratio", "cpu_ratio"):
+        assert result[key] > 0, key
+
+
+def test_bench_ingest_reference_inserts_the_rows_ingest_wrote(tmp_path: Path) -> None:
+    """The queue rows are the file's lines as they are, and the reference stores exactly them."""
+    from pipeline.bench import ingest
+
+    log.setup("WARNING")
+    source, template = tmp_path / "events.ndjson", tmp_path / "template.db"
+    ingest.write_sample(source, 2500)
+    ingest.empty_schema(template)
+    _, result = ingest.ours(template, tmp_path, source)
+    assert (result.enqueued, result.rejected) == (2500, [])
+    rows = ingest.queue_rows(tmp_path / "ours.db")
+    assert [r[3] for r in rows] == source.read_bytes().splitlines()
+    assert {(r[0], r[2], r[6]) for r in rows} == {("events", "json", 0)}
+    ingest.reference(template, tmp_path, rows)
+    assert ingest.queue_rows(tmp_path / "reference.db") == rows

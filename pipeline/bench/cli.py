@@ -61,6 +61,26 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, 
     )
 
 
+@bench.command("ingest")
+@click.option("--events", "n", default=500_000, show_default=True, type=click.IntRange(min=1000))
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 20), help="Alternations (median).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_ingest(n: int, rounds: int, as_json: bool) -> None:
+    """`edgepipe ingest FILE` (NDJSON) vs a raw SQLite executemany of the same queue rows."""
+    from pipeline.bench.ingest import run
+
+    result = run(n, rounds, progress=lambda m: click.echo(f"… {m}", err=True))
+    _report(
+        result,
+        as_json,
+        [
+            "ingest      {events_per_s:>10,} events/s  ({events:,} events, {file_mb} MB of NDJSON)",
+            "reference   {reference_rows_per_s:>10,} rows/s  ratio {ratio} (CPU {cpu_ratio})",
+            "rounds      {round_ratios} (the median is reported)",
+        ],
+    )
+
+
 @bench.command("snapshot")
 @click.option("--paths", default=2000, show_default=True, type=click.IntRange(10, 100_000))
 @click.option("--repeat", default=5, show_default=True, type=click.IntRange(1, 100), help="Refreshes timed (median).")

@@ -81,60 +81,85 @@ def db_current(state: State) -> None:
 @main.command()
 @click.argument("source", type=click.File("rb"))
 @click.option("--json", "as_json", is_flag=True, help='Print {"enqueued": n, "rejected": n}.')
+@click.option("--resume", is_flag=True, help="Continue an ingest of this FILE after its last committed send.")
 @pass_state
-def ingest(state: State, source: Any, as_json: bool) -> None:
+def ingest(state: State, source: Any, as_json: bool, resume: bool) -> None:
     """Validate events from SOURCE (NDJSON or a JSON array, `-` for stdin) and enqueue them.
 
     Rejected lines (array elements are numbered as lines) are reported on stderr with their
     line numbers; the valid ones are enqueued. Exits 3 when any line was rejected. When the
     queue fails part-way, says how many events were enqueued, through which line, and exits
-    with the error's code (`--json` adds "last_line" and "error")."""
+    with the error's code (`--json` adds "last_line" and "error").
+
+    From a FILE, an event without an `id` gets `<file hash>:<line>`, and the progress is
+    recorded after every send: `--resume` skips the lines a killed or failed ingest of the
+    same file already handled, so nothing is enqueued twice (a changed file starts from its
+    first line; `--json` adds "resumed_after"). stdin cannot be resumed (exit 3)."""
     from pipeline.errors import EdgepipeError
     from pipeline.paths import PathNormalizer
-    from pipeline.producer import IngestResult, read_records
+    from pipeline.producer import IngestResult, open_source, read_lines
     from pipeline.producer import ingest as run_ingest
 
-    env = state.env()
-    normalizer = PathNormalizer(env.config.paths)
     stream = source
     if not hasattr(stream, "peek"):  # a JSON array is recognised by peeking at its first bytes
         stream = getattr(stream, "buffer", None) or io.BufferedReader(stream)
+    env = state.env()
+    normalizer = PathNormalizer(env.config.paths)
+    stdin = source is getattr(sys.stdin, "buffer", None)  # what click opens for `-`
+    origin = open_source(stream, env.QUEUE, env.DB, resume, stdin)  # --resume on stdin: ValidationError, exit 3
     result = IngestResult()  # filled as it goes: still there when the queue fails
     failure: EdgepipeError | None = None
+
+    def run(progress: Any = None) -> None:
+        run_ingest(read_lines(stream), env.QUEUE, normalizer, progress, result, origin)
+
     try:
         if sys.stderr.isatty() and not as_json:
-            from rich.progress import Progress, SpinnerColumn, TextColumn
-
-            with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:
-                task = bar.add_task("enqueued 0 events")
-                done = [0]
-
-                def advance(n: int) -> None:
-                    done[0] += n
-                    bar.update(task, description=f"enqueued {done[0]:,} events")
-
-                run_ingest(read_records(stream), env.QUEUE, normalizer, advance, result=result)
+            _ingest_with_progress(stream, run)
         else:
-            run_ingest(read_records(stream), env.QUEUE, normalizer, result=result)
+            run()
     except EdgepipeError as exc:
         failure = exc
     for number, reason in result.rejected[:50]:
         click.echo(f"line {number}: {reason}", err=True)
     if len(result.rejected) > 50:
         click.echo(f"… and {len(result.rejected) - 50} more rejected lines", err=True)
+    resumed = {"resumed_after": result.resumed_after} if resume else {}
     if failure is not None:
         if as_json:
-            emit_json({"enqueued": result.enqueued, "rejected": len(result.rejected),
+            emit_json({"enqueued": result.enqueued, "rejected": len(result.rejected), **resumed,
                        "last_line": result.last_line, "error": str(failure)})  # fmt: skip
-        lines = f" (lines 1-{result.last_line})" if result.enqueued else ""
+        lines = f" (lines {result.resumed_after + 1}-{result.last_line})" if result.enqueued else ""
         click.echo(f"edgepipe: enqueued {result.enqueued} events{lines} before the failure: {failure}", err=True)
         sys.exit(failure.exit_code)
     if as_json:
-        emit_json({"enqueued": result.enqueued, "rejected": len(result.rejected)})
+        emit_json({"enqueued": result.enqueued, "rejected": len(result.rejected), **resumed})
     else:
-        click.echo(f"enqueued {result.enqueued} events, rejected {len(result.rejected)}", err=True)
+        after = f" (resumed after line {result.resumed_after})" if resume else ""
+        click.echo(f"enqueued {result.enqueued} events, rejected {len(result.rejected)}{after}", err=True)
     if result.rejected:
         sys.exit(3)
+
+
+def _ingest_with_progress(stream: Any, run: Any) -> None:
+    """`run(advance)` under a progress line on the terminal: a bar by bytes read for a
+    regular file, a spinner for a stream; updated once per send."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn
+
+    try:
+        size: int | None = os.fstat(stream.fileno()).st_size if stream.seekable() else None
+    except (OSError, ValueError, io.UnsupportedOperation):
+        size = None
+    columns = (BarColumn(), TaskProgressColumn()) if size else (SpinnerColumn(),)
+    with Progress(*columns, TextColumn("{task.description}"), transient=True) as bar:
+        task = bar.add_task("enqueued 0 events", total=size or None)
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar.update(task, description=f"enqueued {done[0]:,} events", completed=stream.tell() if size else None)
+
+        run(advance)
 
 
 @main.command()
@@ -208,16 +233,38 @@ def queue_stats(state: State, as_json: bool) -> None:
 
 @queue.group("dlq")
 def dlq() -> None:
-    """The dead-letter queue."""
+    """The dead-letter queue: list, redrive or purge letters, by reason and age.
+
+    Every letter is counted for good per reason (`edgepipe stats`, `rejected`): a purge
+    keeps the count, a redrive takes the letter out of it (it is processed again)."""
+
+
+REASONS = "invalid, too_late, poison, retries_exhausted"
+
+
+def dlq_filters(fn: Any) -> Any:
+    """`--reason R` and `--before T`, shared by the `queue dlq` commands."""
+    fn = click.option("--before", metavar="T", help="Only letters that failed before T (RFC 3339, date, epoch s).")(fn)
+    return click.option("--reason", metavar="R", help=f"Only letters of this reason ({REASONS}).")(fn)
+
+
+def _filters(reason: str | None, before: str | None) -> tuple[str | None, float | None]:
+    """The filters, checked before the database is opened (a bad one exits 3)."""
+    from pipeline.bindings.queue import parse_reason
+
+    code = parse_reason(reason, "--reason")
+    return None if code is None else code.value, time_option(before, "--before")
 
 
 @dlq.command("list")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@dlq_filters
 @click.option("--json", "as_json", is_flag=True)
 @pass_state
-def dlq_list(state: State, limit: int, as_json: bool) -> None:
+def dlq_list(state: State, limit: int, reason: str | None, before: str | None, as_json: bool) -> None:
     """Dead letters, oldest first, with their reasons."""
-    rows = state.env().QUEUE.dlq_list(limit)
+    code, cutoff = _filters(reason, before)
+    rows = state.env().QUEUE.dlq_list(limit, reason=code, before=cutoff)
     if as_json:
         emit_json(rows)
         return
@@ -226,17 +273,39 @@ def dlq_list(state: State, limit: int, as_json: bool) -> None:
 
 
 @dlq.command("redrive")
-@click.option("--limit", type=click.IntRange(min=1))
+@click.option("--limit", type=click.IntRange(min=1), help="At most N letters, oldest first.")
+@dlq_filters
+@click.option("--json", "as_json", is_flag=True, help='Print {"redriven": n}.')
 @pass_state
-def dlq_redrive(state: State, limit: int | None) -> None:
-    """Move dead letters back to the queue with a fresh attempt count."""
-    n = state.env().QUEUE.dlq_redrive(limit)
-    click.echo(f"redrove {n} messages", err=True)
+def dlq_redrive(state: State, limit: int | None, reason: str | None, before: str | None, as_json: bool) -> None:
+    """Move dead letters back to the queue with a fresh attempt count. They leave the
+    `rejected` count: a redriven letter is processed again (and counted again if it fails)."""
+    code, cutoff = _filters(reason, before)
+    n = state.env().QUEUE.dlq_redrive(limit, reason=code, before=cutoff)
+    if as_json:
+        emit_json({"redriven": n})
+    else:
+        click.echo(f"redrove {n} messages", err=True)
+
+
+@dlq.command("purge")
+@dlq_filters
+@click.option("--json", "as_json", is_flag=True, help='Print {"purged": n}.')
+@pass_state
+def dlq_purge(state: State, reason: str | None, before: str | None, as_json: bool) -> None:
+    """Delete dead letters for good. With no filter, EVERY letter of the queue is purged
+    (without asking). Purged letters stay counted in `rejected` (`edgepipe stats`)."""
+    code, cutoff = _filters(reason, before)
+    n = state.env().QUEUE.dlq_purge(reason=code, before=cutoff)
+    if as_json:
+        emit_json({"purged": n})
+    else:
+        click.echo(f"purged {n} dead letters", err=True)
 
 
 @main.group()
 def paths() -> None:
-    """Per-path statistics from the hourly aggregates."""
+    """Per-path statistics from the hourly and daily aggregates."""
 
 
 TABLE_COLUMNS = ("path", "method", "requests", "status_4xx", "status_5xx", "rt_avg_ms", "p50_ms", "p95_ms", "p99_ms")
@@ -283,6 +352,26 @@ def paths_hourly(state: State, path: str | None, method: str | None, host: str |
         out.write(orjson.dumps(row))
     out.write(b"\n]\n")
     out.flush()
+
+
+@paths.command("daily")
+@click.option("--days", default=30, show_default=True, type=click.IntRange(1, 36_600), help="The last N days.")
+@click.option("--path")
+@click.option("--method")
+@click.option("--host")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def paths_daily(state: State, days: int, path: str | None, method: str | None, host: str | None,
+                as_json: bool) -> None:  # fmt: skip
+    """Daily rows of the last DAYS closed UTC days (rolled up by the `rollup` job, 00:15)."""
+    from pipeline import clock, queries
+
+    start = (int(clock.now_s()) // 86_400 - days) * 86_400
+    rows = list(queries.daily(state.env().DB, path, method, start, None, host))
+    if as_json:
+        emit_json(rows)
+    else:
+        print_table([r | {"day": r["day"][:10]} for r in rows], ("day", *TABLE_COLUMNS), "daily (UTC)")
 
 
 @main.command("sample")

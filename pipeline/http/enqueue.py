@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import orjson
 from anyio import to_thread
 
@@ -33,14 +34,13 @@ MAX_GROUP_MESSAGES = 256  # per transaction: at most 32 MiB of bodies
 def pack(events: list[Any]) -> tuple[list[Any], list[int]]:
     """`events` in order as JSON-array message bodies of at most `MAX_MESSAGE_BYTES` each,
     and the positions of the events left out because they exceed it on their own. When the
-    whole array fits (the common case) it is encoded once, and that encoding is the body (an
-    `orjson.Fragment`, which the queue's encoder passes through); else each event is encoded
-    to measure it."""
+    whole array fits (the common case) it is encoded once, and that encoding is the body (a
+    `msgspec.Raw`, which the queue stores as it is); else each event is encoded to measure it."""
     if not events:
         return [], []
     data = orjson.dumps(events)
     if len(data) <= MAX_MESSAGE_BYTES:
-        return [orjson.Fragment(data)], []
+        return [msgspec.Raw(data)], []
     bodies: list[list[Any]] = []
     too_large: list[int] = []
     body: list[Any] = []
