@@ -1,6 +1,6 @@
-"""The registry of scheduled jobs (archive, clean, monitor, snapshot_prune): each worker
-package registers its jobs with `@job`, and the composition root (`pipeline.cli.compose`)
-imports those modules.
+"""The registry of scheduled jobs (archive, clean, monitor, rollup, expire, snapshot_prune):
+each worker package registers its jobs with `@job`, and the composition root
+(`pipeline.cli.compose`) imports those modules.
 
 A job is a plain function `run(env, scheduled_for, dry_run) -> dict` written against
 bindings only; its result dict is JSON-serialisable and is what `edgepipe jobs run NAME

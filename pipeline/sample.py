@@ -136,10 +136,11 @@ class DemoTraffic:
                 out.append(event)
                 continue
             if kind == 0:
-                event["ts"] = ts - rng.randint(4 * 86_400_000, 5 * 86_400_000)
+                ts -= rng.randint(4 * 86_400_000, 5 * 86_400_000)
             elif kind % self.late_every == 2:
-                event["ts"] = ts - rng.randint(3_600_000, 6 * 3_600_000)
-            if event["ts"] < watermark_ms:
+                ts -= rng.randint(3_600_000, 6 * 3_600_000)
+            event["ts"] = ts
+            if ts < watermark_ms:
                 self.too_late += 1
             else:
                 self.unique += 1

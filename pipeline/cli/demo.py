@@ -21,15 +21,16 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import sqlalchemy as sa
 
 from pipeline import clock
 from pipeline.cli import State, emit_json, main, pass_state
 from pipeline.errors import ValidationError
-from pipeline.sample import DemoTraffic
+
+if TYPE_CHECKING:
+    from pipeline.sample import DemoTraffic
 
 SLICE_S = 300
 SEND_CHUNK = 1000
@@ -44,6 +45,8 @@ def _held_events(env: Any) -> int:
 
 def _detail_rows(env: Any) -> tuple[int, int | None]:
     """(detail rows in the database, the oldest one's ts)."""
+    import sqlalchemy as sa
+
     from pipeline.schema import traffic_events
 
     with env.DB.read() as conn:
@@ -52,6 +55,8 @@ def _detail_rows(env: Any) -> tuple[int, int | None]:
 
 
 def _job_runs(env: Any, start_s: float, end_s: float) -> dict[str, int]:
+    import sqlalchemy as sa
+
     from pipeline.schema import job_runs
 
     stmt = (
@@ -195,6 +200,8 @@ def run_demo(
             raise ValidationError(
                 "database", f"it already holds {before:,} events; the demo needs an empty one (--force: add to it)"
             )
+        from pipeline.sample import DemoTraffic
+
         register_jobs()
         sim = _Simulation(env, DemoTraffic(rate, seed), start)
         with clock.simulated(start) as set_to, _progress(end - start, progress) as report:

@@ -19,7 +19,7 @@ from pipeline.cli import State, emit_json, main, pass_state, print_table, time_o
 
 @main.group()
 def jobs() -> None:
-    """Scheduled jobs: archive, clean, monitor, snapshot_prune."""
+    """Scheduled jobs: archive, clean, monitor, rollup, expire, snapshot_prune."""
 
 
 @jobs.command("run")
