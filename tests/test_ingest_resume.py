@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-from freezegun import freeze_time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,7 +88,7 @@ def judged(raws: list[bytes], keyed: bool) -> None:
     """Ingest `raws` as the lines of one input and check each line's fate against `expected`."""
     identity = "0123456789abcdef" * 4 if keyed else None
     queue = Recorder()
-    with freeze_time(ev.NOW):
+    with clock.simulated(ev.NOW_MS / 1000):  # a frozen "now", without freezegun's cost per call
         result = ingest(enumerate(raws, 1), queue, ev.NORM, source=Source(identity))  # type: ignore[arg-type]
     want = [(n, expected(raw, f"{identity[:16]}:{n}" if identity else "-", keyed)) for n, raw in enumerate(raws, 1)]
     assert result.rejected == [(n, w) for n, w in want if isinstance(w, str)]
