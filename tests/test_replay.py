@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from freezegun import freeze_time
 
 from archiver import replay
+from archiver import verify as replay_verify
 from archiver.objects import read_object, read_objects
 from pipeline import clock, migrate, totals
 from pipeline.bindings.db import Database
@@ -63,7 +64,7 @@ def test_list_verify_and_rebuild_equal_the_originals(make_env: Any, db_url: str,
     store, prefix = env.ARCHIVE, env.config.archive.prefix
     listed = replay.list_objects(store, prefix, FROM, TO)
     assert len(listed) == 30 and sum(o["rows"] for o in listed) == 180
-    report = replay.verify(env.DB, store, prefix, FROM, TO)
+    report = replay_verify.verify(env.DB, store, prefix, FROM, TO)
     assert report["ok"], report
     assert report["archived_rows"] == 180 and report["hot_rows"] == 220
     target = Database(f"sqlite:///{tmp_path / 'rebuilt.db'}")
@@ -88,7 +89,7 @@ def test_verify_catches_a_tampered_aggregate(make_env: Any, db_url: str) -> None
         psh = path_stats_hourly
         hour = ms("2026-11-18T05:00:00Z") // 1000
         conn.execute(sa.update(psh).where(psh.c.hour == hour, psh.c.path == "/a").values(requests=psh.c.requests + 1))
-    report = replay.verify(env.DB, env.ARCHIVE, env.config.archive.prefix, FROM, TO)
+    report = replay_verify.verify(env.DB, env.ARCHIVE, env.config.archive.prefix, FROM, TO)
     assert not report["ok"]
     assert [(m["path"], m["column"], m["database"] - m["archive"]) for m in report["mismatches"]] == [
         ("/a", "requests", 1)
@@ -110,7 +111,7 @@ def test_verify_reports_rows_on_one_side_only_hour_by_hour(make_env: Any, db_url
             conn.execute(sa.delete(psh).where(psh.c.hour == hour, psh.c.path == "/a"))
         row = conn.execute(sa.select(psh).where(psh.c.hour == archived).limit(1)).mappings().one()
         conn.execute(sa.insert(psh).values(dict(row) | {"hour": empty}))
-    report = replay.verify(env.DB, env.ARCHIVE, env.config.archive.prefix, FROM, TO)
+    report = replay_verify.verify(env.DB, env.ARCHIVE, env.config.archive.prefix, FROM, TO)
     got = [(m["hour"], m["path"], m["column"], m["archive"], m["database"]) for m in report["mismatches"]]
     assert sorted(got) == sorted([
         (archived, "/a", "row", True, False),
@@ -132,7 +133,7 @@ def test_restore_is_idempotent_keeps_the_invariant_and_is_never_rearchived(make_
     assert totals.stats(env.DB) == before and totals.verify(env.DB)["ok"]
     assert len(hot_ids(env, (2,))) == 180
     assert run_job(env, "archive", "2026-11-23T02:00:00Z")["rows"] == 144  # only the hot rows, never the restored
-    assert replay.verify(env.DB, store, prefix, FROM, TO)["ok"]
+    assert replay_verify.verify(env.DB, store, prefix, FROM, TO)["ok"]
 
 
 @freeze_time(NOW)
@@ -156,7 +157,7 @@ def test_drop_restored_deletes_only_restored_rows_of_the_range_and_keeps_every_t
     res = _cli(tmp_path, env, "replay", "drop-restored", "--from", "2026-11-21", "--to", "2026-11-20")
     assert res.exit_code == 3 and "--to" in res.stderr and "after --from" in res.stderr
     assert hot_ids(env, (2,)) == [] and sorted(hot_ids(env, (0, 1))) == others
-    assert totals.stats(env.DB) == before and replay.verify(env.DB, store, prefix, FROM, TO)["ok"]
+    assert totals.stats(env.DB) == before and replay_verify.verify(env.DB, store, prefix, FROM, TO)["ok"]
 
 
 @freeze_time(NOW)
@@ -167,7 +168,7 @@ def test_long_replays_report_progress_object_by_object(make_env: Any, db_url: st
     n = len(replay.objects_in(store, prefix, FROM, TO))
     expected = [(i, n) for i in range(1, n + 1)]
     for run in (
-        lambda progress: replay.verify(env.DB, store, prefix, FROM, TO, progress),
+        lambda progress: replay_verify.verify(env.DB, store, prefix, FROM, TO, progress),
         lambda progress: replay.export(store, prefix, FROM, TO, io.StringIO(), progress=progress),
         lambda progress: replay.restore(env.DB, store, prefix, FROM, TO, progress),
         lambda progress: replay.rebuild(store, prefix, FROM, TO, _fresh_db(tmp_path), progress),
@@ -308,9 +309,9 @@ def test_compare_is_exact_but_for_the_rounding_of_the_response_time_sum() -> Non
     acc[stored[2][:4]][AGG_COLUMNS.index("rt_min_ms")] = 0.1 + 1e-15
     acc[stored[3][:4]][-1] = 1  # the last latency bucket
     acc[(3600, "h", "/f", "GET")] = list(row("/f")[4:])
-    got = [(m["path"], m["column"]) for m in replay.compare(acc, stored)]
+    got = [(m["path"], m["column"]) for m in replay_verify.compare(acc, stored)]
     assert got == [("/b", "rt_sum_ms"), ("/c", "rt_min_ms"), ("/d", AGG_COLUMNS[-1]), ("/e", "row"), ("/f", "row")]
-    assert replay.compare({r[:4]: list(r[4:]) for r in stored}, stored) == []
+    assert replay_verify.compare({r[:4]: list(r[4:]) for r in stored}, stored) == []
 
 
 @pytest.mark.parametrize("store", ["file", "moto_server"])
@@ -331,13 +332,13 @@ def test_verify_split_between_two_processes_reports_what_one_does(
     _load(env)
     store_, prefix = env.ARCHIVE, env.config.archive.prefix
     listing = replay.objects_in(store_, prefix, FROM, TO)
-    cut = replay._halving_hour(listing)
+    cut = replay_verify._halving_hour(listing)
     assert cut is not None and listing[0][1] < cut <= listing[-1][1]
 
     def both() -> tuple[dict[str, Any], dict[str, Any]]:
-        one = replay.verify(env.DB, store_, prefix, FROM, TO)
+        one = replay_verify.verify(env.DB, store_, prefix, FROM, TO)
         calls: list[tuple[int, int]] = []
-        two = replay.verify(env.DB, store_, prefix, FROM, TO, lambda d, t: calls.append((d, t)), env.config, 1)
+        two = replay_verify.verify(env.DB, store_, prefix, FROM, TO, lambda d, t: calls.append((d, t)), env.config, 1)
         assert calls[-1] == (len(listing), len(listing))
         assert [d for d, _t in calls] == sorted(d for d, _t in calls)
         return one, two
@@ -360,5 +361,5 @@ def test_verify_split_between_two_processes_reports_what_one_does(
     assert {m["hour"] for m in two["mismatches"]} == {listing[0][1], listing[-1][1]}
 
     unusable = env.config.replace(bindings={"db": f"sqlite:///{tmp_path / 'no-tables.db'}"})
-    fallback = replay.verify(env.DB, store_, prefix, FROM, TO, None, unusable, 1)
+    fallback = replay_verify.verify(env.DB, store_, prefix, FROM, TO, None, unusable, 1)
     assert fallback == one | {"processes": 1}

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from freezegun import freeze_time
 
 from archiver import replay
+from archiver import verify as replay_verify
 from archiver.objects import manifest_key
 from cleaner.rollup import day_start
 from pipeline import clock, meta, migrate, queries, totals
@@ -139,7 +140,7 @@ def test_expire_deletes_exactly_the_old_cleaned_objects_and_keeps_every_total(ar
     assert Counter(e["status"] for e in manifest["entries"]) == {"expired": 6, "cleaned": 18}
     assert totals.stats(env.DB) == before and totals.verify(env.DB)["ok"]
 
-    report = replay.verify(env.DB, env.ARCHIVE, prefix, clock.parse_time(START), clock.parse_time("2026-11-14"))
+    report = replay_verify.verify(env.DB, env.ARCHIVE, prefix, clock.parse_time(START), clock.parse_time("2026-11-14"))
     assert report["ok"] and report["mismatches"] == [] and report["bad"] == []
     assert report["expired_hours"] == sorted(records[k][0] for k in old) and report["archived_rows"] == 216 - 90
     with freeze_time("2026-11-17T06:00:00Z"):  # a day later: the rest of 2026-11-11, and 2026-11-12 00-05h
@@ -268,14 +269,14 @@ def test_pruning_hourly_rows_keeps_totals_verify_replay_and_the_daily_reader(
 
     store, prefix = env.ARCHIVE, env.config.archive.prefix
     lo, hi = clock.parse_time(START), clock.parse_time("2026-11-14")
-    report = replay.verify(env.DB, store, prefix, lo, hi)
+    report = replay_verify.verify(env.DB, store, prefix, lo, hi)
     assert report["ok"] and report["archived_rows"] == len(events) and report["pruned_hours"] == []
-    part = replay.verify(env.DB, store, prefix, lo + 6 * 3600, hi)  # cuts 2026-11-10: its hours are named
+    part = replay_verify.verify(env.DB, store, prefix, lo + 6 * 3600, hi)  # cuts 2026-11-10: its hours are named
     assert part["ok"] and part["pruned_hours"] == [int(lo) + h * 3600 for h in range(6, 24)]
     with env.DB.transaction() as conn:
         conn.execute(sa.update(path_stats_daily).where(path_stats_daily.c.path == "/b")
                      .values(requests=path_stats_daily.c.requests + 1))  # fmt: skip
-    tampered = replay.verify(env.DB, store, prefix, lo, hi)
+    tampered = replay_verify.verify(env.DB, store, prefix, lo, hi)
     assert not tampered["ok"] and {(m["path"], m["column"], m["daily"]) for m in tampered["mismatches"]} == {
         ("/b", "requests", True)
     }

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from freezegun import freeze_time
 
-from archiver import replay
+from archiver import verify as replay_verify
 from pipeline import clock, totals
 from pipeline.cli import main
 from pipeline.jobs import JOBS
@@ -66,7 +66,7 @@ def test_six_days_end_to_end(make_env: Any, db_url: str) -> None:
     s = totals.stats(env.DB)
     assert s["total"]["events"] == len(accepted) and s["cold"]["events"] == len(in_bucket)
     assert totals.verify(env.DB)["ok"]
-    report = replay.verify(
+    report = replay_verify.verify(
         env.DB, env.ARCHIVE, "events", clock.parse_time(START) - 5 * 86400, clock.parse_time(START) + 7 * 86400
     )
     assert report["ok"] and report["archived_rows"] + report["hot_rows"] == len(accepted)

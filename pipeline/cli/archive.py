@@ -171,11 +171,11 @@ def replay_list(state: State, start: str | None, end: str | None, as_json: bool)
 @pass_state
 def replay_verify(state: State, start: str | None, end: str | None, as_json: bool) -> None:
     """Check objects (sha256, rows) and recompute the hourly aggregates against the DB."""
-    from archiver import replay as r
+    from archiver.verify import verify
 
     env, store, prefix = _archive(state)
     with _object_progress(as_json) as progress:
-        result = r.verify(env.DB, store, prefix, *_range(start, end), progress, config=env.config)
+        result = verify(env.DB, store, prefix, *_range(start, end), progress, config=env.config)
     if not as_json:
         for m in result["mismatches"][:50]:
             click.echo(f"MISMATCH {clock.iso(m['hour'])} {m['host']} {m['method']} {m['path']} {m['column']}: "

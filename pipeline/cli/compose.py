@@ -64,9 +64,9 @@ def consumer_worker(env: Env, handler: Handler | None = None) -> Worker:
 
 def replay_verify(env: Env, start_s: float, end_s: float) -> dict[str, Any]:
     """`edgepipe replay verify` over [start_s, end_s) of the configured archive."""
-    from archiver import replay
+    from archiver.verify import verify
 
-    return replay.verify(env.DB, env.require_archive(), env.config.archive.prefix, start_s, end_s, config=env.config)
+    return verify(env.DB, env.require_archive(), env.config.archive.prefix, start_s, end_s, config=env.config)
 
 
 def archive_format() -> tuple[tuple[str, ...], int, re.Pattern[str]]:
