@@ -32,7 +32,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from archiver.job import DAY_S, day_of, write_manifest
+from archiver.job import DAY_S, day_of, for_marked_days, write_manifest
 from archiver.objects import manifest_key
 from pipeline import clock, meta
 from pipeline.clock import HOUR_S
@@ -85,28 +85,9 @@ def settle_manifest(env: Env, day: str) -> str:
 
 
 def settle_due_days(env: Env, result: dict[str, Any]) -> None:
-    """Settle the manifest of every day marked `EXPIRED_DAY_DUE` and unmark it. Never
-    raises: a failure is logged and reported (`manifest_error`); the day stays marked."""
-    try:
-        with env.DB.read() as conn:
-            due = meta.marks(conn, meta.EXPIRED_DAY_DUE)
-    except Exception as exc:
-        _manifest_failed(result, "*", exc)
-        return
-    for day, token in sorted(due.items()):
-        try:
-            done = settle_manifest(env, day)
-            with env.DB.transaction() as conn:
-                meta.unmark(conn, meta.EXPIRED_DAY_DUE, day, token)
-        except Exception as exc:
-            _manifest_failed(result, day, exc)
-            continue
-        result[f"manifests_{done}"] += 1
-
-
-def _manifest_failed(result: dict[str, Any], day: str, exc: Exception) -> None:
-    log.warning("expire_manifest_failed day=%s error=%s", day, exc)
-    result["manifest_error"] = f"{type(exc).__name__}: {exc}"
+    """Settle the manifest of every day marked `EXPIRED_DAY_DUE` (see
+    `archiver.job.for_marked_days`): `manifests_written` or `manifests_deleted`."""
+    for_marked_days(env, meta.EXPIRED_DAY_DUE, result, lambda day: f"manifests_{settle_manifest(env, day)}")
 
 
 def expire_day(env: Env, day: str, objects: list[Any]) -> int:

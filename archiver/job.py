@@ -36,6 +36,7 @@ killed run or a failed manifest upload.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -328,34 +329,38 @@ def write_manifest(env: Env, day: str) -> bool:
     return True
 
 
-def _manifest_failed(result: dict[str, Any], day: str, exc: Exception) -> None:
-    log.warning("archive_manifest_failed day=%s error=%s", day, exc)
-    result["manifest_error"] = f"{type(exc).__name__}: {exc}"
-
-
-def write_due_manifests(env: Env, result: dict[str, Any]) -> None:
-    """Write the manifest of every day marked due and unmark the day once it is written
-    (unless it was marked again meanwhile). Never raises: a failure is logged and reported
-    (`manifest_error`), the day stays due and the next run writes it; the objects and
-    their records are what counts."""
+def for_marked_days(env: Env, mark: str, result: dict[str, Any], work: Callable[[str], str | None]) -> None:
+    """`work(day)` for every day marked `mark` (a `meta` mark set), unmarking the day once
+    it returns (unless the day was marked again meanwhile); the result key it returns is
+    counted in `result`. Never raises: a failure is logged and reported
+    (`manifest_error`), the day stays marked and the next run does it."""
     try:
         with env.DB.read() as conn:
-            due = meta.marks(conn, meta.MANIFEST_DUE)
+            due = meta.marks(conn, mark)
     except Exception as exc:
         _manifest_failed(result, "*", exc)
         return
     for day, token in sorted(due.items()):
         try:
-            written = write_manifest(env, day)
+            counted = work(day)
             with env.DB.transaction() as conn:
-                meta.unmark(conn, meta.MANIFEST_DUE, day, token)
+                meta.unmark(conn, mark, day, token)
         except Exception as exc:
             _manifest_failed(result, day, exc)
             continue
-        result["manifests"] += int(written)
+        if counted:
+            result[counted] += 1
 
 
-# -- the watermark ---------------------------------------------------------------------
+def _manifest_failed(result: dict[str, Any], day: str, exc: Exception) -> None:
+    log.warning("manifest_failed day=%s error=%s", day, exc)
+    result["manifest_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def write_due_manifests(env: Env, result: dict[str, Any]) -> None:
+    """Write the manifest of every day marked due (see `for_marked_days`); the objects and
+    their records are what counts, a manifest failing is made good by the next run."""
+    for_marked_days(env, meta.MANIFEST_DUE, result, lambda day: "manifests" if write_manifest(env, day) else None)
 
 
 def raise_watermark(env: Env, cutoff: int) -> int:

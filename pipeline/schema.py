@@ -92,44 +92,36 @@ traffic_events = Table(
     UniqueConstraint("ts", "id", name="uq_traffic_events_ts_id"),
 )
 
-path_stats_hourly = Table(
-    "path_stats_hourly",
-    metadata,
-    Column("hour", BigInteger, primary_key=True),  # epoch seconds at the start of the UTC hour
-    Column("host", String(255), primary_key=True),
-    Column("path", Text, primary_key=True),
-    Column("method", String(16), primary_key=True),
-    Column("requests", BigInteger, nullable=False),
-    *(Column(c, BigInteger, nullable=False) for c in STATUS_COLUMNS),
-    Column("bytes_sum", BigInteger, nullable=False),
-    Column("rt_sum_ms", Float, nullable=False),
-    Column("rt_min_ms", Float, nullable=False),
-    Column("rt_max_ms", Float, nullable=False),
-    *(Column(c, BigInteger, nullable=False) for c in BUCKET_COLUMNS),
-    # Clustered by its key on SQLite: one B-tree per upsert instead of index + table, and
-    # hour-range reads are sequential.
-    sqlite_with_rowid=False,
-)
+
+def _aggregates(name: str, period: str) -> Table:
+    """A table of per-path aggregates, one row per (`period`, host, path, method): request
+    and status counts, bytes, response-time sum, min, max and histogram. Clustered by its
+    key on SQLite: one B-tree per upsert instead of index + table, and period-range reads
+    are sequential."""
+    return Table(
+        name,
+        metadata,
+        Column(period, BigInteger, primary_key=True),  # epoch seconds at the start of the UTC hour / day
+        Column("host", String(255), primary_key=True),
+        Column("path", Text, primary_key=True),
+        Column("method", String(16), primary_key=True),
+        Column("requests", BigInteger, nullable=False),
+        *(Column(c, BigInteger, nullable=False) for c in STATUS_COLUMNS),
+        Column("bytes_sum", BigInteger, nullable=False),
+        Column("rt_sum_ms", Float, nullable=False),
+        Column("rt_min_ms", Float, nullable=False),
+        Column("rt_max_ms", Float, nullable=False),
+        *(Column(c, BigInteger, nullable=False) for c in BUCKET_COLUMNS),
+        sqlite_with_rowid=False,
+    )
+
+
+path_stats_hourly = _aggregates("path_stats_hourly", "hour")
 
 # The hourly rows of each closed UTC day folded into one row per (day, host, path, method)
 # by the `rollup` job; same columns, so the same readers and histogram merge apply. Once
 # `[retention] hourly_days` prunes a day's hourly rows, its daily rows hold that day.
-path_stats_daily = Table(
-    "path_stats_daily",
-    metadata,
-    Column("day", BigInteger, primary_key=True),  # epoch seconds at 00:00 UTC of the day
-    Column("host", String(255), primary_key=True),
-    Column("path", Text, primary_key=True),
-    Column("method", String(16), primary_key=True),
-    Column("requests", BigInteger, nullable=False),
-    *(Column(c, BigInteger, nullable=False) for c in STATUS_COLUMNS),
-    Column("bytes_sum", BigInteger, nullable=False),
-    Column("rt_sum_ms", Float, nullable=False),
-    Column("rt_min_ms", Float, nullable=False),
-    Column("rt_max_ms", Float, nullable=False),
-    *(Column(c, BigInteger, nullable=False) for c in BUCKET_COLUMNS),
-    sqlite_with_rowid=False,
-)
+path_stats_daily = _aggregates("path_stats_daily", "day")
 
 # Counts of events that left the hot table (filled by the cleaner), one row per scope.
 lifetime_totals = Table(
