@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
+from pipeline.bench.scratch import scratch_db as bench_scratch_db
 
 
 @contextlib.contextmanager
 def scratch_db(url: str | None, workdir: Path) -> Iterator[str]:
-    """A fresh, empty database URL: a SQLite file in `workdir` (when `url` is None or a
-    SQLite URL), or a throwaway schema on the PostgreSQL server at `url`, dropped on exit."""
-    if url is None or url.startswith("sqlite"):
-        yield url or f"sqlite:///{workdir / 'edgepipe.db'}"
-        return
-    schema = f"edgepipe_test_{secrets.token_hex(4)}"
-    admin = sa.create_engine(url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        sep = "&" if "?" in url else "?"
-        yield f"{url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    """A fresh, empty database URL (see `pipeline.bench.scratch.scratch_db`), its
+    PostgreSQL schemas named `edgepipe_test_…`."""
+    with bench_scratch_db(url, workdir, prefix="edgepipe_test") as fresh:
+        yield fresh
 
 
 def refreshing_worker(env: Any, refresh_fn: Any = None, handler: Any = None) -> Any:

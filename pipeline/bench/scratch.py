@@ -12,13 +12,13 @@ import sqlalchemy as sa
 
 
 @contextlib.contextmanager
-def scratch_db(url: str | None, workdir: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file in `workdir`, or a throwaway schema on the
-    PostgreSQL server at `url` (dropped afterwards)."""
+def scratch_db(url: str | None, workdir: Path, prefix: str = "edgepipe_bench") -> Iterator[str]:
+    """A fresh, empty database: a SQLite file in `workdir`, or a throwaway schema named
+    `<prefix>_<random>` on the PostgreSQL server at `url` (dropped afterwards)."""
     if url is None or url.startswith("sqlite"):
         yield url or f"sqlite:///{workdir / 'edgepipe.db'}"
         return
-    schema = f"edgepipe_bench_{secrets.token_hex(4)}"
+    schema = f"{prefix}_{secrets.token_hex(4)}"
     admin = sa.create_engine(url)
     with admin.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
