@@ -46,6 +46,8 @@ from pipeline.schema import (
 DAY_S = 86400
 MIN_GROWTH_SPAN_S = 6 * 3600
 FAILED_RUN = (RunStatus.FAILED, RunStatus.ABANDONED)
+# The rows archive objects still hold in the database (summed over the objects selected).
+_HELD_ROWS = sa.func.coalesce(sa.func.sum(archive_objects.c.row_count - archive_objects.c.cleaned_rows), 0)
 
 
 def sizes(db: Any) -> dict[str, Any]:
@@ -132,7 +134,6 @@ def _lag_rows(db: Any, now_s: float, detail_days: int) -> tuple[int, int]:
     """(`archive_lag_rows`: hot rows older than the archive cutoff by more than a day,
     `clean_lag_rows`: rows of objects verified more than a day ago still in the database)."""
     too_old_ms = int((now_s - (detail_days + 1) * DAY_S) * 1000)
-    late_clean = sa.func.coalesce(sa.func.sum(archive_objects.c.row_count - archive_objects.c.cleaned_rows), 0)
     with db.read() as conn:
         unarchived = conn.execute(
             sa.select(sa.func.count()).where(
@@ -140,7 +141,7 @@ def _lag_rows(db: Any, now_s: float, detail_days: int) -> tuple[int, int]:
             )
         ).scalar_one()
         uncleaned = conn.execute(
-            sa.select(late_clean).where(
+            sa.select(_HELD_ROWS).where(
                 archive_objects.c.status == ObjectStatus.VERIFIED, archive_objects.c.verified_at < now_s - DAY_S
             )
         ).scalar_one()
@@ -148,8 +149,8 @@ def _lag_rows(db: Any, now_s: float, detail_days: int) -> tuple[int, int]:
 
 
 def _clean_incomplete(db: Any) -> int | None:
-    """`remaining_rows` of the last clean run when it stopped before the end (its time
-    budget spent), else None."""
+    """When the last clean run stopped before the end (its time budget spent): the rows
+    verified objects still hold now; else None."""
     stmt = (
         sa.select(job_runs.c.result)
         .where(job_runs.c.job == "clean", job_runs.c.status == RunStatus.SUCCEEDED)
@@ -158,8 +159,10 @@ def _clean_incomplete(db: Any) -> int | None:
     )
     with db.read() as conn:
         result = conn.execute(stmt).scalar()
-    last = orjson.loads(result) if result else {}
-    return None if last.get("complete", True) else int(last.get("remaining_rows") or 0)
+        if orjson.loads(result or "{}").get("complete", True):
+            return None
+        verified = archive_objects.c.status == ObjectStatus.VERIFIED
+        return int(conn.execute(sa.select(_HELD_ROWS).where(verified)).scalar_one())
 
 
 def _jobs(env: Env, now_s: float) -> dict[str, dict[str, Any]]:
