@@ -16,7 +16,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,8 +27,8 @@ from pipeline.errors import ConfigError, ValidationError
 ENV_PREFIX = "EDGEPIPE_"
 DEFAULT_FILE = "edgepipe.toml"
 DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
-QUEUE_SCHEMES = ("db",)  # tables in the DB binding's database
-KV_SCHEMES = ("db",)
+QUEUE_SCHEMES = ("db", "sqs", "redis")  # db: tables in the DB binding's database
+KV_SCHEMES = ("db", "redis")
 ARCHIVE_SCHEMES = ("file", "s3")
 
 
@@ -44,7 +44,9 @@ def _check_url(value: str, schemes: tuple[str, ...]) -> str:
 
 
 class Bindings(Section):
-    """URLs of the four bindings. `db` for queue/kv means "tables in the DB binding"."""
+    """URLs of the four bindings. `db` for queue/kv means "tables in the DB binding";
+    the queue may also be `sqs://QUEUE_NAME?region=…&endpoint_url=…` or
+    `redis://HOST:PORT/DB?stream=NAME`, the KV `redis://HOST:PORT/DB?prefix=…`."""
 
     db: str = "sqlite:///data/edgepipe.db"
     queue: str = "db"
@@ -67,7 +69,13 @@ class Bindings(Section):
     @field_validator("queue")
     @classmethod
     def _queue(cls, v: str) -> str:
-        return _check_url(v, QUEUE_SCHEMES)
+        _check_url(v, QUEUE_SCHEMES)
+        parts = urlsplit(v)
+        if parts.scheme == "sqs" and not parts.netloc:
+            raise ValueError(f"{v!r}: an SQS URL names its queue: sqs://QUEUE_NAME?region=…&endpoint_url=…")
+        if parts.scheme == "redis" and not parse_qs(parts.query).get("stream"):
+            raise ValueError(f"{v!r}: a Redis queue URL names its stream: redis://HOST:PORT/DB?stream=NAME")
+        return v
 
     @field_validator("kv")
     @classmethod

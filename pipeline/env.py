@@ -2,7 +2,7 @@
 
 Workers receive an `Env` and see only its bindings: `DB`, `QUEUE`, `KV`, `ARCHIVE`, plus
 the validated `config`. Backends are imported lazily, so an embedded deployment never
-imports boto3.
+imports boto3 or redis.
 """
 
 from __future__ import annotations
@@ -32,6 +32,24 @@ def _sql_kv(url: str, db: Database, cfg: Config) -> KV:
     return SqlKV(db)
 
 
+def _sqs_queue(url: str, db: Database, cfg: Config) -> Queue:
+    from pipeline.bindings.queue_sqs import SqsQueue
+
+    return SqsQueue.from_url(url, db, queue_settings(cfg))
+
+
+def _redis_queue(url: str, db: Database, cfg: Config) -> Queue:
+    from pipeline.bindings.queue_redis import RedisQueue
+
+    return RedisQueue.from_url(url, queue_settings(cfg))
+
+
+def _redis_kv(url: str, db: Database, cfg: Config) -> KV:
+    from pipeline.bindings.kv_redis import RedisKV
+
+    return RedisKV.from_url(url)
+
+
 def queue_settings(cfg: Config) -> QueueSettings:
     c = cfg.consumer
     return QueueSettings(c.max_retries, c.retry_delay, c.visibility_timeout)
@@ -41,8 +59,8 @@ def queue_settings(cfg: Config) -> QueueSettings:
 BindingT = TypeVar("BindingT")
 Factory = Callable[[str, Database, Config], BindingT]  # (url, db, config) -> a binding
 
-QUEUE_BACKENDS: dict[str, Factory[Queue]] = {"db": _sql_queue}
-KV_BACKENDS: dict[str, Factory[KV]] = {"db": _sql_kv}
+QUEUE_BACKENDS: dict[str, Factory[Queue]] = {"db": _sql_queue, "sqs": _sqs_queue, "redis": _redis_queue}
+KV_BACKENDS: dict[str, Factory[KV]] = {"db": _sql_kv, "redis": _redis_kv}
 ARCHIVE_BACKENDS: dict[str, Factory[ObjectStore]] = {}
 
 

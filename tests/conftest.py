@@ -4,6 +4,7 @@ unreachable skips its tests locally and fails them when CI=true."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from pipeline.env import Env, open_env
 from tests.support import scratch_db
 
 PG_URL = os.environ.get("EDGEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("EDGEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AWS_REGION = "us-east-1"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -44,6 +47,87 @@ def require_service(name: str, url: str, port: int) -> None:
 def pg_server_url() -> str:
     require_service("PostgreSQL", PG_URL, 5432)
     return PG_URL
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    require_service("Redis", REDIS_URL, 6379)
+    return REDIS_URL
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake AWS credentials, so boto3 never looks for real ones."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": AWS_REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's threaded server (S3 and SQS over real HTTP) on a free loopback port. In this
+    process, so a frozen clock (freezegun) freezes its timers too."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def _unique(prefix: str) -> str:
+    import secrets
+
+    return f"{prefix}{secrets.token_hex(4)}"
+
+
+QUEUE_BACKENDS = [
+    "db-sqlite",
+    pytest.param("db-postgres", marks=pytest.mark.postgres),
+    "sqs",
+    "redis",
+]
+
+
+@pytest.fixture(params=QUEUE_BACKENDS)
+def queue_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(db URL, queue URL) on every queue backend: the `db` queue on SQLite and PostgreSQL,
+    an SQS queue on moto's threaded server, a Redis stream on the real Redis. Each test gets
+    its own queue; SQS and Redis ones are removed afterwards."""
+    name, db = request.param, f"sqlite:///{tmp_path / 'edgepipe.db'}"
+    if name == "db-sqlite":
+        yield db, "db"
+    elif name == "db-postgres":
+        with scratch_db(request.getfixturevalue("pg_server_url"), tmp_path) as url:
+            yield url, "db"
+    elif name == "sqs":
+        request.getfixturevalue("aws_credentials")
+        endpoint = request.getfixturevalue("moto_server")
+        queue = _unique("edgepipe-test-")
+        yield db, f"sqs://{queue}?region={AWS_REGION}&endpoint_url={endpoint}"
+        import boto3
+
+        sqs = boto3.client("sqs", region_name=AWS_REGION, endpoint_url=endpoint)
+        for q in (queue, f"{queue}-dlq"):
+            with contextlib.suppress(sqs.exceptions.QueueDoesNotExist):
+                sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=q)["QueueUrl"])
+    else:
+        server = request.getfixturevalue("redis_server_url")
+        stream = _unique("edgepipe-test-")
+        yield db, f"{server}?stream={stream}"
+        import redis
+
+        client = redis.Redis.from_url(server)
+        keys = list(client.scan_iter(match=f"{stream}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -109,6 +193,28 @@ def run_cli(env: Env, *args: str, environ: dict[str, str] | None = None) -> Any:
 def env(db_url: str, make_env: MakeEnv) -> Env:
     """A migrated Env on every reachable DB backend."""
     return make_env(db_url)
+
+
+@pytest.fixture
+def make_qenv(queue_backend: tuple[str, str], make_env: MakeEnv) -> MakeEnv:
+    """`make_qenv(consumer={...}, ...)`: a migrated Env on one queue backend (see
+    `queue_backend`), its queue created (`Queue.ensure`); every call shares the database
+    and the queue, as separate processes would."""
+    db, queue = queue_backend
+
+    def make(**sections: dict[str, Any]) -> Env:
+        sections["bindings"] = {"queue": queue} | sections.get("bindings", {})
+        made = make_env(db, **sections)
+        made.QUEUE.ensure()
+        return made
+
+    return make
+
+
+@pytest.fixture
+def qenv(make_qenv: MakeEnv) -> Env:
+    """A migrated Env on every queue backend."""
+    return make_qenv()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,8 +20,6 @@ from tests import archive_support
 
 # Fixtures shared by the archive tests.
 archive_url = archive_support.archive_url
-aws_credentials = archive_support.aws_credentials
-moto_server = archive_support.moto_server
 MB = 1024 * 1024
 
 

@@ -220,7 +220,8 @@ def test_unknown_key_inside_environment(no_env: Path) -> None:
     [
         ("db", "mysql://root@localhost/edgepipe"),
         ("db", "data/edgepipe.db"),
-        ("queue", "sqs://queue"),
+        ("queue", "amqp://queue"),
+        ("queue", "redis://127.0.0.1:6379/0"),  # a Redis queue names its stream
         ("queue", "kafka://broker:9092/events"),
         ("kv", "memcached://localhost"),
         ("archive", "gs://bucket/prefix"),

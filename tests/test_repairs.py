@@ -37,8 +37,6 @@ from tests.archive_support import REGION, ManifestFailingStore, at, bucket_ids, 
 from tests.conftest import run_cli
 
 archive_url = archive_support.archive_url
-aws_credentials = archive_support.aws_credentials
-moto_server = archive_support.moto_server
 archive_env = archive_support.archive_env
 
 NOW = "2026-11-22T02:00:00Z"  # the scheduled run; cutoff = 2026-11-19T02:00:00Z

@@ -29,8 +29,6 @@ from tests import archive_support
 from tests.archive_support import consume, event, hot_ids, ms, run_job
 
 archive_url = archive_support.archive_url
-aws_credentials = archive_support.aws_credentials
-moto_server = archive_support.moto_server
 archive_env = archive_support.archive_env
 
 NOW = "2026-11-22T02:00:00Z"

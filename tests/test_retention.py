@@ -35,8 +35,6 @@ from tests.archive_support import consume, event, ms, run_job
 from tests.conftest import run_cli
 
 archive_url = archive_support.archive_url
-aws_credentials = archive_support.aws_credentials
-moto_server = archive_support.moto_server
 archive_env = archive_support.archive_env
 
 DAY_S = 86_400

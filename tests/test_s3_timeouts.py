@@ -27,9 +27,6 @@ from pipeline.bindings import archive as archive_mod
 from pipeline.config import Config
 from pipeline.env import ARCHIVE_BACKENDS
 from pipeline.errors import ConfigError, TransientError
-from tests import archive_support
-
-aws_credentials = archive_support.aws_credentials
 
 
 class SilentServer:

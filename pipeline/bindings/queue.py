@@ -228,6 +228,13 @@ class Queue(abc.ABC):
         fresh = [msgspec.structs.replace(m, decision=None, delay=None, dead=None, dead_parts=None) for m in batch]
         return MessageBatch(batch.queue, fresh, batch.lease, batch.taken_at)
 
+    def ensure(self) -> None:  # noqa: B027 (the db queue's tables come with the schema)
+        """Create what this queue needs on its server when missing (an SQS queue and its
+        `-dlq`, a Redis stream's consumer group); idempotent. `edgepipe init` calls it."""
+
+    def close(self) -> None:  # noqa: B027 (the db queue shares the DB binding's engine)
+        """Release this binding's own connections."""
+
     def release(self, batch: MessageBatch) -> None:  # noqa: B027 (nothing to do for most backends)
         """Make a leased batch's messages visible again at once without counting the
         delivery (a transient fault stopped the consumer, not the messages). Messages

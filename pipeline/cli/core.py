@@ -41,7 +41,14 @@ def init(state: State) -> None:
         ensure_deployment_start(db)
     finally:
         db.dispose()
-    click.echo(f"initialised {cfg.bindings.db} (schema {rev})", err=True)
+    from pipeline.env import open_env
+
+    env = open_env(cfg)
+    try:
+        env.QUEUE.ensure()  # an SQS queue and its -dlq, a Redis consumer group: created when missing
+    finally:
+        env.close()
+    click.echo(f"initialised {cfg.bindings.db} (schema {rev}, queue {cfg.bindings.queue})", err=True)
 
 
 @main.group()
