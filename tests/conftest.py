@@ -95,39 +95,47 @@ QUEUE_BACKENDS = [
 ]
 
 
-@pytest.fixture(params=QUEUE_BACKENDS)
-def queue_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """(db URL, queue URL) on every queue backend: the `db` queue on SQLite and PostgreSQL,
-    an SQS queue on moto's threaded server, a Redis stream on the real Redis. Each test gets
-    its own queue; SQS and Redis ones are removed afterwards."""
-    name, db = request.param, f"sqlite:///{tmp_path / 'edgepipe.db'}"
-    if name == "db-sqlite":
-        yield db, "db"
-    elif name == "db-postgres":
-        with scratch_db(request.getfixturevalue("pg_server_url"), tmp_path) as url:
-            yield url, "db"
-    elif name == "sqs":
+@contextlib.contextmanager
+def queue_url(request: pytest.FixtureRequest, backend: str) -> Iterator[str]:
+    """A fresh queue URL on `backend` ("db", "sqs" on moto's threaded server, "redis" on the
+    real Redis); SQS queues and Redis keys are removed afterwards."""
+    if backend == "db":
+        yield "db"
+    elif backend == "sqs":
+        import boto3
+
         request.getfixturevalue("aws_credentials")
         endpoint = request.getfixturevalue("moto_server")
         queue = _unique("edgepipe-test-")
-        yield db, f"sqs://{queue}?region={AWS_REGION}&endpoint_url={endpoint}"
-        import boto3
-
+        yield f"sqs://{queue}?region={AWS_REGION}&endpoint_url={endpoint}"
         sqs = boto3.client("sqs", region_name=AWS_REGION, endpoint_url=endpoint)
         for q in (queue, f"{queue}-dlq"):
             with contextlib.suppress(sqs.exceptions.QueueDoesNotExist):
                 sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=q)["QueueUrl"])
     else:
-        server = request.getfixturevalue("redis_server_url")
-        stream = _unique("edgepipe-test-")
-        yield db, f"{server}?stream={stream}"
         import redis
 
+        server = request.getfixturevalue("redis_server_url")
+        stream = _unique("edgepipe-test-")
+        yield f"{server}?stream={stream}"
         client = redis.Redis.from_url(server)
         keys = list(client.scan_iter(match=f"{stream}*"))
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture(params=QUEUE_BACKENDS)
+def queue_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(db URL, queue URL) on every queue backend: the `db` queue on SQLite and PostgreSQL,
+    an SQS queue on moto's threaded server, a Redis stream on the real Redis (both beside a
+    SQLite database). Each test gets its own queue."""
+    if request.param == "db-postgres":
+        with scratch_db(request.getfixturevalue("pg_server_url"), tmp_path) as url:
+            yield url, "db"
+        return
+    with queue_url(request, "db" if request.param == "db-sqlite" else request.param) as url:
+        yield f"sqlite:///{tmp_path / 'edgepipe.db'}", url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from pipeline import clock
 from pipeline.env import Env
 from pipeline.schema import traffic_events
-from tests.conftest import MakeEnv
+from tests.conftest import MakeEnv, queue_url
+from tests.support import scratch_db
 from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
 
 pytestmark = pytest.mark.slow
@@ -159,4 +160,38 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_0(workers: Workers, sqlite
     again = workers.start()
     wait_for(lambda: drained(env), "the queue to drain", again)
     stop(again, workers)
+    assert_final_state(env, truths)
+
+
+@pytest.fixture(params=["db", "sqs", "redis"])
+def pg_queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(a PostgreSQL scratch database URL, a queue URL) for each queue backend."""
+    with scratch_db(request.getfixturevalue("pg_server_url"), tmp_path) as db, queue_url(request, request.param) as q:
+        yield db, q
+
+
+@pytest.mark.postgres
+def test_sigkill_one_of_three_workers_on_each_queue_backend(
+    pg_queue_url: tuple[str, str], tmp_path: Path, make_env: MakeEnv
+) -> None:
+    """Three workers on one PostgreSQL database; one is killed mid-stream and restarted:
+    nothing is lost and nothing counts twice, whichever queue carries the events."""
+    db, queue = pg_queue_url
+    env = make_env(db, bindings={"queue": queue})
+    env.QUEUE.ensure()
+    truths = enqueue(env, 3000, seed=23)
+    workers = Workers(tmp_path, db)
+    workers.environ["EDGEPIPE_BINDINGS__QUEUE"] = queue  # (AWS_* test credentials come from os.environ)
+    try:
+        first, *_others = [workers.start() for _ in range(3)]
+        wait_for(lambda: consumed(env) > 0, "the first committed batch", first)
+        first.kill()
+        first.wait(timeout=30)
+        assert consumed(env) < len(truths), "the worker was not killed mid-stream"
+        workers.start()
+        wait_for(lambda: drained(env) and consumed(env) == len(truths), "the workers to drain the queue")
+        for proc in workers.procs[1:]:
+            stop(proc, workers)
+    finally:
+        workers.close()
     assert_final_state(env, truths)
