@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 
 from pipeline import log
@@ -100,3 +101,31 @@ def test_bench_ingest_reference_inserts_the_rows_ingest_wrote(tmp_path: Path) ->
     assert {(r[0], r[2], r[6]) for r in rows} == {("events", "json", 0)}
     ingest.reference(template, tmp_path, rows)
     assert ingest.queue_rows(tmp_path / "reference.db") == rows
+
+
+@pytest.mark.slow
+def test_bench_scale_drains_with_real_workers_and_checks_exactness() -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    args = ["bench", "scale", "--workers", "1,2", "--events", "3000", "--batch-size", "100", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+    report = orjson.loads(result.stdout)
+    assert (report["events"], report["db"], report["queue"]) == (3000, "sqlite", "db")
+    assert [r["workers"] for r in report["runs"]] == [1, 2]
+    assert all(r["exact"] for r in report["runs"])
+    assert report["runs"][0]["speedup"] == 1.0
+    assert all(r["events_per_s"] > 0 and r["cpu_s_per_1000_events"] >= 0 for r in report["runs"])
+
+
+@pytest.mark.parametrize("workers", ["0", "1,x", ""])
+def test_bench_scale_refuses_bad_worker_counts(workers: str) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "scale", "--workers", workers])
+    assert result.exit_code == 2 and "--workers" in result.output

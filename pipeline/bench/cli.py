@@ -61,6 +61,51 @@ def bench_consume(n: int, batch_size: int, db_url: str | None, snapshots: bool, 
     )
 
 
+def _worker_counts(_ctx: Any, _param: Any, value: str) -> list[int]:
+    try:
+        counts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of worker counts") from None
+    if not counts or min(counts) < 1 or max(counts) > 64:
+        raise click.BadParameter(f"{value!r}: each worker count must be in 1..64")
+    return counts
+
+
+@bench.command("scale")
+@click.option("--workers", default="1,2,4", show_default=True, callback=_worker_counts, help="Worker counts to run.")
+@click.option("--db", "db_url", metavar="URL", help="Database server (default: a temp SQLite file).")
+@click.option(
+    "--queue",
+    "queue_url",
+    metavar="URL",
+    default="db",
+    show_default=True,
+    help="Queue: db (the database's table), sqs://NAME?… or redis://…?stream=NAME (must be empty).",
+)
+@click.option("--events", "n", default=200_000, show_default=True, type=click.IntRange(min=1000))
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+def bench_scale(workers: list[int], db_url: str | None, queue_url: str, n: int, batch_size: int, as_json: bool) -> None:
+    """Events/s with N `edgepipe worker` processes on one database and queue, per N."""
+    from pipeline.bench.scale import run
+    from pipeline.config import Bindings
+
+    try:
+        Bindings(queue=queue_url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).splitlines()[-1], param_hint="--queue") from None
+    result = run(workers, db_url, queue_url, n, batch_size, progress=lambda m: click.echo(f"… {m}", err=True))
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{result['events']:,} events, batch {result['batch_size']}, db {result['db']}, queue {result['queue']}")
+    for r in result["runs"]:
+        click.echo(
+            f"{r['workers']:>3} worker(s)  {r['events_per_s']:>9,} events/s  speed-up {r['speedup']:>6}"
+            f"  CPU {r['cpu_s_per_1000_events']} s/1000 events  exact {r['exact']}"
+        )
+
+
 @bench.command("ingest")
 @click.option("--events", "n", default=500_000, show_default=True, type=click.IntRange(min=1000))
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 20), help="Alternations (median).")
