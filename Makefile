@@ -26,6 +26,7 @@ test: $(BIN)/edgepipe
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	bash infra/ensure-services.sh
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/edgepipe
