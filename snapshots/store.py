@@ -7,7 +7,10 @@ zero-padded so KV's byte-ordered `list` is version order), then the same documen
 one (a KV `put` replaces a value atomically).
 
 Versions come from the durable `snapshot_version` counter in the DB binding, so two
-refreshing processes never reuse a number; `latest` is only moved forward.
+refreshing processes never reuse a number; `latest` is only moved forward. The counter's
+row (SQLite's write lock, a row lock on PostgreSQL) is held until the publishing
+transaction commits, so workers publish one at a time, whatever the KV backend (a KV
+outside the database, such as Redis, is written while the lock is held).
 """
 
 from __future__ import annotations
