@@ -41,12 +41,21 @@ def current_revision(db: Database) -> str | None:
     return None if value is None else str(value)
 
 
+MIGRATION_LOCK = 0x6564676570697065  # "edgepipe": the advisory lock key of schema upgrades
+
+
 def upgrade(db: Database, revision: str = "head") -> str:
-    """Upgrade the schema to `revision` (idempotent). Returns the revision now in place."""
+    """Upgrade the schema to `revision` (idempotent). Returns the revision now in place.
+
+    Concurrent upgrades (several workers' `edgepipe init` at one start) take turns: SQLite's
+    write lock is taken up front, and on PostgreSQL a transaction-scoped advisory lock is, so
+    the second finds the schema already upgraded."""
     from alembic import command
 
     cfg = _alembic_config()
     with db.transaction() as conn:
+        if db.dialect == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current_revision(db) or ""

@@ -69,3 +69,28 @@ def test_the_head_revision_constant_is_alembics_head() -> None:
     from pipeline.migrate import HEAD_REVISION, head_revision
 
     assert head_revision() == HEAD_REVISION
+
+
+def test_concurrent_upgrades_take_turns(db_url: str) -> None:
+    """Several processes' `edgepipe init` at one start: every upgrade succeeds, once."""
+    import threading
+
+    dbs = [Database(db_url) for _ in range(3)]
+    start, results, errors = threading.Barrier(len(dbs)), [], []
+
+    def run(db: Database) -> None:
+        start.wait()
+        try:
+            results.append(migrate.upgrade(db))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(db,)) for db in dbs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for db in dbs:
+        db.dispose()
+    assert not errors, errors
+    assert results == [migrate.HEAD_REVISION] * len(dbs)
