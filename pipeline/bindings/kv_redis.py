@@ -50,25 +50,19 @@ Connection failures, timeouts and a replica that is read-only during a failover 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError, TryAgainError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import clock
 from pipeline.bindings.kv import KV, Entry, prefix_end
-from pipeline.errors import BindingError, ConfigError, TransientError
+from pipeline.bindings.redis_client import client_from_url, translate
+from pipeline.errors import ConfigError
 
 DEFAULT_PREFIX = "edgepipe:kv:"
 SCAN_CHUNK = 64  # fewest index members read per round trip while listing
 PURGE_CHUNK = 500  # index members examined per round trip by purge_expired
 MAX_NATIVE_TTL_MS = 2**53  # PEXPIRE of a far-off expiration, kept inside Redis's range
-TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
 
 # KEYS[1] the index, KEYS[2..] entry hashes; ARGV[1] the clock's now ("" drops only entries
 # already gone), ARGV[2..] the index members of those hashes. An entry is dropped when its
@@ -95,17 +89,6 @@ return dropped
 """
 
 
-@contextmanager
-def translate() -> Iterator[None]:
-    """Redis's exceptions as edgepipe's: transient faults apart from the rest."""
-    try:
-        yield
-    except TRANSIENT_ERRORS as exc:
-        raise TransientError(f"redis kv: {type(exc).__name__}: {exc}") from exc
-    except RedisError as exc:
-        raise BindingError(f"redis kv: {type(exc).__name__}: {exc}") from exc
-
-
 def _expiration(raw: bytes | None) -> float | None:
     return float(raw) if raw else None
 
@@ -124,21 +107,11 @@ class RedisKV(KV):
     def from_url(cls, url: str) -> RedisKV:
         """`redis://[USER:PASSWORD@]HOST:PORT/DB?prefix=…` plus any redis-py URL option.
         Connects lazily: a Redis that is down fails the first operation, not start-up."""
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        prefixes = [v for k, v in query if k == "prefix"]
-        prefix = prefixes[-1] if prefixes else DEFAULT_PREFIX
-        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # no password
-        if not prefix:
-            raise ConfigError(f"config error: bindings.kv: {shown!r}: prefix= must not be empty")
-        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-            raise ConfigError(f"config error: bindings.kv: {shown!r}: the path is the database number, /0 … /15")
-        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-        try:
-            client = redis.Redis.from_url(urlunsplit(parts._replace(query=rest)))
-        except ValueError as exc:
-            raise ConfigError(f"config error: bindings.kv: {shown!r}: {exc}") from None
-        return cls(client, prefix)
+        client, prefix = client_from_url(url, "kv", "prefix")
+        if prefix == "":
+            client.close()
+            raise ConfigError("config error: bindings.kv: prefix= must not be empty")
+        return cls(client, DEFAULT_PREFIX if prefix is None else prefix)
 
     def _key(self, key: bytes) -> bytes:
         return self._entry_prefix + key
@@ -146,7 +119,7 @@ class RedisKV(KV):
     # -- the primitives of the base class ---------------------------------------------
 
     def _read(self, key: bytes) -> Entry | None:
-        with translate():
+        with translate("redis kv"):
             found = cast("list[bytes | None]", self.client.hmget(self._key(key), [b"v", b"m", b"x"]))
         value, metadata, expiration = found
         if value is None:
@@ -161,7 +134,7 @@ class RedisKV(KV):
         fields = {b"v": value, b"x": b"" if expiration is None else repr(expiration).encode()}
         if metadata is not None:
             fields[b"m"] = metadata.encode()
-        with translate():
+        with translate("redis kv"):
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(entry)
             pipe.hset(entry, mapping=fields)  # type: ignore[arg-type]  # bytes keys and values
@@ -172,7 +145,7 @@ class RedisKV(KV):
             pipe.execute()
 
     def _delete(self, key: bytes) -> None:
-        with translate():
+        with translate("redis kv"):
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self._key(key))
             pipe.zrem(self.index, key)
@@ -191,7 +164,7 @@ class RedisKV(KV):
         out: list[tuple[bytes, Entry]] = []
         while len(out) < limit:
             chunk = max(limit - len(out), SCAN_CHUNK)
-            with translate():
+            with translate("redis kv"):
                 names = cast("list[bytes]", self.client.zrangebylex(self.index, lower, upper, start=0, num=chunk))
                 if not names:
                     break
@@ -218,7 +191,7 @@ class RedisKV(KV):
     def _drop_names(self, names: list[bytes], now: float | None) -> int:
         """Drop the entries of `names` that are gone (and, given `now`, those expired by
         then) with their index members, re-checked atomically on the server."""
-        with translate():
+        with translate("redis kv"):
             dropped = self._drop(
                 keys=[self.index, *(self._key(n) for n in names)],
                 args=["" if now is None else repr(now), *names],
@@ -232,7 +205,7 @@ class RedisKV(KV):
         lower = b"-"
         purged = 0
         while True:
-            with translate():
+            with translate("redis kv"):
                 names = cast("list[bytes]", self.client.zrangebylex(self.index, lower, b"+", start=0, num=PURGE_CHUNK))
                 if not names:
                     break
