@@ -195,6 +195,7 @@ class Schedule(Section):
             "monitor": "0 4 * * *",
             "snapshot_prune": "0 5 * * sun",
             "expire": "0 6 * * *",
+            "backup": "0 1 * * *",
         }
     )
 
@@ -234,6 +235,25 @@ class Http(Section):
     heartbeat_max_age: float = Field(60, ge=1)  # seconds; /ready fails when no worker was seen since
     ready_timeout: float = Field(5.0, gt=0, le=60)  # seconds per /ready check
     body_timeout: float = Field(30.0, gt=0, le=3600)  # seconds to receive a whole POST /v1/events body (else 408)
+    # Per-token request rate (token bucket): `rate_limit_per_s` requests a second on average,
+    # bursts of `burst`; over it, 429 with Retry-After. 0 = no limit.
+    rate_limit_per_s: float = Field(0, ge=0, le=1_000_000)
+    burst: int = Field(100, ge=1, le=1_000_000)
+    ssl_certfile: str = ""  # PEM certificate (chain): serve HTTPS
+    ssl_keyfile: str = ""  # its private key
+    proxy_headers: bool = False  # trust X-Forwarded-For / -Proto from `forwarded_allow_ips`
+    forwarded_allow_ips: str = "127.0.0.1"  # comma-separated addresses of trusted proxies ("*": any)
+
+
+class Audit(Section):
+    retention_days: int = Field(365, ge=0, le=36_500)  # audit rows older are deleted by `clean`; 0 = keep
+
+
+class Backup(Section):
+    """Backups of the database through the ARCHIVE binding (`edgepipe backup`, the `backup` job)."""
+
+    keep_daily: int = Field(7, ge=0, le=3650)  # the newest backup of each of the last N days
+    keep_weekly: int = Field(4, ge=0, le=520)  # the newest backup of each of the last N ISO weeks
 
 
 class Config(Section):
@@ -248,6 +268,8 @@ class Config(Section):
     worker: Worker = Field(default_factory=Worker)
     monitor: Monitor = Field(default_factory=Monitor)
     http: Http = Field(default_factory=Http)
+    audit: Audit = Field(default_factory=Audit)
+    backup: Backup = Field(default_factory=Backup)
     source: str = Field("built-in defaults", exclude=True)
 
     def replace(self, **sections: dict[str, Any]) -> Config:

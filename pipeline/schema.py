@@ -280,4 +280,25 @@ api_tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
     Column("last_used_at", Float),
+    # What the token may do (`pipeline.http.auth.SCOPES`); tokens made before scopes existed
+    # became `admin`, so they keep doing everything they did.
+    Column("scope", String(16), nullable=False, server_default="admin"),
+    Column("expires_at", Float),  # epoch seconds; NULL: never
+)
+
+# Who did what, written in the transaction of the action itself (`pipeline.audit`): token
+# and DLQ operations, replay restores, manual job runs, backup restores, the configuration
+# loaded at start-up, failed authentication (rate-limited). Kept `[audit] retention_days`.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", RowId, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("actor", String(200), nullable=False),  # "token:<id>:<name>", "cli:<os user>" or "system"
+    Column("token_id", BigInteger),
+    Column("action", String(64), nullable=False),  # e.g. "dlq.redrive", "tokens.create", "auth.failed"
+    Column("params", Text, nullable=False, server_default="{}"),  # JSON
+    Column("outcome", String(16), nullable=False),  # ok, failed, denied
+    Column("detail", Text, nullable=False, server_default=""),
+    Column("client", String(64)),  # the client's address (HTTP), NULL for the CLI
 )

@@ -145,10 +145,12 @@ def emit_json(data: Any) -> None:
 
 
 from pipeline.bench import cli as bench  # noqa: E402  (registers `edgepipe bench`)
-from pipeline.cli import archive, core, demo, http, jobs, ops  # noqa: E402  (registers the commands)
+from pipeline.cli import archive, audit, backup, core, demo, http, jobs, ops  # noqa: E402  (registers the commands)
 
 __all__ = [
     "archive",
+    "audit",
+    "backup",
     "bench",
     "core",
     "demo",

@@ -1,0 +1,3 @@
+"""`edgepipe audit`: the audit log."""
+
+from __future__ import annotations
