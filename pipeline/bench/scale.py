@@ -10,9 +10,10 @@ processes (`edgepipe worker --no-scheduler`) started together on the full queue.
 The clock runs from the first batch settled (the queue's depth first drops) to the last
 (the queue is empty): process start-up is not counted, and the queue's depth (a cheap
 reading on every backend) is what is polled, not the database. Each worker's CPU seconds
-(user + system, from /proc) are read over the same span. A run is `exact` when the stored
-events and the hourly aggregates' request and byte sums equal the events sent. Speed-ups
-are against the first worker count of the same run.
+(user + system, from /proc) are read over the same span, and on PostgreSQL the WAL
+written per event. A run is `exact` when the stored events and the hourly aggregates'
+request and byte sums equal the events sent. Speed-ups are against the first worker count
+of the same run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def exact(env: Env, events: list[dict[str, Any]]) -> bool:
     return (stored, requests, nbytes) == (len(events), len(events), sum(e["bytes"] for e in events))
 
 
+def wal_lsn(env: Env) -> str | None:
+    """PostgreSQL's current WAL position (None on SQLite): WAL bytes per event are one of the
+    figures that say where the bottleneck moves with more workers (docs/scaling.md)."""
+    if env.DB.dialect != "postgresql":
+        return None
+    with env.DB.read() as conn:
+        return str(conn.exec_driver_sql("SELECT pg_current_wal_lsn()").scalar_one())
+
+
+def wal_bytes(env: Env, start: str | None, end: str | None) -> int | None:
+    if start is None or end is None:
+        return None
+    with env.DB.read() as conn:
+        return int(conn.exec_driver_sql(f"SELECT pg_wal_lsn_diff('{end}', '{start}')").scalar_one())
+
+
 def run_workers(
     k: int, events: list[dict[str, Any]], db: str, queue: str, batch_size: int, work: Path, progress: Progress
 ) -> dict[str, Any]:
@@ -95,10 +112,12 @@ def run_workers(
             while (left := depth(env, n)) >= n:  # start-up: read without pausing, to catch the first batch
                 _check(procs, deadline)
             t0, cpu0, taken0 = clock.monotonic(), [cpu_seconds(p.pid) for p in procs], n - left
+            lsn0 = wal_lsn(env)
             while depth(env, n) > 0:
                 _check(procs, deadline)
                 clock.sleep(POLL_S)
             t1, cpu1 = clock.monotonic(), [cpu_seconds(p.pid) for p in procs]
+            lsn1 = wal_lsn(env)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -113,7 +132,7 @@ def run_workers(
             "events_per_s": round(counted / (t1 - t0)),
             "cpu_s_per_1000_events": round((sum(cpu1) - sum(cpu0)) / counted * 1000, 4),
             "exact": exact(env, events),
-        }
+        } | ({"wal_bytes_per_event": round(w / counted)} if (w := wal_bytes(env, lsn0, lsn1)) is not None else {})
     finally:
         env.close()
 
