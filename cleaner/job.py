@@ -29,7 +29,8 @@ transactions: the first transaction always runs. The result says whether it fini
 objects still held); the next run carries on.
 
 The run also purges the dead letters older than `[consumer] dlq_retention_days`
-(`dlq_purged`; they stay counted in the queue's lasting `rejected` counts).
+(`dlq_purged`; they stay counted in the queue's lasting `rejected` counts) and the audit
+rows older than `[audit] retention_days` (`audit_purged`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import sqlalchemy as sa
 
 from archiver.objects import check_stored
 from cleaner import stats_file
-from pipeline import clock
+from pipeline import audit, clock
 from pipeline.clock import HOUR_MS
 from pipeline.dlq import purge_expired_letters
 from pipeline.env import Env
@@ -379,6 +380,7 @@ def run(env: Env, scheduled_for: datetime, dry_run: bool = False) -> dict[str, A
     left_objects, result["remaining_rows"] = _remaining(env)
     result["complete"] = left_objects == 0
     result["dlq_purged"] = purge_expired_letters(env, scheduled_for.timestamp())
+    result["audit_purged"] = audit.purge_expired(env.DB, env.config.audit.retention_days, scheduled_for.timestamp())
     if env.config.cleaner.reclaim_space and result["rows"]:
         result["reclaim"] = env.DB.reclaim_space()
     stats_file.record_run(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from pipeline import clock, log, meta
+from pipeline import audit, clock, log, meta
 from pipeline.bindings.queue import DeadReason, MessageBatch
 from pipeline.env import Env
 from pipeline.errors import DataError, TransientError, ValidationError
@@ -376,8 +376,10 @@ class WorkerProcess:
             self.scheduler.stopping.set()
 
     def run(self) -> int:
-        """Serve until stopped; returns the number of batches processed."""
+        """Serve until stopped; returns the number of batches processed. Starting, it
+        records the configuration it runs with in the audit log (`config.loaded`)."""
         self.heartbeat.beat(force=True)
+        audit.config_loaded(self.env.DB, self.env.config, "worker", holder=self.holder)
         log.event("worker_started", holder=self.holder, db=self.env.DB)
         try:
             if self.scheduler is not None:

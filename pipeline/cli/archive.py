@@ -3,6 +3,11 @@
 Replay commands work from the bucket alone; a truncated or corrupt object is named on
 stderr and skipped, the others are processed, and the command exits 6 (integrity). On a
 terminal, a progress bar over the range's objects is drawn on stderr.
+
+`restore`, `drop-restored` and `rebuild` leave one audit row each: `replay.drop_restored`
+in the transaction of its delete; `replay.restore` (a transaction per batch of rows, so
+that a long restore never holds SQLite's write lock for long) and `replay.rebuild` (whose
+writes go to another database) right after their work.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,12 +23,46 @@ from pipeline import clock
 from pipeline.cli import State, emit_json, main, pass_state, time_option
 from pipeline.errors import IntegrityError, ValidationError
 
+if TYPE_CHECKING:
+    from pipeline.audit import Result
+
 INTEGRITY_EXIT = IntegrityError.exit_code
 
 
 def _range(start: str | None, end: str | None) -> tuple[float, float]:
     lo, hi = time_option(start, "--from"), time_option(end, "--to")
     return 946_684_800.0 if lo is None else lo, clock.now_s() + 3600 if hi is None else hi
+
+
+def _checked_range(start: str | None, end: str | None) -> tuple[float, float]:
+    """`_range`, refused (exit 3) before anything is done when it is empty."""
+    from archiver.replay import hour_range
+
+    lo, hi = _range(start, end)
+    hour_range(lo, hi)
+    return lo, hi
+
+
+@contextmanager
+def _audited(env: Any, name: str, lo: float, hi: float, *, same_transaction: bool = True,
+             **params: Any) -> Iterator[Result]:  # fmt: skip
+    """`audit.action` for a replay command: params `from`, `to` and the `params` given."""
+    from pipeline import audit
+
+    params = {"from": clock.iso(lo), "to": clock.iso(hi)} | params
+    with audit.action(env.DB, audit.cli_actor(), name, params, same_transaction=same_transaction) as result:
+        yield result
+
+
+def _outcome(done: Result, result: dict[str, Any], *counts: str) -> None:
+    """Copy `counts` of a replay result into the audit result; skipped corrupt objects make
+    the outcome `partial`, naming them."""
+    from pipeline.audit import Outcome
+
+    done.update({k: result[k] for k in counts} | {"bad": len(result.get("bad", []))})
+    if result.get("bad"):
+        done.outcome = Outcome.PARTIAL
+        done.detail = "skipped corrupt objects: " + ", ".join(b["key"] for b in result["bad"])
 
 
 def _archive(state: State) -> tuple[Any, Any, str]:
@@ -222,8 +261,10 @@ def replay_restore(state: State, start: str | None, end: str | None, as_json: bo
     from archiver import replay as r
 
     env, store, prefix = _archive(state)
-    with _object_progress(as_json) as progress:
-        result = r.restore(env.DB, store, prefix, *_range(start, end), progress)
+    lo, hi = _checked_range(start, end)
+    with _object_progress(as_json) as progress, _audited(env, "replay.restore", lo, hi, same_transaction=False) as done:
+        result = r.restore(env.DB, store, prefix, lo, hi, progress)
+        _outcome(done, result, "objects", "rows", "inserted")
     _finish(
         result, as_json, f"restored {result['inserted']:,} of {result['rows']:,} rows from {result['objects']} objects"
     )
@@ -237,7 +278,11 @@ def replay_drop_restored(state: State, start: str | None, end: str | None, as_js
     """Delete rows that `restore` put back (they stay in the bucket; totals unchanged)."""
     from archiver import replay as r
 
-    result = r.drop_restored(state.env().DB, *_range(start, end))
+    env = state.env()
+    lo, hi = _checked_range(start, end)
+    with _audited(env, "replay.drop_restored", lo, hi) as done:
+        result = r.drop_restored(env.DB, lo, hi)
+        _outcome(done, result, "deleted")
     _finish(result, as_json, f"dropped {result['deleted']:,} restored rows")
 
 
@@ -250,15 +295,19 @@ def replay_rebuild(state: State, start: str | None, end: str | None, into: str, 
     """Rebuild the hourly aggregates into DB_URL from the archive alone."""
     from archiver import replay as r
     from pipeline import migrate
+    from pipeline.audit import public_url
     from pipeline.bindings.db import Database
 
     env, store, prefix = _archive(state)
-    expired = r.expired_hours(env.DB, *_range(start, end))
-    target = Database(into)
-    try:
-        migrate.upgrade(target)
-        with _object_progress(as_json) as progress:
-            result = r.rebuild(store, prefix, *_range(start, end), target, progress) | {"expired_hours": expired}
-    finally:
-        target.dispose()
+    lo, hi = _checked_range(start, end)
+    expired = r.expired_hours(env.DB, lo, hi)
+    with _audited(env, "replay.rebuild", lo, hi, same_transaction=False, into=public_url(into)) as done:
+        target = Database(into)
+        try:
+            migrate.upgrade(target)
+            with _object_progress(as_json) as progress:
+                result = r.rebuild(store, prefix, lo, hi, target, progress) | {"expired_hours": expired}
+        finally:
+            target.dispose()
+        _outcome(done, result, "objects", "rows", "hourly_rows")
     _finish(result, as_json, f"rebuilt {result['hourly_rows']:,} hourly rows from {result['rows']:,} archived rows")

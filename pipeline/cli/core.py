@@ -6,13 +6,15 @@ import io
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 import orjson
 
-from pipeline import log
+from pipeline import clock, log
 from pipeline.cli import State, emit_json, main, pass_state, print_table, time_option
 
 
@@ -263,6 +265,23 @@ def _filters(reason: str | None, before: str | None) -> tuple[str | None, float 
     return None if code is None else code.value, time_option(before, "--before")
 
 
+def _iso(t: float | None) -> str | None:
+    return None if t is None else clock.iso(t)
+
+
+@contextmanager
+def _dlq_action(state: State, name: str, params: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """(the queue, the audit result) of a DLQ change, audited as `name` with `params` (its
+    filters): in the transaction of the change when the queue lives in the DB binding's
+    database, else right after the change."""
+    from pipeline import audit
+
+    env = state.env()
+    shared = env.QUEUE.shares_transaction
+    with audit.action(env.DB, audit.cli_actor(), name, params, same_transaction=shared) as result:
+        yield env.QUEUE, result
+
+
 @dlq.command("list")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @dlq_filters
@@ -288,7 +307,8 @@ def dlq_redrive(state: State, limit: int | None, reason: str | None, before: str
     """Move dead letters back to the queue with a fresh attempt count. They leave the
     `rejected` count: a redriven letter is processed again (and counted again if it fails)."""
     code, cutoff = _filters(reason, before)
-    n = state.env().QUEUE.dlq_redrive(limit, reason=code, before=cutoff)
+    with _dlq_action(state, "dlq.redrive", {"limit": limit, "reason": code, "before": _iso(cutoff)}) as (queue, result):
+        n = result["redriven"] = queue.dlq_redrive(limit, reason=code, before=cutoff)
     if as_json:
         emit_json({"redriven": n})
     else:
@@ -303,7 +323,8 @@ def dlq_purge(state: State, reason: str | None, before: str | None, as_json: boo
     """Delete dead letters for good. With no filter, EVERY letter of the queue is purged
     (without asking). Purged letters stay counted in `rejected` (`edgepipe stats`)."""
     code, cutoff = _filters(reason, before)
-    n = state.env().QUEUE.dlq_purge(reason=code, before=cutoff)
+    with _dlq_action(state, "dlq.purge", {"reason": code, "before": _iso(cutoff)}) as (queue, result):
+        n = result["purged"] = queue.dlq_purge(reason=code, before=cutoff)
     if as_json:
         emit_json({"purged": n})
     else:
@@ -371,7 +392,7 @@ def paths_hourly(state: State, path: str | None, method: str | None, host: str |
 def paths_daily(state: State, days: int, path: str | None, method: str | None, host: str | None,
                 as_json: bool) -> None:  # fmt: skip
     """Daily rows of the last DAYS closed UTC days (rolled up by the `rollup` job, 00:15)."""
-    from pipeline import clock, queries
+    from pipeline import queries
 
     start = (int(clock.now_s()) // 86_400 - days) * 86_400
     rows = list(queries.daily(state.env().DB, path, method, start, None, host))

@@ -3,6 +3,8 @@ the archive watermark the archive job raises, inspected and repaired.
 
 A run by hand goes through the scheduler's own path: it takes the job's lease (refusing
 while another process runs the job) and is recorded in `job_runs` like a scheduled run.
+It is also audited (`jobs.run`), right after it ends: a job is many transactions and
+objects in the bucket, not one transaction the audit row could join.
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ def jobs_run(state: State, name: str, at: str | None, dry_run: bool, as_json: bo
     """Run job NAME once, now, as if scheduled at T (recorded in the job history).
     T may not be more than 60 s in the future (exit 3). Exits 1 when the job fails, 4
     while another process runs it."""
+    from pipeline import audit
     from scheduler.runner import run_by_hand
 
     at_s = time_option(at, "--at")
     when = None if at_s is None else datetime.fromtimestamp(at_s, UTC)
-    out = run_by_hand(state.env(), name, when, dry_run)
+    env = state.env()
+    params = {"job": name, "at": None if at_s is None else clock.iso(at_s), "dry_run": dry_run}
+    with audit.action(env.DB, audit.cli_actor(), "jobs.run", params, same_transaction=False) as done:
+        out = run_by_hand(env, name, when, dry_run)
+        done.update(status=out.status, attempt=out.attempt, scheduled_for=clock.iso(out.scheduled_for.timestamp()))
+        if out.status == "failed":
+            done.outcome, done.detail = audit.Outcome.FAILED, out.error or ""
     if out.status == "failed":
         click.echo(f"edgepipe: job {name} failed (attempt {out.attempt}): {out.error}", err=True)
         sys.exit(1)
