@@ -1,11 +1,16 @@
 """Shared pieces of the HTTP tests: an in-process client over `create_app`, event makers,
-what the queue holds, and driving an ASGI app's lifespan without a server."""
+what the queue holds, driving an ASGI app's lifespan without a server, and a real
+`edgepipe serve` in a subprocess."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -84,3 +89,51 @@ async def lifespan(app: Any) -> AsyncIterator[None]:
         done = await asyncio.wait_for(from_app.get(), 30)
         assert done["type"] == "lifespan.shutdown.complete", done
         await asyncio.wait_for(task, 10)
+
+
+SERVE_DEADLINE_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def edgepipe_cmd(cfg: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "--config", str(cfg), *args]
+
+
+@contextlib.contextmanager
+def serving(cfg: Path, base: str, *args: str, client: httpx.Client | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`edgepipe serve ARGS` in a subprocess, yielded once `base`/health answers 200 (polled
+    with a deadline, `client` for the requests); terminated on exit. Its output goes to
+    serve.log beside `cfg`, shown when it exits early."""
+    log_path = cfg.parent / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(edgepipe_cmd(cfg, "serve", *args), stdout=log, stderr=log)
+        try:
+            with contextlib.nullcontext(client) if client else httpx.Client(timeout=1) as poller:
+                _wait_healthy(proc, base, poller, log_path)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], base: str, client: httpx.Client, log_path: Path) -> None:
+    deadline = clock.monotonic() + SERVE_DEADLINE_S
+    while True:
+        try:
+            if client.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert clock.monotonic() < deadline, "server did not become healthy"
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the poll interval, and a liveness check
+            proc.wait(timeout=0.05)
+            raise AssertionError(f"serve exited: {log_path.read_text()}")

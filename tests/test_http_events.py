@@ -5,6 +5,7 @@ backpressure and auth — in-process over httpx's ASGI transport."""
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import uuid
 from typing import Any
@@ -232,11 +233,12 @@ async def test_backpressure_counts_the_queue_when_its_span_has_gaps(make_env: An
 
 
 async def test_auth_tokens(env: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     open_app = create_app(env)
     async with client_for(open_app) as c:
         assert (await c.post("/v1/events", json=[event(0)])).status_code == 202  # loopback dev: open
 
-    token_id, token = create_token(env.DB, "gateway")
+    token_id, token = create_token(env.DB, "gateway", "ingest")
     app = create_app(env)
     async with client_for(app) as c:
         none = await c.post("/v1/events", json=[event(1)])
@@ -245,20 +247,34 @@ async def test_auth_tokens(env: Any, caplog: pytest.LogCaptureFixture) -> None:
         health = await c.get("/health")
     async with client_for(app, token) as c:
         good = await c.post("/v1/events", json=[event(3)])
-        read = await c.get("/v1/stats")
+        read = await c.get("/v1/stats")  # an ingest token may not read
     for r in (none, wrong, basic):
         assert r.status_code == 401
         assert r.json() == {"error": "unauthorized", "detail": "missing or invalid bearer token"}
         assert r.headers["www-authenticate"] == "Bearer"
     assert health.status_code == 200
-    assert good.status_code == 202 and read.status_code == 200
+    assert good.status_code == 202 and read.status_code == 403 and read.json()["error"] == "forbidden"
     assert depth(env) == 2
 
+    _, other = create_token(env.DB, "dashboard", "read")
     revoke_token(env.DB, token_id)
     app = create_app(env)  # a fresh app reads the token set at once (a running one within seconds)
     async with client_for(app, token) as c:
-        assert (await c.post("/v1/events", json=[event(4)])).status_code == 202  # no active token: open again
-    assert token not in caplog.text
+        assert (await c.post("/v1/events", json=[event(4)])).status_code == 401  # revoked
+        assert (await c.get("/v1/stats", headers={"authorization": f"Bearer {other}"})).status_code == 200
+    assert depth(env) == 2
+    assert token not in caplog.text and other not in caplog.text
+
+
+async def test_revoking_every_token_opens_a_loopback_server_again(env: Any) -> None:
+    token_id, token = create_token(env.DB, "only")
+    revoke_token(env.DB, token_id)
+    async with client_for(create_app(env), token) as c:
+        assert (await c.post("/v1/events", json=[event(0)])).status_code == 202  # no token left: open again
+    create_token(env.DB, "expired", expires_at=1.0)  # an expired token still closes it
+    async with client_for(create_app(env)) as c:
+        assert (await c.post("/v1/events", json=[event(1)])).status_code == 401
+    assert depth(env) == 1
 
 
 async def test_require_token_without_tokens_refuses_everything(env: Any) -> None:
@@ -299,13 +315,14 @@ def test_token_checker_records_last_use_and_sees_revocation(make_env: Any, sqlit
     token_id, token = create_token(env.DB, "ci")
     checker = TokenChecker(env.DB, cache_seconds=0)
     checker.refresh()
-    assert checker.required() and checker.check(f"Bearer {token}") and not checker.check(f"Bearer {token}x")
+    assert checker.required() and checker.check(f"Bearer {token}").ok
+    assert checker.check(f"Bearer {token}x").denial == "unknown"
     assert list_tokens(env.DB)[0]["last_used_at"] is None  # written on the next refresh, not per request
     checker.refresh()
     assert list_tokens(env.DB)[0]["last_used_at"] is not None
     revoke_token(env.DB, token_id)
     checker.refresh()
-    assert not checker.required() and not checker.check(f"Bearer {token}")
+    assert not checker.required() and checker.check(f"Bearer {token}").denial == "revoked"
     assert [is_loopback(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.1", "::")] == [
         True, True, True, True, False, False, False
     ]  # fmt: skip

@@ -249,12 +249,12 @@ def test_tokens_cli_create_list_revoke(tmp_path: Path) -> None:
     runner = CliRunner()
     args = ["--config", str(cfg_file)]
     assert runner.invoke(main, [*args, "init"]).exit_code == 0
-    created = runner.invoke(main, [*args, "tokens", "create", "--name", "gw", "--json"])
+    created = runner.invoke(main, [*args, "tokens", "create", "gw", "--scope", "read", "--json"])
     assert created.exit_code == 0, created.output
     token = orjson.loads(created.stdout)["token"]
     listed = runner.invoke(main, [*args, "tokens", "list", "--json"])
     rows = orjson.loads(listed.stdout)
-    assert [(r["name"], r["active"]) for r in rows] == [("gw", True)]
+    assert [(r["name"], r["scope"], r["active"]) for r in rows] == [("gw", "read", True)]
     assert token not in listed.stdout
     env = open_env(Config().replace(bindings={"db": f"sqlite:///{tmp_path}/e.db"}))
     with env.DB.read() as conn:
@@ -275,3 +275,4 @@ def test_serve_refuses_public_address_without_tokens(tmp_path: Path) -> None:
     r = runner.invoke(main, ["--config", str(cfg_file), "serve", "--host", "0.0.0.0", "--port", "1"])
     assert r.exit_code == 2
     assert "refusing to serve on non-loopback address 0.0.0.0" in r.stderr and "tokens create" in r.stderr
+    assert r.stderr.count("\n") == 1

@@ -5,12 +5,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import random
-import socket
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,19 +18,14 @@ import orjson
 import pytest
 
 from pipeline import clock
+from tests.http_support import edgepipe_cmd, free_port, serving
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _edgepipe(cfg: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "--config", str(cfg), *args]
+    return edgepipe_cmd(cfg, *args)
 
 
 @pytest.fixture
@@ -44,31 +36,10 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         "[consumer]\nmax_batch_size = 1000\nmax_batch_timeout = 0\n"
     )
     subprocess.run(_edgepipe(cfg, "init"), check=True, capture_output=True, timeout=DEADLINE_S)
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(_edgepipe(cfg, "serve", "--host", "127.0.0.1", "--port", str(port)), stdout=log, stderr=log)
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = clock.monotonic() + DEADLINE_S
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert clock.monotonic() < deadline, "server did not become healthy"
-            with contextlib.suppress(subprocess.TimeoutExpired):  # the poll interval, and a liveness check
-                proc.wait(timeout=0.05)
-                raise AssertionError(f"serve exited: {(tmp_path / 'serve.log').read_text()}")
+    with serving(cfg, base, "--host", "127.0.0.1", "--port", str(port)):
         yield base, cfg
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def _events(n_unique: int, n_dupes: int, seed: int = 11) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -10,10 +10,13 @@
 - Every error has one shape, `{"error": code, "detail": "…"}`; edgepipe's exceptions map by
   their `code`.
 
-Auth: bearer tokens (`edgepipe tokens create`). When any active token exists, `/v1/*` and
-`/metrics` require one; with none, the app is open unless `require_token` (what `serve`
-passes when bound to a non-loopback address, where it also refuses to start without a
-token). `/health` and `/ready` are always open, for load balancers.
+Access (`access`): bearer tokens with a scope (`edgepipe tokens create NAME --scope …`).
+When any token that is not revoked exists, every route but `/health`, `/ready` and the
+OpenAPI pages needs one whose scope grants the route's (`ingest` for POST /v1/events,
+`read` for the read API and `/metrics`, `admin` for `/v1/audit`; `admin` grants all);
+with none, the app is open unless `require_token` (what `serve` passes when bound to a
+non-loopback address or behind a proxy, where it also refuses to start without a token). Each caller is
+rate-limited (`[http] rate_limit_per_s`, `burst`).
 """
 
 from __future__ import annotations
@@ -22,102 +25,29 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeline import clock, log
+from pipeline import audit, clock, log
 from pipeline.env import Env
-from pipeline.errors import BindingError, EdgepipeError, NotFound, TransientError, ValidationError
-from pipeline.http import body, probes, read_api
-from pipeline.http.auth import TokenChecker
+from pipeline.http import audit_api, body, probes, read_api
+from pipeline.http.access import BEARER, SCOPE_KEY, Guard, app_routes, authorize, route_scope
+from pipeline.http.auth import Scope, TokenChecker
 from pipeline.http.enqueue import DepthGauge, GroupSender
+from pipeline.http.errors import RETRY_AFTER_S, ApiError, error_response, install_error_handlers
 from pipeline.http.metrics import CONTENT_TYPE, Metrics
 from pipeline.http.models import ERRORS, Accepted, Checks, ErrorBody, event_request_body
+from pipeline.http.ratelimit import RateLimiter
+from pipeline.http.transport import Transport
 from pipeline.paths import PathNormalizer
 
-STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
-                415: "unsupported_media_type", 503: "unavailable"}  # fmt: skip
-RETRY_AFTER_S = 1
 KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive: an idle kept-alive connection is closed after this
 CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers
-
-
-def error_response(
-    http_status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=http_status, headers=headers)
-
-
-def _status_of(exc: EdgepipeError) -> int:
-    if isinstance(exc, ValidationError):
-        return 400
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, BindingError):
-        return 503
-    return 500
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.detail, exc.headers)
-
-    @app.exception_handler(EdgepipeError)
-    async def _edgepipe(_: Request, exc: EdgepipeError) -> Response:
-        status = _status_of(exc)
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, TransientError) else None
-        if status >= 500:
-            log.event("http_error", logging.WARNING, code=exc.code, error=str(exc))
-        return error_response(status, exc.code, str(exc), headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body", "header"))
-        return error_response(400, "validation_error", f"{where}: {err.get('msg', 'invalid')}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        code = STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-
-_bearer = HTTPBearer(auto_error=False, description="An API token from `edgepipe tokens create`")
-# OpenAPI, for routes that call `authorize` themselves
-BEARER: dict[str, list[dict[str, list[str]]]] = {"security": [{_bearer.scheme_name: []}]}
-
-
-async def authorize(request: Request) -> None:
-    """401 unless the request carries an active token (when tokens are required at all).
-    The token itself is never logged."""
-    checker: TokenChecker = request.app.state.tokens
-    if checker.stale():
-        await to_thread.run_sync(checker.refresh)
-    if checker.required() and not checker.check(request.headers.get("authorization")):
-        raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-
-
-async def check_token(
-    request: Request, _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    """`authorize` as a dependency, which also documents the bearer scheme in OpenAPI."""
-    await authorize(request)
 
 
 def _lifespan(worker: Any) -> Any:
@@ -141,9 +71,12 @@ def _lifespan(worker: Any) -> Any:
     return lifespan
 
 
-def run_server(app: FastAPI, host: str, port: int, keep_alive_s: int = KEEP_ALIVE_S) -> None:
+def run_server(
+    app: FastAPI, host: str, port: int, keep_alive_s: int = KEEP_ALIVE_S, transport: Transport | None = None
+) -> None:
     """Serve `app` as `edgepipe serve` does: uvicorn, no access log (one line per request is
-    the collector's job, and it never logs headers). Everything built at start-up (modules,
+    the collector's job, and it never logs headers), TLS and trusted proxies as `transport`
+    says (checked by the caller: `Transport.check`). Everything built at start-up (modules,
     the schema, the routes) is first moved out of the garbage collector's sight
     (`gc.freeze`): the server's heap is mostly such objects, and every full collection
     would walk them all again while requests wait.
@@ -166,6 +99,7 @@ def run_server(app: FastAPI, host: str, port: int, keep_alive_s: int = KEEP_ALIV
         access_log=False,
         lifespan="on",
         timeout_keep_alive=keep_alive_s,
+        **(transport or Transport()).uvicorn_options(),
     )
 
 
@@ -180,26 +114,35 @@ def create_app(env: Env, require_token: bool = False, worker: Any = None) -> Fas
         responses={},
     )
     app.state.env = env
+    cfg = env.config.http
     app.state.tokens = TokenChecker(env.DB, always_required=require_token)
+    app.state.limiter = RateLimiter(cfg.rate_limit_per_s, cfg.burst)
+    app.state.failed_auth = audit.FailedAuthLimiter()
     app.state.metrics = Metrics(env)
     app.state.sender = GroupSender(env.QUEUE)
-    app.state.depth = DepthGauge(env.QUEUE, env.config.http.max_queue_depth, env.config.http.depth_check_interval)
+    app.state.depth = DepthGauge(env.QUEUE, cfg.max_queue_depth, cfg.depth_check_interval)
     app.state.normalizer = PathNormalizer(env.config.paths)
-    _install_error_handlers(app)
-    app.include_router(read_api.router, dependencies=[Depends(check_token)])
+    install_error_handlers(app)
+    app.include_router(read_api.router)
+    app.include_router(audit_api.router)
     _add_events_route(app)
     _add_ops_routes(app)
-    _document_400_not_422(app)
+    _finish_openapi(app)
     return app
 
 
-def _document_400_not_422(app: FastAPI) -> None:
-    """Invalid parameters answer 400 in the one error shape, not FastAPI's 422: say so."""
+def _finish_openapi(app: FastAPI) -> None:
+    """Invalid parameters answer 400 in the one error shape, not FastAPI's 422: say so. And
+    name the scope each secured operation needs (`x-scope`)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
+            for route in app_routes(app):
+                if getattr(route, "include_in_schema", False) and (scope := route_scope(route)):
+                    for method in route.methods or ():
+                        schema["paths"][route.path_format][method.lower()][SCOPE_KEY] = scope.value
             for item in schema["paths"].values():
                 for op in item.values():
                     responses = op.get("responses", {})
@@ -224,12 +167,12 @@ def _add_events_route(app: FastAPI) -> None:
         status_code=202,
         response_model=Accepted,
         responses=ERRORS | {408: {"model": ErrorBody, "description": "Body not received within body_timeout"}},
-        openapi_extra=event_request_body() | BEARER,
+        openapi_extra=event_request_body() | BEARER | {SCOPE_KEY: Scope.INGEST.value},
     )
     async def post_events(request: Request) -> Response:
         """Enqueue traffic events. 202 once the accepted ones are durably in the queue;
         `rejected` lists the others with the field at fault."""
-        await authorize(request)  # not a dependency: FastAPI's resolution costs more than the check
+        await authorize(request, Scope.INGEST)  # not a dependency: FastAPI's resolution costs more than the check
         state = request.app.state
         metrics: Metrics = state.metrics
         cfg = state.env.config.http
@@ -285,6 +228,12 @@ async def _run_check(env: Env, name: str, timeout: float) -> dict[str, Any]:
     return out
 
 
+_METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {CONTENT_TYPE.split(";")[0]: {}}},
+    **{k: ERRORS[k] for k in (401, 403, 429)},
+}
+
+
 def _add_ops_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -314,9 +263,9 @@ def _add_ops_routes(app: FastAPI) -> None:
 
     @app.get(
         "/metrics",
-        dependencies=[Depends(check_token)],
+        dependencies=[Depends(Guard(Scope.READ))],
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {}}}, 401: ERRORS[401]},
+        responses=_METRICS_RESPONSES,
     )
     def metrics(request: Request) -> Response:
         """Prometheus exposition format."""

@@ -76,6 +76,15 @@ class Metrics:
         self.refused = Counter(
             "edgepipe_requests_refused", "POST /v1/events requests refused as a whole", ["code"], registry=r
         )
+        self.auth_failures = Counter(
+            "edgepipe_http_auth_failures",
+            "Requests refused by authentication (401, by reason) or for a token's scope (403, reason `scope`)",
+            ["reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "edgepipe_http_rate_limited", "Requests refused with 429: over the caller's rate limit", registry=r
+        )
         self.batch_latency = Histogram(
             "edgepipe_batch_latency_seconds",
             "Consumer batch latency of workers running in this process",

@@ -57,6 +57,23 @@ class TopPaths(Rows):
     generated_at: str
 
 
+class AuditEntry(BaseModel):
+    seq: int = Field(description="Increasing with every row written")
+    at: str = Field(description="RFC 3339, UTC")
+    actor: str = Field(description="`token:<id>:<name>`, `cli:<os user>`, `system` or `anonymous`")
+    token_id: int | None
+    action: str = Field(description="e.g. `tokens.create`, `tokens.revoke`, `auth.failed`, `config.loaded`")
+    params: dict[str, Any]
+    outcome: str = Field(description="`ok`, `failed` or `denied`")
+    detail: str
+    client: str | None = Field(description="The client's address, for HTTP requests")
+
+
+class AuditPage(BaseModel):
+    rows: list[AuditEntry]
+    next: str | None = Field(description="Pass as `cursor` to get the following rows; null on the last page")
+
+
 class Checks(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: str
@@ -83,9 +100,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "Malformed body or invalid parameter",
-        401: "Missing or invalid bearer token",
+        401: "Missing, invalid or expired bearer token",
+        403: "The token's scope does not allow this request",
         413: "Body or event count over the limits",
         415: "Unsupported Content-Type or Content-Encoding",
+        429: "Over the caller's rate limit (with Retry-After); nothing was done",
         503: "Queue full (with Retry-After) or a binding unavailable",
     }.items()
 }

@@ -1,4 +1,5 @@
-"""Read API: top paths, hourly and daily rows, hot/cold/total counts, job runs, archive objects.
+"""Read API: top paths, hourly and daily rows, hot/cold/total counts, job runs, archive
+objects; for tokens of scope `read` (or `admin`).
 
 Rows carry the field names of the CLI's `--json` (`pipeline.queries`). Handlers are plain
 functions, so FastAPI runs them in its thread pool and the event loop never waits on SQL.
@@ -12,17 +13,23 @@ from typing import Annotated, Any
 
 import orjson
 import sqlalchemy as sa
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from pipeline import clock, queries, totals
 from pipeline.env import Env
 from pipeline.errors import ValidationError
+from pipeline.http.access import Guard
+from pipeline.http.auth import Scope
 from pipeline.http.models import ERRORS, PagedRows, Rows, TopPaths
 from pipeline.jobruns import JobStore
 from pipeline.schema import archive_objects
 from pipeline.snapshot_doc import read_latest
 
-router = APIRouter(prefix="/v1", responses={k: v for k, v in ERRORS.items() if k in (400, 401, 503)})
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(Guard(Scope.READ))],
+    responses={k: v for k, v in ERRORS.items() if k in (400, 401, 403, 429, 503)},
+)
 HOURLY_LIMIT = 10_000
 DAY_S = 86_400
 
@@ -31,7 +38,8 @@ def _env(request: Request) -> Env:
     return request.app.state.env
 
 
-def _time(value: str | None, name: str) -> float | None:
+def time_param(value: str | None, name: str) -> float | None:
+    """Epoch seconds of an RFC 3339 or epoch-seconds query parameter; None when absent."""
     if value is None or value == "":
         return None
     try:
@@ -111,8 +119,8 @@ def paths_hourly(
             env.DB,
             path,
             method,
-            _time(start, "from"),
-            _time(end, "to"),
+            time_param(start, "from"),
+            time_param(end, "to"),
             host,
             limit=limit + 1,
             after=after,
@@ -142,10 +150,10 @@ def paths_daily(
     the hourly rows' fields with `day` for `hour`. Without `from`, the last `days` days."""
     env = _env(request)
     after = decode_cursor(cursor, (int, str, str, str))
-    first = _time(start, "from")
+    first = time_param(start, "from")
     if first is None:
         first = (int(clock.now_s()) // DAY_S - days) * DAY_S
-    rows = list(queries.daily(env.DB, path, method, first, _time(end, "to"), host, limit=limit + 1, after=after))
+    rows = list(queries.daily(env.DB, path, method, first, time_param(end, "to"), host, limit=limit + 1, after=after))
     nxt = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -188,9 +196,9 @@ def archive_list(
 ) -> dict[str, Any]:
     """Archive objects ordered by (hour, key): key, row_count, size_bytes, status, checksums."""
     stmt = sa.select(archive_objects).order_by(archive_objects.c.hour, archive_objects.c.key).limit(limit + 1)
-    if (t := _time(start, "from")) is not None:
+    if (t := time_param(start, "from")) is not None:
         stmt = stmt.where(archive_objects.c.hour >= int(t) // 3600 * 3600)
-    if (t := _time(end, "to")) is not None:
+    if (t := time_param(end, "to")) is not None:
         stmt = stmt.where(archive_objects.c.hour < t)
     if status:
         stmt = stmt.where(archive_objects.c.status == status)
