@@ -372,7 +372,7 @@ def _check_invocation(words: list[str]) -> str | None:
         word = rest.pop(0)
         if word.startswith("-") and word != "-":
             name = word.split("=", 1)[0]
-            param = next((p for p in command.params if name in p.opts), None)
+            param = next((p for p in command.params if name in (*p.opts, *p.secondary_opts)), None)
             if param is None and name not in ("-h", "--help"):
                 return f"{command.name}: no option {name}"
             if param is not None and not getattr(param, "is_flag", False) and "=" not in word and rest:
