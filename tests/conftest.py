@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,23 @@ def moto_server() -> Iterator[str]:
     """moto's threaded server (S3 and SQS over real HTTP) on a free loopback port. In this
     process, so a frozen clock (freezegun) freezes its timers too."""
     from moto.server import ThreadedMotoServer
+    from moto.sqs.models import SQSBackend
 
+    # moto's ReceiveMessage is not atomic: two at the same moment can both take one message
+    # (an SQS server never hands a visible message to two receivers at once). Serialise it.
+    receive, lock = SQSBackend.receive_message, threading.Lock()
+
+    def receive_message(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return receive(self, *args, **kwargs)
+
+    SQSBackend.receive_message = receive_message  # type: ignore[method-assign]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+    SQSBackend.receive_message = receive  # type: ignore[method-assign]
 
 
 def _unique(prefix: str) -> str:

@@ -70,31 +70,34 @@ TRANSIENT_ERRORS = (
 
 
 @contextmanager
-def translate() -> Iterator[None]:
+def translate(service: str = "s3") -> Iterator[None]:
+    """Map botocore's exceptions to edgepipe's (see the module docstring); messages start
+    with `service` (the SQS queue backend shares this mapping)."""
     try:
         yield
     except ClientError as exc:
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        message = f"s3 {code or status}: {err.get('Message', exc)}"
+        message = f"{service} {code or status}: {err.get('Message', exc)}"
         if code in NOT_FOUND_CODES:
             raise NotFound(message) from exc
         if code in TRANSIENT_CODES or status in (500, 502, 503, 504):
             raise TransientError(message) from exc
         raise BindingError(message) from exc
     except TRANSIENT_ERRORS as exc:
-        raise TransientError(f"s3 connection failed: {type(exc).__name__}: {exc}") from exc
+        raise TransientError(f"{service} connection failed: {type(exc).__name__}: {exc}") from exc
     except HTTPClientError as exc:
         if isinstance(exc.kwargs.get("error"), (ProtocolError, URLLib3TimeoutError)):
-            raise TransientError(f"s3 connection failed: {type(exc).__name__}: {exc}") from exc
-        raise BindingError(f"s3 error: {exc}") from exc
+            raise TransientError(f"{service} connection failed: {type(exc).__name__}: {exc}") from exc
+        raise BindingError(f"{service} error: {exc}") from exc
     except BotoCoreError as exc:
-        raise BindingError(f"s3 error: {exc}") from exc
+        raise BindingError(f"{service} error: {exc}") from exc
 
 
-def _check_endpoint(endpoint: str) -> None:
-    """ConfigError unless `endpoint` is an http(s) URL with a host (and a valid port)."""
+def check_endpoint(endpoint: str, binding: str = "archive") -> None:
+    """ConfigError (naming `bindings.<binding>`) unless `endpoint` is an http(s) URL with a
+    host (and a valid port)."""
     parts = urlsplit(endpoint)
     try:
         valid = parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -103,7 +106,7 @@ def _check_endpoint(endpoint: str) -> None:
         valid = False
     if not valid:
         raise ConfigError(
-            f"config error: bindings.archive: endpoint_url must be an http:// or https:// URL with a host "
+            f"config error: bindings.{binding}: endpoint_url must be an http:// or https:// URL with a host "
             f"(got {endpoint!r})"
         )
 
@@ -160,7 +163,7 @@ class S3Store(ObjectStore):
             raise ConfigError("config error: bindings.archive: addressing_style must be auto, path or virtual")
         endpoint = query.get("endpoint_url")
         if endpoint is not None:
-            _check_endpoint(endpoint)
+            check_endpoint(endpoint)
         return cls(
             parts.netloc,
             parts.path,
