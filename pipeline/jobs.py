@@ -1,5 +1,5 @@
-"""The registry of scheduled jobs (archive, clean, monitor, rollup, expire, snapshot_prune):
-each worker package registers its jobs with `@job`, and the composition root
+"""The registry of scheduled jobs (archive, clean, monitor, rollup, expire, snapshot_prune,
+backup): each worker package registers its jobs with `@job`, and the composition root
 (`pipeline.cli.compose`) imports those modules.
 
 A job is a plain function `run(env, scheduled_for, dry_run) -> dict` written against

@@ -207,3 +207,30 @@ def bench_http(seconds: float, concurrency: int, rounds: int, as_json: bool) -> 
             "collector ratio      {collector_ratio} (target ≥ 0.9)",
         ],
     )
+
+
+@bench.command("backup")
+@click.option("--rows", default=1_000_000, show_default=True, type=click.IntRange(min=1000))
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+def bench_backup(rows: int, batch_size: int, as_json: bool) -> None:
+    """The backup job vs a stdlib SQLite backup + gzip of the same file; then the consumer's
+    events/s while a backup runs vs without (same run)."""
+    from pipeline.bench.backup import run
+
+    result = run(rows, batch_size, progress=lambda m: click.echo(f"… {m}", err=True))
+    _report(
+        result,
+        as_json,
+        [
+            "backup      {rows_per_s:>10,} rows/s  {mb_per_s} MB/s  ({backup_rows:,} rows, {db_mb} MB"
+            " → {backup_mb} MB)",
+            "reference   {reference_mb_per_s} MB/s  ratio {ratio} (CPU {cpu_ratio}; rounds {round_ratios})",
+            "consumer    {consumer_events_per_s:>10,} events/s without a backup, batch p99 {batch_p99_ms} ms"
+            " max {batch_max_ms} ms",
+            "  beside it {consumer_during_backup_events_per_s:>10,} events/s  ratio {consumer_ratio}"
+            " (CPU {consumer_cpu_ratio}), batch p99 {during_backup_batch_p99_ms} ms"
+            " max {during_backup_batch_max_ms} ms",
+            "backup      {backup_alone_s} s alone, {backup_beside_consumer_s} s beside the consumer; exact {exact}",
+        ],
+    )

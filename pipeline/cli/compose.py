@@ -17,6 +17,7 @@ from pipeline.worker import Context, Handler, SideWork, Worker, WorkerProcess
 
 def register_jobs() -> dict[str, JobFn]:
     """Import the modules whose `@job` functions make up the scheduled jobs."""
+    import archiver.backup
     import archiver.expire
     import archiver.job  # noqa: F401
     import cleaner.job

@@ -9,7 +9,10 @@ Modules, one job each:
 - `checkpointer`: SQLite's WAL checkpoints, in a background thread;
 - `errors`: driver exceptions → edgepipe's errors (`classify`, `translate_errors`);
 - `fastpath`: the statement cache and statements run on the driver's cursor;
-- `bulk`: insert-if-new, deletes by key, additive upserts;
+- `pgcopy`: PostgreSQL's binary COPY, into a table or a per-connection staging table;
+- `bulk`: insert-if-new, deletes by key, additive upserts (in key order: the lock order
+  that keeps concurrent PostgreSQL writers from deadlocking);
+- `backup`: a consistent copy of the tables as a byte stream, and a database built from one;
 - `database`: `Database`, composing the above, and its transactions.
 
 The names below are re-exported for `from pipeline.bindings.db import …`. Tunables
