@@ -261,7 +261,7 @@ def test_job_missed_and_job_failed(env: Any) -> None:
     from pipeline import meta
     from pipeline.jobruns import JobStore
 
-    with freeze_time("2026-11-20T01:00:00Z"):
+    with freeze_time("2026-11-20T01:30:00Z"):  # after the 01:00 backup slot
         meta.ensure_deployment_start(env.DB)
     with freeze_time("2026-11-20T03:30:00Z"):
         r = report(env)

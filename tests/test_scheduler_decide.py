@@ -91,10 +91,18 @@ def _simulate_week(tz: str, start: datetime, step_s: int = 300) -> list[tuple[st
 def test_simulated_week_each_job_once_at_its_hour_utc() -> None:
     started = _simulate_week("UTC", MONDAY)
     counts = Counter(job for job, _ in started)
-    assert counts == {"rollup": 7, "archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1, "expire": 7}
+    assert counts == {
+        "rollup": 7,
+        "archive": 7,
+        "clean": 7,
+        "monitor": 7,
+        "snapshot_prune": 1,
+        "expire": 7,
+        "backup": 7,
+    }
     assert len(set(started)) == len(started)
-    times = {"rollup": (0, 15), "archive": (2, 0), "clean": (3, 0), "monitor": (4, 0), "snapshot_prune": (5, 0),
-             "expire": (6, 0)}  # fmt: skip
+    times = {"rollup": (0, 15), "backup": (1, 0), "archive": (2, 0), "clean": (3, 0), "monitor": (4, 0),
+             "snapshot_prune": (5, 0), "expire": (6, 0)}  # fmt: skip
     for job, slot in started:
         assert (slot.hour, slot.minute) == times[job], (job, slot)
     (prune,) = [slot for job, slot in started if job == "snapshot_prune"]
@@ -107,8 +115,16 @@ def test_simulated_week_in_another_timezone() -> None:
     # New York in November is UTC-5: 02:00 local is 07:00 UTC; Sunday 05:00 local is 10:00 UTC.
     started = _simulate_week("America/New_York", MONDAY)
     counts = Counter(job for job, _ in started)
-    assert counts == {"rollup": 7, "archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1, "expire": 7}
-    utc_hours = {"rollup": 5, "archive": 7, "clean": 8, "monitor": 9, "snapshot_prune": 10, "expire": 11}
+    assert counts == {
+        "rollup": 7,
+        "archive": 7,
+        "clean": 7,
+        "monitor": 7,
+        "snapshot_prune": 1,
+        "expire": 7,
+        "backup": 7,
+    }
+    utc_hours = {"rollup": 5, "backup": 6, "archive": 7, "clean": 8, "monitor": 9, "snapshot_prune": 10, "expire": 11}
     for job, slot in started:
         assert slot.astimezone(UTC).hour == utc_hours[job], (job, slot)
     (prune,) = [slot for job, slot in started if job == "snapshot_prune"]
@@ -121,7 +137,7 @@ def test_week_across_a_dst_change_fires_at_local_hours() -> None:
     start = datetime(2026, 10, 19, tzinfo=UTC)
     started = _simulate_week("Europe/Berlin", start)
     assert Counter(job for job, _ in started) == {
-        "rollup": 7, "archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1, "expire": 7,
+        "rollup": 7, "archive": 7, "clean": 7, "monitor": 7, "snapshot_prune": 1, "expire": 7, "backup": 7,
     }  # fmt: skip
     assert {slot.hour for job, slot in started if job == "archive"} == {2}
 
