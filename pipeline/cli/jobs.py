@@ -21,7 +21,7 @@ from pipeline.cli import State, emit_json, main, pass_state, print_table, time_o
 
 @main.group()
 def jobs() -> None:
-    """Scheduled jobs: archive, clean, monitor, rollup, expire, snapshot_prune."""
+    """Scheduled jobs: archive, clean, monitor, rollup, expire, backup, snapshot_prune."""
 
 
 @jobs.command("run")
