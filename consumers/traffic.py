@@ -6,8 +6,9 @@ Per batch, in the one transaction the worker loop holds:
    message, or the single array element) and its valid siblings go on;
 2. insert the events with ON CONFLICT (ts, id) DO NOTHING, learning which rows this
    transaction actually inserted (after a batch of nothing but duplicates, as when a backlog
-   is delivered again, SQLite first counts the stored keys and skips an insert that would
-   add nothing: `Database.insert_new`'s `likely_present`);
+   is delivered again, the stored keys are counted first and an insert that would add
+   nothing is skipped: `Database.insert_new`'s `likely_present`; after a batch of nothing
+   but new events, PostgreSQL first tries to store them all at once: `likely_new`);
 3. fold only those into hourly rows (`fold`) and add them to `path_stats_hourly` with
    additive upserts.
 A redelivered, retried or re-ingested event is therefore never counted twice: its insert
@@ -26,6 +27,7 @@ import sqlalchemy as sa
 
 from pipeline import clock, meta
 from pipeline.aggregate import AGG_COLUMNS, AGG_KEYS, Acc, fold
+from pipeline.bindings.db import Database
 from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, Message, MessageBatch
 from pipeline.config import Config
 from pipeline.env import Env
@@ -87,6 +89,7 @@ class TrafficConsumer:
         # hour -> distinct paths admitted in that hour (see _overflow).
         self._known: OrderedDict[int, set[str]] = OrderedDict()  # least recently used first
         self._redelivering = False  # the last batch stored was all duplicates
+        self._keeping_up = False  # the last batch stored was all new
 
     def handle_batch(self, batch: MessageBatch, env: Env, ctx: Any = None) -> BatchReport:
         report = BatchReport(received=len(batch))
@@ -166,13 +169,15 @@ class TrafficConsumer:
             for ev in events
         ]  # Event.values(), inlined: this runs for every event
         new = env.DB.insert_new(
-            conn, traffic_events, EVENT_COLUMNS, rows, ("ts", "id"), likely_present=self._redelivering
-        )
+            conn, traffic_events, EVENT_COLUMNS, rows, ("ts", "id"),
+            likely_present=self._redelivering, likely_new=self._keeping_up,
+        )  # fmt: skip
         self._redelivering = not new  # a batch of duplicates: the next one probably is too
+        self._keeping_up = len(new) == len(rows)  # a batch all new: so is the next one, probably
         if not new:
             return 0
         inserted = events if len(new) == len(events) else [events[i] for i in new]
-        overflow = self._overflow(conn, inserted)
+        overflow = self._overflow(env.DB, conn, inserted)
         if overflow:
             mark = env.DB.cached(("mark_overflow",), _mark_overflow)
             env.DB.executemany(conn, mark, ("k_ts", "k_id"), list(overflow))
@@ -188,7 +193,7 @@ class TrafficConsumer:
         )  # fmt: skip
         return len(new)
 
-    def _overflow(self, conn: sa.Connection, events: list[Event]) -> set[tuple[int, str]]:
+    def _overflow(self, db: Database, conn: sa.Connection, events: list[Event]) -> set[tuple[int, str]]:
         """Keys of events whose (hour, path) is beyond the hour's distinct-path budget.
 
         The distinct paths of an hour are read from the database once per process and then
@@ -196,22 +201,22 @@ class TrafficConsumer:
         single consumer is exact without a query per batch. Concurrent consumers on
         PostgreSQL may each admit a few paths past the cap before they see each other's."""
         by_hour: dict[int, set[str]] = defaultdict(set)
-        for hour, path in {(ev.ts // 3_600_000 * 3600, ev.path) for ev in events}:  # clock.hour_of_ms, inlined
-            by_hour[hour].add(path)
+        for ev in events:
+            by_hour[ev.ts // 3_600_000 * 3600].add(ev.path)  # clock.hour_of_ms, inlined
         over: set[tuple[int, str]] = set()
         for hour, paths in by_hour.items():
             known = self._known.get(hour)
             if known is not None:
                 self._known.move_to_end(hour)
             else:
-                known = self._known[hour] = self._paths_of_hour(conn, hour)
+                known = self._known[hour] = self._paths_of_hour(db, conn, hour)
             new_paths = paths - known
             if not new_paths:
                 continue
             if len(known) + len(new_paths) > self.max_paths:
                 # Refresh before refusing anything. Replace, not merge: paths admitted by a
                 # batch that rolled back were never stored and must not spend the budget.
-                known = self._known[hour] = self._paths_of_hour(conn, hour)
+                known = self._known[hour] = self._paths_of_hour(db, conn, hour)
                 new_paths = paths - known
             budget = self.max_paths - len(known)
             if len(new_paths) <= budget:
@@ -230,5 +235,5 @@ class TrafficConsumer:
         return over
 
     @staticmethod
-    def _paths_of_hour(conn: sa.Connection, hour: int) -> set[str]:
-        return set(conn.execute(_PATHS_OF_HOUR, {"hour": hour}).scalars().all())
+    def _paths_of_hour(db: Database, conn: sa.Connection, hour: int) -> set[str]:
+        return {path for (path,) in db.fetchall(conn, _PATHS_OF_HOUR, ("hour",), (hour,))}

@@ -122,7 +122,9 @@ class SqlQueue(Queue):
         else:  # inside the caller's transaction: the transaction is the lease
             stmt = self.db.cached(("queue_take", self.name), lambda: self._ready(RETURNED))
             with self.db.transaction() as conn:
-                rows = self.db.fetchall(conn, stmt, ("now", "n"), (now, n))
+                self.db.redoable(conn)  # a commit lost in a crash gives the batch back: no need to wait for the disk
+                # A generic plan: it must walk the primary key, whatever the table's statistics.
+                rows = self.db.fetchall(conn, stmt, ("now", "n"), (now, n), generic=True)
         bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
         return [Message(mid, at, n + bump, data, kind, seq) for seq, mid, at, n, kind, data in rows]
 
