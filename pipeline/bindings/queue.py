@@ -188,6 +188,40 @@ class QueueSettings:
     visibility_timeout: float = 30.0
 
 
+@dataclass(slots=True)
+class Decisions:
+    """A batch's messages by what `settle` does with them (the rules of the module docstring)."""
+
+    acks: list[Message] = field(default_factory=list)  # acked, including those in `parts`
+    parts: list[Message] = field(default_factory=list)  # acked, with array elements for the DLQ
+    retries: list[tuple[Message, float]] = field(default_factory=list)  # and the delay before the next delivery
+    dead: list[tuple[Message, str, str]] = field(default_factory=list)  # and the reason, the error
+
+
+def decide(messages: Iterable[Message], failure: str | None, settings: QueueSettings) -> Decisions:
+    """Apply the settle rules to each message: undecided ones are acked; after a failure
+    acks are void (retried) and dead letters stay dead; a retry past `1 + max_retries`
+    deliveries is dead as `retries_exhausted` with the last error."""
+    out = Decisions()
+    limit = 1 + settings.max_retries
+    for m in messages:
+        decision = m.decision or "ack"
+        if failure is not None and decision != "dead":
+            decision = "retry"  # the batch's writes rolled back: acks are void
+        if decision == "ack":
+            out.acks.append(m)
+            if m.dead_parts:
+                out.parts.append(m)
+        elif decision == "dead":
+            out.dead.append((m, m.dead.reason, m.dead.error) if m.dead else (m, REASON_INVALID, ""))
+        elif m.attempts >= limit:
+            last = failure or "retried by the consumer"
+            out.dead.append((m, REASON_RETRIES, f"{m.attempts} deliveries; last error: {last}"))
+        else:
+            out.retries.append((m, settings.retry_delay if m.delay is None else m.delay))
+    return out
+
+
 class Queue(abc.ABC):
     """One named queue. Implementations must be safe for several consumer processes."""
 

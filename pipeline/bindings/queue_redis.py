@@ -88,13 +88,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from pipeline import clock
 from pipeline.bindings.queue import (
-    REASON_INVALID,
-    REASON_RETRIES,
     DeadReason,
     Message,
     MessageBatch,
     Queue,
     QueueSettings,
+    decide,
     encode_body,
     parse_reason,
 )
@@ -413,25 +412,17 @@ class RedisQueue(Queue):
         if not batch.messages:
             return
         now = clock.now_s()
-        limit = 1 + self.settings.max_retries
         spec: dict[str, list[list[Any]]] = {"ack": [], "dead": [], "retry": []}
-        for m in batch:
+        decided = decide(batch, failure, self.settings)
+        for m in decided.acks:
             entry, count = m.handle
-            decision = m.decision or "ack"
-            if failure is not None and decision != "dead":
-                decision = "retry"  # the batch's writes rolled back: acks are void
-            if decision == "ack":
-                spec["ack"].append([entry, count, m.id, *([self._part_letters(m)] if m.dead_parts else [])])
-            elif decision == "dead":
-                reason, error = (m.dead.reason, m.dead.error) if m.dead else (REASON_INVALID, "")
-                spec["dead"].append([entry, count, m.attempts, reason, error])
-            elif m.attempts >= limit:
-                last = failure or "retried by the consumer"
-                error = f"{m.attempts} deliveries; last error: {last}"
-                spec["dead"].append([entry, count, m.attempts, REASON_RETRIES, error])
-            else:
-                delay = self.settings.retry_delay if m.delay is None else m.delay
-                spec["retry"].append([entry, count, repr(now + delay) if delay > 0 else "", m.attempts])
+            spec["ack"].append([entry, count, m.id, *([self._part_letters(m)] if m.dead_parts else [])])
+        for m, reason, error in decided.dead:
+            entry, count = m.handle
+            spec["dead"].append([entry, count, m.attempts, reason, error])
+        for m, delay in decided.retries:
+            entry, count = m.handle
+            spec["retry"].append([entry, count, repr(now + delay) if delay > 0 else "", m.attempts])
         k = self.keys
         keys = [self.name, k["delayed"], k["aged"], k["dlq"], k["dlq:counts"], k["dlq:totals"]]
         args: list[Arg] = [GROUP, batch.lease or self.consumer, repr(now), self._lease_ms, orjson.dumps(spec)]

@@ -30,12 +30,12 @@ from pipeline import clock
 from pipeline.bindings.db import Database
 from pipeline.bindings.queue import (
     MAX_MESSAGE_BYTES,
-    REASON_INVALID,
-    REASON_RETRIES,
+    Decisions,
     Message,
     MessageBatch,
     Queue,
     QueueSettings,
+    decide,
     encode_body,
 )
 from pipeline.bindings.queue_sql_dlq import SqlDeadLetters
@@ -190,29 +190,14 @@ class SqlQueue(Queue):
             clock.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - clock.monotonic())))
 
     def settle(self, batch: MessageBatch, failure: str | None = None) -> None:
-        acks: list[int] = []
-        parts: list[Message] = []  # acked messages with array elements for the DLQ
-        retries: list[tuple[Message, float]] = []
-        dead: list[tuple[Message, str, str]] = []
-        limit = 1 + self.settings.max_retries
         messages = batch.messages
         if failure is None and set(map(_DECISION, messages)) <= {None, "ack"} and not any(map(_PARTS, messages)):
-            acks, messages = list(map(_HANDLE, messages)), []  # the rule: every message acked, whole
-        for m in messages:
-            decision = m.decision or "ack"
-            if failure is not None and decision != "dead":
-                decision = "retry"  # the batch's writes rolled back: acks are void
-            if decision == "ack":
-                acks.append(m.handle)
-                if m.dead_parts:
-                    parts.append(m)
-            elif decision == "dead":
-                dead.append((m, m.dead.reason, m.dead.error) if m.dead else (m, REASON_INVALID, ""))
-            elif m.attempts >= limit:
-                last = failure or "retried by the consumer"
-                dead.append((m, REASON_RETRIES, f"{m.attempts} deliveries; last error: {last}"))
-            else:
-                retries.append((m, self.settings.retry_delay if m.delay is None else m.delay))
+            decided = Decisions()  # the rule: every message acked, whole
+            acks = list(map(_HANDLE, messages))
+        else:
+            decided = decide(messages, failure, self.settings)
+            acks = [m.handle for m in decided.acks]
+        parts, retries, dead = decided.parts, decided.retries, decided.dead
         now = clock.now_s()
         with self.db.transaction() as conn:
             if acks and batch.lease and len(acks) == len(batch.messages):  # a range guarded by the lease

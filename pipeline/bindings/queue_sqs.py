@@ -74,12 +74,12 @@ from pipeline.bindings.archive_s3 import check_endpoint, translate
 from pipeline.bindings.db import Database
 from pipeline.bindings.queue import (
     REASON_INVALID,
-    REASON_RETRIES,
     DeadReason,
     Message,
     MessageBatch,
     Queue,
     QueueSettings,
+    decide,
     encode_body,
     parse_reason,
 )
@@ -223,36 +223,6 @@ def _chunks(entries: list[dict]) -> Iterator[list[dict]]:
         size += n
     if chunk:
         yield chunk
-
-
-Retry = tuple[Message, float]  # the message, its delay
-Dead = tuple[Message, str, str]  # the message, its reason, the error
-
-
-def _decide(
-    batch: MessageBatch, failure: str | None, settings: QueueSettings
-) -> tuple[list[Message], list[Message], list[Retry], list[Dead]]:
-    """The batch's messages by outcome (queue.py's rules): acked, acked with array elements
-    for the DLQ, retried and dead."""
-    acks: list[Message] = []
-    parts: list[Message] = []
-    retries: list[Retry] = []
-    dead: list[Dead] = []
-    limit = 1 + settings.max_retries
-    for m in batch:
-        decision = m.decision or "ack"
-        if failure is not None and decision != "dead":
-            decision = "retry"  # the batch's writes rolled back: acks are void
-        if decision == "ack":
-            (parts if m.dead_parts else acks).append(m)
-        elif decision == "dead":
-            dead.append((m, m.dead.reason, m.dead.error) if m.dead else (m, REASON_INVALID, ""))
-        elif m.attempts >= limit:
-            last = failure or "retried by the consumer"
-            dead.append((m, REASON_RETRIES, f"{m.attempts} deliveries; last error: {last}"))
-        else:
-            retries.append((m, settings.retry_delay if m.delay is None else m.delay))
-    return acks, parts, retries, dead
 
 
 class SqsQueue(Queue):
@@ -440,7 +410,8 @@ class SqsQueue(Queue):
         if held >= self.visibility_s:
             log.event("queue_lease_expired", logging.WARNING, queue=self.name, messages=len(batch), held_s=held)
             return
-        acks, parts, retries, dead = _decide(batch, failure, self.settings)
+        decided = decide(batch, failure, self.settings)
+        parts, retries, dead = decided.parts, decided.retries, decided.dead
         now = clock.now_s()
         letters = [self._letter(m, m.id, m.raw, m.content_type, reason, error, now) for m, reason, error in dead]
         for m in parts:
@@ -457,7 +428,7 @@ class SqsQueue(Queue):
             self._send(
                 self.name, [_entry(m.id, m.content_type, m.raw, m.enqueued_at, d, attempts=m.attempts) for m, d in soon]
             )
-        gone = acks + parts + [m for m, _, _ in dead] + [m for m, _ in soon]
+        gone = decided.acks + [m for m, _, _ in dead] + [m for m, _ in soon]
         self._delete(self.name, [m.handle for m in gone])
         budget = MAX_VISIBILITY_S - math.ceil(held) - 1
         later = [(m.handle, min(math.ceil(d), budget)) for m, d in retries if d > MAX_DELAY_S]
