@@ -56,11 +56,17 @@ class SqlDeadLetters:
         if not rows:
             return
         conn.execute(queue_dlq.insert(), rows)
-        counts = Counter(str(r["reason"]) for r in rows)
-        named = sorted((self.prefix + reason, n) for reason, n in counts.items())
-        self.db.upsert_add_rows(conn, counters, ("name", "value"), named, ("name",))
+        self.count(conn, (str(r["reason"]) for r in rows))
 
-    def _uncount(self, conn: sa.Connection, reasons: Iterable[str]) -> None:
+    def count(self, conn: sa.Connection, reasons: Iterable[str]) -> None:
+        """Add letters to the lasting counts (one upsert, rows in name order), in the
+        caller's transaction. Queues whose letters live elsewhere (SQS) count here too."""
+        counts = Counter(reasons)
+        named = sorted((self.prefix + reason, n) for reason, n in counts.items())
+        if named:
+            self.db.upsert_add_rows(conn, counters, ("name", "value"), named, ("name",))
+
+    def uncount(self, conn: sa.Connection, reasons: Iterable[str]) -> None:
         """Take letters out of the count (never below 0), in the caller's transaction."""
         counts = Counter(reasons)
         stmt = (
@@ -97,7 +103,7 @@ class SqlDeadLetters:
         stmt = queue_dlq.delete().where(queue_dlq.c.seq.in_(pick.scalar_subquery())).returning(*TAKEN)
         rows = sorted(conn.execute(stmt).all(), key=lambda r: r.seq)
         if rows:
-            self._uncount(conn, (r.reason for r in rows))
+            self.uncount(conn, (r.reason for r in rows))
         return rows
 
     def purge(self, reason: str | None, before: float | None) -> int:

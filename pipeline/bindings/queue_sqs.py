@@ -86,7 +86,6 @@ from pipeline.bindings.queue import (
 from pipeline.bindings.queue_sql_dlq import SqlDeadLetters
 from pipeline.errors import BindingError, ConfigError, TransientError, ValidationError
 from pipeline.ids import uuid7_batch
-from pipeline.schema import counters
 
 MAX_ENTRIES = 10  # per SendMessageBatch, ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibilityBatch
 MAX_BATCH_BYTES = 256 * 1024  # bodies and attributes of one SendMessageBatch
@@ -447,14 +446,13 @@ class SqsQueue(Queue):
         return _entry(mid, kind, raw, m.enqueued_at, **extra)
 
     def _count(self, reasons: Counter[str]) -> None:
-        """Add dead letters to the lasting counts (rows in name order, as the db queue does)."""
-        named = sorted((self.totals.prefix + reason, n) for reason, n in reasons.items())
+        """Add dead letters to the lasting counts, as the db queue counts its own."""
         with self.db.transaction() as conn:
-            self.db.upsert_add_rows(conn, counters, ("name", "value"), named, ("name",))
+            self.totals.count(conn, reasons.elements())
 
     def _uncount(self, reasons: Counter[str]) -> None:
         with self.db.transaction() as conn:
-            self.totals._uncount(conn, reasons.elements())
+            self.totals.uncount(conn, reasons.elements())
 
     def release(self, batch: MessageBatch) -> None:
         if batch.messages and self._leased_for(batch) < self.visibility_s:
