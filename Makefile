@@ -10,7 +10,7 @@ RATE ?= 1
 $(BIN)/edgepipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,analytics]'
 	touch $@
 
 # End to end on embedded defaults (SQLite + local archive dir under ./data/): a simulated
@@ -27,6 +27,7 @@ test: $(BIN)/edgepipe
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	bash infra/ensure-services.sh
+	bash infra/ensure-tools.sh
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/edgepipe

@@ -212,6 +212,8 @@ class Schedule(Section):
 class Worker(Section):
     dead_after: float = Field(120, ge=10)  # seconds without a heartbeat before a worker is dead
     forget_after: float = Field(86_400, ge=60)  # seconds after which dead and stopped workers are no longer listed
+    metrics_port: int = Field(0, ge=0, le=65535)  # serve Prometheus metrics on this port; 0 = off
+    metrics_host: str = "127.0.0.1"  # the address the metrics port binds to
 
 
 class Monitor(Section):

@@ -123,6 +123,20 @@ path_stats_hourly = _aggregates("path_stats_hourly", "hour")
 # `[retention] hourly_days` prunes a day's hourly rows, its daily rows hold that day.
 path_stats_daily = _aggregates("path_stats_daily", "day")
 
+# Data quality per hour, written in the consumer's transaction: one row per (hour, kind)
+# with a count. `hour` is the UTC hour the consumer handled the events (an invalid event may
+# carry no usable time of its own). Kinds: `received`, `inserted`, `duplicate`, `too_late`,
+# `overflow` (inserted, but counted under __other__), and `invalid:<field>` for events
+# refused as invalid, by the field their error names.
+quality_hourly = Table(
+    "quality_hourly",
+    metadata,
+    Column("hour", BigInteger, primary_key=True),  # epoch seconds at the start of the UTC hour
+    Column("kind", String(80), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+    sqlite_with_rowid=False,
+)
+
 # Counts of events that left the hot table (filled by the cleaner), one row per scope.
 lifetime_totals = Table(
     "lifetime_totals",

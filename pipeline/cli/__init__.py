@@ -145,9 +145,23 @@ def emit_json(data: Any) -> None:
 
 
 from pipeline.bench import cli as bench  # noqa: E402  (registers `edgepipe bench`)
-from pipeline.cli import archive, audit, backup, core, demo, http, jobs, ops  # noqa: E402  (registers the commands)
+from pipeline.cli import (  # noqa: E402  (registers the commands)
+    analytics,
+    archive,
+    audit,
+    backup,
+    core,
+    demo,
+    events,
+    http,
+    jobs,
+    ops,
+    quality,
+    report,
+)
 
 __all__ = [
+    "analytics",
     "archive",
     "audit",
     "backup",
@@ -155,11 +169,14 @@ __all__ = [
     "core",
     "demo",
     "emit_json",
+    "events",
     "http",
     "jobs",
     "main",
     "ops",
     "pass_state",
     "print_table",
+    "quality",
+    "report",
     "time_option",
 ]

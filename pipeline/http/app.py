@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from pipeline import audit, clock, log
 from pipeline.env import Env
-from pipeline.http import audit_api, body, probes, read_api
+from pipeline.http import audit_api, body, dashboard, events_api, overview_api, probes, quality_api, read_api
 from pipeline.http.access import BEARER, SCOPE_KEY, Guard, app_routes, authorize, route_scope
 from pipeline.http.auth import Scope, TokenChecker
 from pipeline.http.enqueue import DepthGauge, GroupSender
@@ -125,6 +125,10 @@ def create_app(env: Env, require_token: bool = False, worker: Any = None) -> Fas
     install_error_handlers(app)
     app.include_router(read_api.router)
     app.include_router(audit_api.router)
+    app.include_router(events_api.router)
+    app.include_router(quality_api.router)
+    app.include_router(overview_api.router)
+    app.include_router(dashboard.router)
     _add_events_route(app)
     _add_ops_routes(app)
     _finish_openapi(app)

@@ -1,0 +1,3 @@
+"""`edgepipe analytics`."""
+
+from __future__ import annotations

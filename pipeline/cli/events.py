@@ -1,0 +1,3 @@
+"""`edgepipe events`."""
+
+from __future__ import annotations

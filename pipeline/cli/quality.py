@@ -1,0 +1,3 @@
+"""`edgepipe quality`."""
+
+from __future__ import annotations

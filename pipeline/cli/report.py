@@ -1,0 +1,3 @@
+"""`edgepipe report`."""
+
+from __future__ import annotations
