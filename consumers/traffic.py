@@ -10,7 +10,9 @@ Per batch, in the one transaction the worker loop holds:
    nothing is skipped: `Database.insert_new`'s `likely_present`; after a batch of nothing
    but new events, PostgreSQL first tries to store them all at once: `likely_new`);
 3. fold only those into hourly rows (`fold`) and add them to `path_stats_hourly` with
-   additive upserts.
+   additive upserts;
+4. add the batch's data-quality counts (received, inserted, duplicates, invalid by field,
+   too late, overflow) to `quality_hourly`, under the hour the batch was handled.
 A redelivered, retried or re-ingested event is therefore never counted twice: its insert
 returns nothing, so it contributes nothing to the aggregates.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
@@ -37,10 +39,13 @@ from pipeline.paths import PathNormalizer
 from pipeline.schema import (
     OTHER_PATH,
     path_stats_hourly,
+    quality_hourly,
     traffic_events,
 )
 
 KNOWN_PATHS_HOURS = 48
+QUALITY_KEYS = ("hour", "kind")
+QUALITY_COLUMNS = ("hour", "kind", "count")
 _CONTENT_TYPE = attrgetter("content_type")
 
 
@@ -66,9 +71,28 @@ class BatchReport:
     duplicates: int = 0
     invalid: int = 0
     too_late: int = 0
+    overflow: int = 0  # inserted, but counted under __other__ (the hour's path budget was spent)
+    invalid_by: dict[str, int] = field(default_factory=dict)  # invalid events by the field named
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if type(v) is int}
+
+    def refuse(self, error: ValidationError) -> None:
+        """Count one invalid event, by the field its error names."""
+        self.invalid += 1
+        self.invalid_by[error.field] = self.invalid_by.get(error.field, 0) + 1
+
+    def quality_rows(self, hour: int) -> list[tuple[int, str, int]]:
+        """`quality_hourly` rows (hour, kind, count) of this report's non-zero counts."""
+        counts = {
+            "received": self.received,
+            "inserted": self.inserted,
+            "duplicate": self.duplicates,
+            "too_late": self.too_late,
+            "overflow": self.overflow,
+            **{f"invalid:{name}"[:80]: n for name, n in self.invalid_by.items()},
+        }
+        return [(hour, kind, n) for kind, n in sorted(counts.items()) if n]
 
 
 def _dead_letter(msg: Message, index: int | None, reason: str, error: str) -> None:
@@ -98,8 +122,11 @@ class TrafficConsumer:
             watermark = meta.archive_watermark_ms(env.DB, conn)
             events = self._validate(batch, now_ms, watermark, report)
             if events:
-                report.inserted = self._store(env, conn, events)
+                report.inserted = self._store(env, conn, events, report)
                 report.duplicates += len(events) - report.inserted
+            env.DB.upsert_add_rows(
+                conn, quality_hourly, QUALITY_COLUMNS, report.quality_rows(now_ms // 3_600_000 * 3600), QUALITY_KEYS
+            )
         # Returning acks every message not dead-lettered (as a Queues handler's return
         # does); a failure above retries the whole batch.
         return report
@@ -124,7 +151,7 @@ class TrafficConsumer:
                     got = parse_event(msg.body, self.normalizer, now_ms, fallback_id=msg.id)
             except ValidationError as exc:
                 msg.dead_letter(REASON_INVALID, str(exc))
-                report.invalid += 1
+                report.refuse(exc)
                 continue
             items: Iterable[tuple[int | None, Event | ValidationError]]
             if isinstance(got, Event):
@@ -134,7 +161,7 @@ class TrafficConsumer:
                 items = enumerate(got)
             for index, ev in items:
                 if isinstance(ev, ValidationError):
-                    report.invalid += 1
+                    report.refuse(ev)
                     _dead_letter(msg, index, REASON_INVALID, str(ev))
                     continue
                 if ev.ts < watermark:
@@ -157,7 +184,7 @@ class TrafficConsumer:
                 events.append(ev)
         return events
 
-    def _store(self, env: Env, conn: sa.Connection, events: list[Event]) -> int:
+    def _store(self, env: Env, conn: sa.Connection, events: list[Event], report: BatchReport) -> int:
         """Insert the events; add exactly the rows this call inserted to the aggregates.
 
         Only inserted events spend an hour's path budget, so the budget is settled after
@@ -179,6 +206,7 @@ class TrafficConsumer:
         inserted = events if len(new) == len(events) else [events[i] for i in new]
         overflow = self._overflow(env.DB, conn, inserted)
         if overflow:
+            report.overflow = len(overflow)
             mark = env.DB.cached(("mark_overflow",), _mark_overflow)
             env.DB.executemany(conn, mark, ("k_ts", "k_id"), list(overflow))
         acc: Acc = {}

@@ -102,7 +102,8 @@ def daily(
     return _read(db, _rows(path_stats_daily, 86_400, path, method, start, end, host, limit, after), "day")
 
 
-def _first_hour(hours: int, now_s: float) -> int:
+def first_hour(hours: int, now_s: float) -> int:
+    """The start of the first of the last `hours` UTC hours, the current one included."""
     return int(now_s) // 3600 * 3600 - (hours - 1) * 3600
 
 
@@ -148,7 +149,7 @@ TOP_COLUMNS = ("path", "method", *SUMMED, "rt_min_ms", "rt_max_ms")
 
 def top_paths_statement(hours: int, limit: int, now_s: float) -> sa.Select[Any]:
     """`top_paths`' statement with its values bound (for EXPLAIN)."""
-    return _top_statement().params(first_hour=_first_hour(hours, now_s), limit=limit)
+    return _top_statement().params(first_hour=first_hour(hours, now_s), limit=limit)
 
 
 def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | None = None) -> list[dict[str, Any]]:
@@ -162,7 +163,7 @@ def top_paths(db: Database, hours: int = 24, limit: int = 20, now_s: float | Non
     with db.read() as conn:
         if not db.in_transaction():
             db.plan_as_small(conn)
-        found = db.fetchall(conn, stmt, ("first_hour", "limit"), (_first_hour(hours, now_s), limit))
+        found = db.fetchall(conn, stmt, ("first_hour", "limit"), (first_hour(hours, now_s), limit))
     rows = sorted(
         (dict(zip(TOP_COLUMNS, r, strict=True)) for r in found), key=lambda r: (-r["requests"], r["path"], r["method"])
     )

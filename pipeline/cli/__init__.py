@@ -100,7 +100,9 @@ pass_state = click.make_pass_decorator(State)
 
 
 HEADERS = {"requests": "req", "status_4xx": "4xx", "status_5xx": "5xx", "rt_avg_ms": "avg",
-           "p50_ms": "p50", "p95_ms": "p95", "p99_ms": "p99"}  # fmt: skip
+           "p50_ms": "p50", "p95_ms": "p95", "p99_ms": "p99", "received": "recv", "inserted": "new",
+           "duplicates": "dup", "too_late": "late", "overflow": "over", "duplicate_rate": "dup %",
+           "invalid_rate": "inv %"}  # fmt: skip
 
 
 def _cell(value: Any) -> str:
