@@ -127,6 +127,20 @@ def test_stored_keys_are_counted_exactly_whatever_the_id(env: Env) -> None:
     assert stored(env) == sorted([*ids, "new"])
 
 
+def test_stored_keys_are_counted_exactly_whether_their_span_is_narrow_or_wide(env: Env) -> None:
+    """PostgreSQL reads the stored keys of a narrow span of timestamps in one walk, and
+    probes key by key when the span holds many more rows than the batch: same count."""
+    db = env.DB
+    rows = [(1000 + i, f"id-{i}", *row(i)[2:]) for i in range(60)]
+    with db.transaction() as conn:
+        db.insert_new(conn, te, EVENT_COLUMNS, rows, ("ts", "id"))
+        narrow = [(1010, "id-10"), (1011, "id-11"), (1011, "other"), (1012, "id-12")]
+        wide = [(1000, "id-0"), (1059, "id-59"), (1030, "nope")]  # 60 rows in the span of 3 keys
+        assert db._count_present(conn, te, ("ts", "id"), narrow) == 3
+        assert db._count_present(conn, te, ("ts", "id"), wide) == 2
+        assert db._count_present(conn, te, ("ts", "id"), [(999, "id-0"), (2000, "id-1")]) == 0
+
+
 def test_stored_keys_of_a_one_column_key_are_counted(env: Env) -> None:
     meta = sa.MetaData()
     keyed = sa.Table(
