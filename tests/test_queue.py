@@ -294,6 +294,36 @@ def test_handler_exception_through_worker(env: Env) -> None:
     assert (left.body, left.attempts) == ({"n": 3}, 2)
 
 
+def test_decisions_of_a_batch_handled_by_the_worker(env: Env, frozen: FrozenDateTimeFactory) -> None:
+    """Per-message decisions taken by a handler the worker runs (inside the DB transaction
+    on the `db` queue): acks are gone, a retry comes back after its delay with its id and
+    body, a dead letter keeps its body and reason, and a message that is part dead
+    keeps its other elements."""
+    ids = env.QUEUE.send_batch([{"n": 0}, {"n": 1}, {"n": 2}, [{"n": 3}, {"n": 4}], {"n": 5}])
+
+    def handler(batch: MessageBatch, env: Env, ctx: Any) -> None:
+        for m in batch:
+            body = m.body
+            if body == {"n": 1}:
+                m.retry(60)
+            elif body == {"n": 2}:
+                m.dead_letter(REASON_INVALID, "n: two")
+            elif isinstance(body, list):
+                m.dead_letter_part(1, REASON_INVALID, "n: four")
+
+    result = Worker(env, handler).step(wait=0)
+    assert result is not None and result.ok and result.messages == 5
+    assert stats(env) == {"pending": 1, "in_flight": 0, "dlq": 2}
+    assert receive_all(env).messages == []  # the retry waits for its delay
+    frozen.tick(61)
+    (again,) = receive_all(env).messages
+    assert (again.id, again.body, again.attempts) == (ids[1], {"n": 1}, 2)
+    assert sorted((d["message_id"], d["body"], d["error"]) for d in env.QUEUE.dlq_list()) == [
+        (ids[2], '{"n":2}', "n: two"),
+        (f"{ids[3]}:1", '{"n":4}', "n: four"),
+    ]
+
+
 def test_a_value_the_database_refuses_is_dead_lettered_alone_as_poison(env: Env) -> None:
     env.QUEUE.send_batch([{"n": i} for i in range(8)])
 

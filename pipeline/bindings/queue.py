@@ -165,6 +165,9 @@ class MessageBatch:
     messages: list[Message] = field(default_factory=list)
     lease: str = ""
     taken_at: float | None = None  # when taken inside a transaction (the take's "now")
+    # The transaction that took the messages by deleting them (the SQL queue on PostgreSQL):
+    # while it is open, the batch's rows are gone and a settle writes back only what stays.
+    taken_in: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.messages)

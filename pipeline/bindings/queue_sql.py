@@ -2,12 +2,15 @@
 
 Two ways to take messages:
 
-* inside the caller's transaction (how the worker loop consumes): the rows are selected
-  in that transaction — under SQLite's write lock, or `FOR UPDATE SKIP LOCKED` on
-  PostgreSQL so concurrent consumers never take the same row — and acks delete them in
-  the same commit as the rows the handler wrote. Nothing is written to claim them: if the
-  consumer dies, its transaction rolls back and the messages are visible again at once.
-  (A crash therefore does not count as a delivery attempt; a handler error does.)
+* inside the caller's transaction (how the worker loop consumes): the rows are taken in
+  that transaction and are gone with the same commit as the rows the handler wrote. On
+  SQLite they are selected under its write lock and acks delete them; on PostgreSQL one
+  `DELETE … WHERE seq IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING` takes them (so
+  concurrent consumers never take the same row, and each row is written once, not locked
+  then deleted), and a settle writes back the messages that stay: retried ones with their
+  delay, dead ones to the DLQ. Nothing is written to claim them: if the consumer dies, its
+  transaction rolls back and the messages are visible again at once. (A crash therefore
+  does not count as a delivery attempt; a handler error does.)
 * outside a transaction: a short transaction leases the rows (`UPDATE … RETURNING`) for
   `visibility_timeout` seconds; they reappear if the consumer dies holding them.
 
@@ -102,6 +105,17 @@ class SqlQueue(Queue):
         )
         return stmt.with_for_update(skip_locked=True) if self.db.dialect == "postgresql" else stmt
 
+    def _take_statement(self) -> Any:
+        """The in-transaction take: a SELECT on SQLite (acks delete the rows), a DELETE …
+        RETURNING on PostgreSQL."""
+        if self.db.dialect != "postgresql":
+            return self._ready(RETURNED)
+        return (
+            queue_messages.delete()
+            .where(queue_messages.c.seq.in_(self._ready([queue_messages.c.seq]).scalar_subquery()))
+            .returning(*RETURNED)
+        )
+
     def _lease_statement(self) -> sa.Update:
         return (
             queue_messages.update()
@@ -120,11 +134,12 @@ class SqlQueue(Queue):
             with self.db.transaction() as conn:
                 rows = sorted(conn.execute(stmt, params).all(), key=lambda r: r[0])
         else:  # inside the caller's transaction: the transaction is the lease
-            stmt = self.db.cached(("queue_take", self.name), lambda: self._ready(RETURNED))
+            stmt = self.db.cached(("queue_take", self.name), self._take_statement)
             with self.db.transaction() as conn:
                 self.db.redoable(conn)  # a commit lost in a crash gives the batch back: no need to wait for the disk
                 # A generic plan: it must walk the primary key, whatever the table's statistics.
                 rows = self.db.fetchall(conn, stmt, ("now", "n"), (now, n), generic=True)
+                rows.sort()  # by seq (RETURNING keeps no order)
         bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
         return [Message(mid, at, n + bump, data, kind, seq) for seq, mid, at, n, kind, data in rows]
 
@@ -179,7 +194,9 @@ class SqlQueue(Queue):
         if self.db.in_transaction():
             self.wait(max_messages, wait_seconds)
             now = clock.now_s()
-            return MessageBatch(self.name, self._claim(max_messages, "", now), "", taken_at=now)
+            with self.db.transaction() as conn:
+                taken_in = conn.get_transaction() if self.db.dialect == "postgresql" else None
+                return MessageBatch(self.name, self._claim(max_messages, "", now), "", now, taken_in)
         lease = secrets.token_hex(8)
         batch = MessageBatch(self.name, [], lease)
         deadline = clock.monotonic() + wait_seconds
@@ -200,6 +217,9 @@ class SqlQueue(Queue):
         parts, retries, dead = decided.parts, decided.retries, decided.dead
         now = clock.now_s()
         with self.db.transaction() as conn:
+            if batch.taken_in is not None and conn.get_transaction() is batch.taken_in:
+                self._write_back(conn, parts, retries, dead, failure, now)
+                return
             if acks and batch.lease and len(acks) == len(batch.messages):  # a range guarded by the lease
                 conn.execute(self._delete_range(), {"lo": min(acks), "hi": max(acks), "lease": batch.lease})
             elif acks and not batch.lease and len(acks) == len(batch.messages) and batch.taken_at is not None \
@@ -228,6 +248,30 @@ class SqlQueue(Queue):
                     .where(queue_messages.c.seq == m.handle, mine)
                     .values(attempts=m.attempts, visible_at=now + delay, lease=None, last_error=failure)
                 )
+
+    def _write_back(self, conn: sa.Connection, parts: list[Message], retries: list[tuple[Message, float]],
+                    dead: list[tuple[Message, str, str]], failure: str | None, now: float) -> None:  # fmt: skip
+        """Settle a batch whose rows its own transaction deleted as it took them: acks are
+        done already; retried messages go back under their own `seq` (their place in the
+        queue) with their delay, dead ones and dead array elements to the DLQ."""
+        letters = self._dead_parts_to_dlq(parts, now) if parts else []
+        letters += [
+            {"queue": self.name, "message_id": m.id, "content_type": m.content_type, "body": m.raw,
+             "enqueued_at": m.enqueued_at, "failed_at": now, "attempts": m.attempts, "reason": reason, "error": error}
+            for m, reason, error in dead
+        ]  # fmt: skip
+        if letters:
+            self.dlq.add(conn, letters)
+        if retries:
+            conn.execute(
+                queue_messages.insert(),
+                [
+                    {"seq": m.handle, "queue": self.name, "message_id": m.id, "content_type": m.content_type,
+                     "body": m.raw, "enqueued_at": m.enqueued_at, "visible_at": now + delay, "attempts": m.attempts,
+                     "lease": None, "last_error": failure}
+                    for m, delay in retries
+                ],
+            )  # fmt: skip
 
     def _delete_range(self) -> sa.Delete:
         def build() -> sa.Delete:
