@@ -13,10 +13,11 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from pipeline import audit, clock
 from pipeline.bindings.db import Database
+from pipeline.cursor import decode_cursor, encode_cursor
 from pipeline.http.access import Guard
 from pipeline.http.auth import Scope
 from pipeline.http.models import ERRORS, AuditPage
-from pipeline.http.read_api import decode_cursor, encode_cursor, time_param
+from pipeline.http.read_api import time_param
 
 SKEW_MARGIN_S = 5.0
 EXTRA_ROWS = 16  # rows of the previous page read again, at first, to find where the next one starts

@@ -8,14 +8,13 @@ Long listings page with an opaque keyset cursor (`next`, passed back as `cursor`
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Any
 
-import orjson
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
 
 from pipeline import clock, queries, totals
+from pipeline.cursor import decode_cursor, encode_cursor
 from pipeline.env import Env
 from pipeline.errors import ValidationError
 from pipeline.http.access import Guard
@@ -46,22 +45,6 @@ def time_param(value: str | None, name: str) -> float | None:
         return clock.parse_time(value)
     except (ValueError, OverflowError, OSError) as exc:
         raise ValidationError(name, str(exc)) from None
-
-
-def encode_cursor(key: list[Any]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(key)).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None, types: tuple[type, ...]) -> tuple[Any, ...] | None:
-    if not cursor:
-        return None
-    try:
-        key = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if len(key) != len(types) or not all(type(v) is t for v, t in zip(key, types, strict=True)):
-            raise ValueError
-    except (ValueError, TypeError):
-        raise ValidationError("cursor", "not a cursor returned by this endpoint") from None
-    return tuple(key)
 
 
 def _snapshot_rows(env: Env, hours: int, limit: int) -> dict[str, Any] | None:
