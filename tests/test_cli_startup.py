@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("sqlalchemy", "alembic", "boto3", "botocore", "fastapi", "pydantic", "uvicorn", "apscheduler", "psycopg")
 
@@ -33,3 +34,16 @@ def test_help_of_every_command_loads_no_heavy_library() -> None:
     )
     loaded = _loaded_after(code)
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_jobs_list_in_a_fresh_process(tmp_path: Path) -> None:
+    """`jobs list` registers the jobs it checks the cron table against (the test session
+    registers them for every test; a fresh `edgepipe` process has only itself)."""
+    import orjson
+
+    env = {"EDGEPIPE_BINDINGS__DB": f"sqlite:///{tmp_path / 'e.db'}", "PATH": "/usr/bin:/bin"}
+    cli = [sys.executable, "-m", "pipeline"]
+    subprocess.run([*cli, "init"], env=env, capture_output=True, check=True)
+    out = subprocess.run([*cli, "jobs", "list", "--json"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert {"archive", "clean", "monitor", "backup"} <= {row["job"] for row in orjson.loads(out.stdout)}

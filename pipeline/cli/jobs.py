@@ -58,9 +58,11 @@ def jobs_run(state: State, name: str, at: str | None, dry_run: bool, as_json: bo
 
 
 def _job_rows(env: Any) -> list[dict[str, Any]]:
+    from pipeline.cli.compose import register_jobs
     from pipeline.jobruns import JobStore
     from scheduler.service import load_specs
 
+    register_jobs()  # the cron table is checked against the registered jobs
     now = clock.now()
     last = JobStore(env.DB).last_runs()
     rows = []
