@@ -14,6 +14,7 @@ import pytest
 from freezegun import freeze_time
 
 from pipeline import audit, clock
+from pipeline.cli.report import pipeline_document
 from pipeline.errors import ValidationError
 from pipeline.http.access import app_routes
 from pipeline.http.app import create_app
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.anyio
 # here, not read from the app, so a route whose guard changes or goes missing fails.
 EXPECTED: dict[tuple[str, str], str | None] = {
     ("POST", "/v1/events"): "ingest",
+    ("GET", "/v1/events"): "read",  # the hot detail rows (drill-down)
     ("GET", "/v1/paths/top"): "read",
     ("GET", "/v1/paths/hourly"): "read",
     ("GET", "/v1/paths/daily"): "read",
@@ -41,7 +43,14 @@ EXPECTED: dict[tuple[str, str], str | None] = {
     ("GET", "/docs"): None,
     ("GET", "/docs/oauth2-redirect"): None,
     ("GET", "/redoc"): None,
+    ("GET", "/v1/quality"): "read",
+    ("GET", "/v1/overview"): "read",
+    ("GET", "/v1/pipeline"): "read",
+    ("GET", "/"): None,  # redirects to the dashboard
+    ("GET", "/dashboard"): None,  # a static page: its data calls need a token
+    ("GET", "/dashboard/assets/{name:path}"): None,
 }
+SAMPLE_PATHS = {"/dashboard/assets/{name:path}": "/dashboard/assets/app.js"}  # a concrete URL of a templated route
 GRANTED = {"ingest": {"ingest"}, "read": {"read"}, "admin": {"ingest", "read", "admin"}}
 CALLERS = ("none", "malformed", "unknown", "revoked", "expired", "ingest", "read", "admin")
 
@@ -78,7 +87,12 @@ async def _call(c: httpx.AsyncClient, method: str, path: str, authorization: str
     headers = {"authorization": authorization} if authorization else {}
     if method == "POST":
         return await c.post(path, json=[event(i)], headers=headers)
-    return await c.get(path, headers=headers)
+    return await c.get(SAMPLE_PATHS.get(path, path), headers=headers, follow_redirects=True)
+
+
+def _app(env: Any, **options: Any) -> Any:
+    """The app as `edgepipe serve` composes it (with the pipeline report)."""
+    return create_app(env, pipeline_report=pipeline_document, **options)
 
 
 def _expected_status(scope: str | None, caller: str) -> int | str:
@@ -102,7 +116,7 @@ async def test_every_route_is_in_the_documented_matrix(env: Any) -> None:
 async def test_scope_matrix_every_route_every_caller(env: Any) -> None:
     headers = _tokens(env)
     _heartbeat(env)
-    app = create_app(env)
+    app = _app(env)
     got: dict[tuple[str, str, str], int | str] = {}
     want: dict[tuple[str, str, str], int | str] = {}
     i = 0
@@ -122,7 +136,7 @@ async def test_scope_matrix_every_route_every_caller(env: Any) -> None:
 
 async def test_open_on_loopback_without_tokens_and_closed_when_required(env: Any) -> None:
     _heartbeat(env)
-    open_app, closed_app = create_app(env), create_app(env, require_token=True)
+    open_app, closed_app = _app(env), _app(env, require_token=True)
     async with client_for(open_app) as c:
         statuses = {route: (await _call(c, *route, None, n)).status_code for n, route in enumerate(EXPECTED)}
     assert all(200 <= s < 300 for s in statuses.values()), statuses

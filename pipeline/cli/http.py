@@ -67,7 +67,10 @@ def serve(
         from pipeline.cli.compose import consumer_worker
 
         worker = consumer_worker(env)
-    run_server(create_app(env, require_token=require_token, worker=worker), cfg.host, cfg.port, transport=transport)
+    from pipeline.cli.report import pipeline_document
+
+    app = create_app(env, require_token=require_token, worker=worker, pipeline_report=pipeline_document)
+    run_server(app, cfg.host, cfg.port, transport=transport)
 
 
 def _check_exposure(env: Env, host: str, port: int, transport: Transport) -> bool:

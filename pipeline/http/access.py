@@ -1,6 +1,7 @@
 """Who may call what: authentication, scopes, per-caller rate limits, failed-auth audit.
 
-Every route but `/health`, `/ready` and the OpenAPI pages needs a scope (`Guard(scope)` as
+Every route but `/health`, `/ready`, the OpenAPI pages and the dashboard's static page and
+assets (`/`, `/dashboard`, `/dashboard/assets/…`: they hold no data) needs a scope (`Guard(scope)` as
 a dependency, or `authorize(request, scope)` called by the route itself):
 
 - no usable token at all, while tokens are required: 401, and an `auth.failed` audit row

@@ -5,15 +5,16 @@
   queue, as few JSON-array messages as the message size limit allows (one for a typical
   request); refusals of a whole body enqueue nothing. Backpressure (`max_queue_depth`)
   counts queue messages, not events.
-- `GET /v1/...` is the read API (`read_api`), `/health`, `/ready` and `/metrics` the
-  operational endpoints.
+- `GET /v1/...` is the read API (`read_api`, `overview_api`, ...), `/health`, `/ready` and
+  `/metrics` the operational endpoints, `/dashboard` the dashboard page (`dashboard`).
 - Every error has one shape, `{"error": code, "detail": "…"}`; edgepipe's exceptions map by
   their `code`.
 
 Access (`access`): bearer tokens with a scope (`edgepipe tokens create NAME --scope …`).
-When any token that is not revoked exists, every route but `/health`, `/ready` and the
-OpenAPI pages needs one whose scope grants the route's (`ingest` for POST /v1/events,
-`read` for the read API and `/metrics`, `admin` for `/v1/audit`; `admin` grants all);
+When any token that is not revoked exists, every route but `/health`, `/ready`, the
+OpenAPI pages and the (static) dashboard page and assets needs one whose scope grants the
+route's (`ingest` for POST /v1/events, `read` for the read API and `/metrics`, `admin`
+for `/v1/audit`; `admin` grants all);
 with none, the app is open unless `require_token` (what `serve` passes when bound to a
 non-loopback address or behind a proxy, where it also refuses to start without a token). Each caller is
 rate-limited (`[http] rate_limit_per_s`, `burst`).
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -103,9 +104,15 @@ def run_server(
     )
 
 
-def create_app(env: Env, require_token: bool = False, worker: Any = None) -> FastAPI:
+def create_app(
+    env: Env,
+    require_token: bool = False,
+    worker: Any = None,
+    pipeline_report: Callable[[Env], dict[str, Any]] | None = None,
+) -> FastAPI:
     """The app over `env`. `require_token`: refuse unauthenticated requests even when no
-    token exists. `worker`: a `pipeline.worker.Worker` to run alongside, on a thread."""
+    token exists. `worker`: a `pipeline.worker.Worker` to run alongside, on a thread.
+    `pipeline_report`: builds the `GET /v1/pipeline` document (without it, 503)."""
     app = FastAPI(
         title="edgepipe",
         version="1",
@@ -114,6 +121,7 @@ def create_app(env: Env, require_token: bool = False, worker: Any = None) -> Fas
         responses={},
     )
     app.state.env = env
+    app.state.pipeline_report = pipeline_report
     cfg = env.config.http
     app.state.tokens = TokenChecker(env.DB, always_required=require_token)
     app.state.limiter = RateLimiter(cfg.rate_limit_per_s, cfg.burst)
