@@ -10,8 +10,9 @@ advances a durable batch counter inside each batch's transaction, tells the side
 committed count, and gives it the time between batches. The runtime knows only that
 interface; the CLI (the composition root) builds the refresher (`snapshots.refresher`).
 
-`WorkerProcess` is `edgepipe worker`: this loop, a heartbeat row and the job scheduler in
-one process, with a graceful stop.
+`WorkerProcess` is `edgepipe worker`: this loop, a heartbeat row, the job scheduler and
+(with `[worker] metrics_port`) a Prometheus metrics port in one process, with a graceful
+stop.
 """
 
 from __future__ import annotations
@@ -343,12 +344,27 @@ def _merged(reports: list[Any]) -> dict[str, int]:
     return dict(total)
 
 
+class ProcessMetrics(Protocol):
+    """What a worker process reports to its metrics (`pipeline.worker_metrics.WorkerMetrics`):
+    every step's result, every job run's outcome; `start()` opens the metrics port (raising
+    an `EdgepipeError` when it cannot), `close()` releases it."""
+
+    def observe_batch(self, result: StepResult) -> None: ...
+
+    def observe_job(self, outcome: Any) -> None: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class WorkerProcess:
     """`edgepipe worker`: the consumer loop in the main thread, the job scheduler (built by
-    `scheduler_factory(holder, on_run)`, composed by the CLI) in its own thread, and a
-    heartbeat row. `request_stop()` (the first SIGTERM or SIGINT) stops taking batches and
-    job runs; the batch and the job run in hand finish, their leases are released, background
-    refreshes drain, and `run()` returns."""
+    `scheduler_factory(holder, on_run)`, composed by the CLI) in its own thread, a heartbeat
+    row and, with `metrics`, a metrics port opened first and closed last. `request_stop()`
+    (the first SIGTERM or SIGINT) stops taking batches and job runs; the batch and the job
+    run in hand finish, their leases are released, background refreshes drain, and `run()`
+    returns."""
 
     def __init__(
         self,
@@ -356,15 +372,24 @@ class WorkerProcess:
         handler: Handler,
         side: Callable[[Context], SideWork | None] | None = None,
         scheduler_factory: Callable[[str, Callable[[Any], None]], Any] | None = None,
+        metrics: ProcessMetrics | None = None,
     ) -> None:
         self.env = env
         self.holder = process_name()
         self.heartbeat = Heartbeat(env.DB, self.holder)
+        self.metrics = metrics
         ctx = Context()
         self.worker = Worker(env, handler, ctx=ctx, heartbeat=self.heartbeat, side=side(ctx) if side else None)
+        if metrics is not None:
+            self.worker.on_batch.append(metrics.observe_batch)
         self.scheduler: Any = None
         if scheduler_factory is not None:
-            self.scheduler = scheduler_factory(self.holder, lambda _outcome: self.heartbeat.job_done())
+            self.scheduler = scheduler_factory(self.holder, self._job_done)
+
+    def _job_done(self, outcome: Any) -> None:
+        self.heartbeat.job_done()
+        if self.metrics is not None:
+            self.metrics.observe_job(outcome)
 
     @property
     def stop_requested(self) -> bool:
@@ -377,7 +402,22 @@ class WorkerProcess:
 
     def run(self) -> int:
         """Serve until stopped; returns the number of batches processed. Starting, it
-        records the configuration it runs with in the audit log (`config.loaded`)."""
+        records the configuration it runs with in the audit log (`config.loaded`). A metrics
+        port that cannot be opened stops it before anything else (`ConfigError`); the port
+        is closed last, once the worker has stopped."""
+        if self.metrics is None:
+            return self._serve()
+        try:
+            self.metrics.start()
+        except BaseException:
+            self.worker.close()
+            raise
+        try:
+            return self._serve()
+        finally:
+            self.metrics.close()
+
+    def _serve(self) -> int:
         self.heartbeat.beat(force=True)
         audit.config_loaded(self.env.DB, self.env.config, "worker", holder=self.holder)
         log.event("worker_started", holder=self.holder, db=self.env.DB)

@@ -185,9 +185,14 @@ def test_systemd_worker_template_runs_init_once_first() -> None:
     assert worker["Service"]["ExecStart"].split()[1:] == ["worker"]
     assert init["Service"]["Type"] == "oneshot" and init["Service"]["ExecStart"].split()[1:] == ["init"]
     single = _unit(INFRA / "systemd" / "edgepipe-worker.service")
-    for key in ("User", "Group", "WorkingDirectory", "Environment", "EnvironmentFile", "KillSignal", "TimeoutStopSec",
+    for key in ("User", "Group", "WorkingDirectory", "EnvironmentFile", "KillSignal", "TimeoutStopSec",
                 "Restart", "NoNewPrivileges", "ProtectSystem", "ReadWritePaths"):  # fmt: skip
         assert worker["Service"][key] == single["Service"][key], key
+    # and a metrics port of its own per instance (9101 for worker 1, …)
+    assert worker["Service"]["Environment"].split() == [
+        *single["Service"]["Environment"].split(),
+        "EDGEPIPE_WORKER__METRICS_PORT=910%i",
+    ]
 
 
 def test_compose_file_has_the_services() -> None:

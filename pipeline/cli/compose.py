@@ -3,16 +3,21 @@
 `pipeline` but the CLI commands and the benchmarks) imports the worker packages and plugs
 them in: the traffic consumer as the queue handler, the snapshot refresher as the worker's
 side work, the job scheduler and the jobs (registered in `pipeline.jobs.JOBS` by importing
-their modules). The benchmarks (`pipeline.bench`) reach the workers through here too."""
+their modules), the monitor's report as the figures of the worker's metrics. The benchmarks
+(`pipeline.bench`) reach the workers through here too."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from pipeline.env import Env
 from pipeline.jobs import JOBS, JobFn
 from pipeline.worker import Context, Handler, SideWork, Worker, WorkerProcess
+
+if TYPE_CHECKING:
+    from pipeline.worker_metrics import WorkerMetrics
 
 
 def register_jobs() -> dict[str, JobFn]:
@@ -78,17 +83,36 @@ def archive_format() -> tuple[tuple[str, ...], int, re.Pattern[str]]:
     return ROW_FIELDS, COMPRESS_LEVEL, KEY_RE
 
 
+def worker_metrics(env: Env, jobs: list[str]) -> WorkerMetrics | None:
+    """The metrics port of `edgepipe worker` (`[worker] metrics_port`; None when 0): the
+    monitor's report gives its figures, `jobs` (the scheduled jobs) their run counters."""
+    cfg = env.config.worker
+    if not cfg.metrics_port:
+        return None
+    from pipeline.worker_metrics import WorkerMetrics
+    from scheduler.monitor import report
+
+    return WorkerMetrics(env, cfg.metrics_host, cfg.metrics_port, figures=partial(report, env), jobs=jobs)
+
+
 def worker_process(env: Env, with_scheduler: bool = True) -> WorkerProcess:
-    """`edgepipe worker`: the consumer, the snapshot refresher and (unless told not to) the
-    job scheduler in one process."""
+    """`edgepipe worker`: the consumer, the snapshot refresher, (unless told not to) the
+    job scheduler and (with `[worker] metrics_port`) the metrics port in one process."""
     factory = None
+    jobs: list[str] = []
     if with_scheduler:
         register_jobs()
-        from scheduler.service import JobScheduler
+        from scheduler.service import JobScheduler, load_specs
+
+        jobs = [spec.name for spec in load_specs(env.config)]
 
         def factory(holder: str, on_run: Any) -> JobScheduler:
             return JobScheduler(env, holder, on_run=on_run)
 
     return WorkerProcess(
-        env, traffic_handler(env), side=lambda ctx: snapshot_refresher(env, ctx), scheduler_factory=factory
+        env,
+        traffic_handler(env),
+        side=lambda ctx: snapshot_refresher(env, ctx),
+        scheduler_factory=factory,
+        metrics=worker_metrics(env, jobs),
     )

@@ -213,7 +213,8 @@ def _install_signals(target: Any) -> None:
 @pass_state
 def worker(state: State, no_scheduler: bool) -> None:
     """The long-running process: consume the queue, refresh the KV snapshot every
-    `[consumer] snapshot_every_batches` batches and run the scheduled jobs. SIGTERM/SIGINT:
+    `[consumer] snapshot_every_batches` batches and run the scheduled jobs; with `[worker]
+    metrics_port`, serve Prometheus metrics there (a port in use: exit 2). SIGTERM/SIGINT:
     finish the batch and job in hand, release leases, exit 0; a second signal exits at once."""
     from pipeline.cli.compose import worker_process
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -51,6 +52,7 @@ class Checkpointer:
         self._pending = self._running = self._stopping = False
         self._commits = self._changes_at = 0
         self.runs = self.locked_runs = 0
+        self.seconds = 0.0  # time spent in checkpoints, all runs together
         self._thread = threading.Thread(target=self._run, name="edgepipe-checkpoint", daemon=True)
         self._thread.start()
 
@@ -78,6 +80,7 @@ class Checkpointer:
                 if self._stopping:
                     break
                 self._pending, self._running = False, True
+            started = time.monotonic()
             try:
                 conn = conn or self._engine.raw_connection()
                 checkpoint = conn.cursor().execute
@@ -100,6 +103,7 @@ class Checkpointer:
                     conn.invalidate()  # a fresh connection next time
                 conn = None
             finally:
+                self.seconds += time.monotonic() - started
                 with self._cond:
                     self._running = False
                     self._cond.notify_all()

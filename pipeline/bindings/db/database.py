@@ -125,6 +125,12 @@ class Database(Maintenance):
             with self.driver_errors(_REDOABLE):
                 conn.connection.driver_connection.execute(_REDOABLE)  # type: ignore[union-attr]
 
+    @property
+    def checkpointer(self) -> Checkpointer | None:
+        """SQLite: the background WAL checkpointer of this process's writer (started by its
+        first write transaction); None before that and on other dialects."""
+        return self._checkpointer
+
     def wait_checkpoints(self) -> None:
         """Wait for the background checkpointer, if any, to finish what it was asked."""
         if self._checkpointer is not None:
