@@ -303,7 +303,7 @@ async def test_queue_failure_is_503_and_nothing_half_done(make_env: Any, sqlite_
 async def test_unknown_route_and_method_use_the_error_shape(app: Any) -> None:
     async with client_for(app) as c:
         missing = await c.get("/v1/nope")
-        wrong = await c.get("/v1/events")
+        wrong = await c.delete("/v1/events")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
 
