@@ -164,6 +164,15 @@ def test_overview_tiles_chart_and_table_show_what_the_api_returns(browser: Any, 
         _assert_tiles_match(tiles, doc["totals"])
         assert doc["totals"]["requests"] == len(site.truths)
         assert doc["totals"]["distinct_paths"] == len({t.path for t in site.truths})
+        # the same figures through the other read endpoints: /v1/paths/hourly and /v1/stats
+        hourly = site.api("/v1/paths/hourly", **site.range)["rows"]
+        assert float(tiles["requests"]) == sum(r["requests"] for r in hourly) == site.api("/v1/stats")["hot"]["events"]
+        assert float(tiles["bytes"]) == sum(r["bytes_sum"] for r in hourly)
+        requests = sum(r["requests"] for r in hourly)
+        for status in ("4xx", "5xx"):
+            errors = sum(r[f"status_{status}"] for r in hourly)
+            assert float(tiles[f"rate_{status}"]) == pytest.approx(errors / requests, abs=1e-6)
+        assert float(tiles["distinct_paths"]) == len({r["path"] for r in hourly})
         expect(page.locator('#view-traffic .tile[data-key="requests"] .value')).to_have_text(f"{len(site.truths):,}")
 
         hours = Counter(t.hour for t in site.truths)
