@@ -22,11 +22,9 @@ def pipeline_document(env: Env) -> dict[str, Any]:
     `status` (`edgepipe status --json`), `jobs` (`edgepipe jobs list --json`), and the dead
     letters per reason, held now (`dlq_by_reason`) and for good (`rejected`)."""
     from pipeline import heartbeat
-    from pipeline.cli.compose import register_jobs
-    from pipeline.cli.jobs import _job_rows
+    from pipeline.cli.jobs import _job_rows  # registers the jobs the cron table is checked against
     from scheduler.monitor import report
 
-    register_jobs()  # the cron table is checked against the registered jobs
     w = env.config.worker
     held = env.QUEUE.stats()
     return {
