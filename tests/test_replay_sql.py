@@ -37,6 +37,7 @@ def db_url(sqlite_url: str) -> str:
     same whichever database the archive job read (tests/test_archiver.py runs both)."""
     return sqlite_url
 
+
 NOW = "2026-11-22T02:00:00Z"
 CUTOFF_MS = ms("2026-11-19T02:00:00Z")  # NOW − detail_days (3): older rows are archived, then cleaned
 FULL = ("--from", "2026-11-17", "--to", "2026-11-23")
