@@ -255,11 +255,7 @@ class SqlQueue(Queue):
         done already; retried messages go back under their own `seq` (their place in the
         queue) with their delay, dead ones and dead array elements to the DLQ."""
         letters = self._dead_parts_to_dlq(parts, now) if parts else []
-        letters += [
-            {"queue": self.name, "message_id": m.id, "content_type": m.content_type, "body": m.raw,
-             "enqueued_at": m.enqueued_at, "failed_at": now, "attempts": m.attempts, "reason": reason, "error": error}
-            for m, reason, error in dead
-        ]  # fmt: skip
+        letters += [self._letter(m, m.id, m.content_type, m.raw, reason, error, now) for m, reason, error in dead]
         if letters:
             self.dlq.add(conn, letters)
         if retries:
@@ -291,51 +287,35 @@ class SqlQueue(Queue):
 
     def _dead_parts_to_dlq(self, messages: list[Message], now: float) -> list[dict[str, Any]]:
         """The DLQ rows of the array elements that acked messages dead-lettered."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for m in messages:
             items = orjson.loads(m.raw)
-            for index, letter in m.dead_parts or ():
-                reason, detail = letter.reason, letter.error
-                rows.append({
-                    "queue": self.name, "message_id": f"{m.id}:{index}", "content_type": "json",
-                    "body": orjson.dumps(items[index]), "enqueued_at": m.enqueued_at, "failed_at": now,
-                    "attempts": m.attempts, "reason": reason, "error": detail,
-                })  # fmt: skip
+            rows += [
+                self._letter(m, f"{m.id}:{index}", "json", orjson.dumps(items[index]), part.reason, part.error, now)
+                for index, part in m.dead_parts or ()
+            ]
         return rows
+
+    def _letter(self, m: Message, message_id: str, content_type: str, body: bytes, reason: str, error: str,
+                now: float) -> dict[str, Any]:  # fmt: skip
+        """The DLQ row of a dead message (or of one element of its array body)."""
+        return {
+            "queue": self.name, "message_id": message_id, "content_type": content_type, "body": body,
+            "enqueued_at": m.enqueued_at, "failed_at": now, "attempts": m.attempts, "reason": reason, "error": error,
+        }  # fmt: skip
 
     def _move_to_dlq(self, conn: sa.Connection, mine: Any, dead: list, now: float) -> list[dict[str, Any]]:
         """Delete the dead messages still held by this batch from the queue; returns their
         DLQ rows (for `SqlDeadLetters.add`, in the same transaction)."""
         seqs = [m.handle for m, _, _ in dead]
-        stored = {
-            r.seq: r
-            for r in conn.execute(
-                sa.select(
-                    queue_messages.c.seq,
-                    queue_messages.c.message_id,
-                    queue_messages.c.content_type,
-                    queue_messages.c.body,
-                    queue_messages.c.enqueued_at,
-                ).where(queue_messages.c.seq.in_(seqs), mine)
-            )
-        }
+        held = set(conn.execute(sa.select(queue_messages.c.seq).where(queue_messages.c.seq.in_(seqs), mine)).scalars())
         rows = [
-            {
-                "queue": self.name,
-                "message_id": r.message_id,
-                "content_type": r.content_type,
-                "body": r.body,
-                "enqueued_at": r.enqueued_at,
-                "failed_at": now,
-                "attempts": m.attempts,
-                "reason": reason,
-                "error": error,
-            }
+            self._letter(m, m.id, m.content_type, m.raw, reason, error, now)
             for m, reason, error in dead
-            if (r := stored.get(m.handle)) is not None
+            if m.handle in held
         ]
-        if rows:
-            conn.execute(queue_messages.delete().where(queue_messages.c.seq.in_(list(stored))))
+        if held:
+            conn.execute(queue_messages.delete().where(queue_messages.c.seq.in_(list(held))))
         return rows
 
     # -- operations -----------------------------------------------------------------
