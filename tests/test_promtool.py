@@ -25,7 +25,7 @@ import yaml
 from pipeline.worker_metrics import MONITOR_ALERTS
 from tests.conftest import IN_CI, MakeEnv
 from tests.http_support import edgepipe_cmd, event, free_port, serving
-from tests.test_worker_metrics import CONFIG, DEADLINE_S, Scrape, WorkerProc, monitor_figures_render, scrape
+from tests.test_worker_metrics import CONFIG, DEADLINE_S, Scrape, WorkerProc, monitor_figures_render, scrape, settled
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "infra" / "grafana" / "edgepipe.json"
@@ -70,13 +70,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Scrape]
             r = client.post("/v1/events", content=b"x", headers={"content-type": "text/plain"})
             assert r.status_code == 415, r.text  # counted in edgepipe_requests_refused_total
             worker_scrape = worker.scrape_until(
-                lambda s: (
-                    s.total("edgepipe_consumer_events_total") >= POSTED
-                    and (s.value("edgepipe_worker_job_runs_total", name="monitor", status="succeeded") or 0) >= 1
-                    and s.value("edgepipe_snapshot_version") is not None
-                    and s.value("edgepipe_db_size_bytes") is not None
-                ),
-                "the posted events consumed, a monitor run, a snapshot and the monitor's figures",
+                settled(POSTED), "the posted events consumed, a monitor run, a snapshot and the monitor's figures"
             )
             serve_scrape = scrape(f"{base}/metrics")
         assert serve_scrape.value("edgepipe_events_accepted_total") == POSTED

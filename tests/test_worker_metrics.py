@@ -37,6 +37,7 @@ from tests.conftest import MakeEnv
 from tests.http_support import event, free_port
 
 DEADLINE_S = 90
+SILENCE_S = 1.0  # `WorkerProc.until` checks again after this long without a line from the worker
 DAY_MS = 86_400_000
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
 
@@ -90,14 +91,31 @@ class WorkerProc:
         }
         self.log_path = tmp / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._output = threading.Condition()
+        self._lines = 0  # lines the worker has written so far
 
     def start(self) -> WorkerProc:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "worker"], cwd=self.tmp, env=self.environ, stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "worker"], cwd=self.tmp, env=self.environ, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        threading.Thread(target=self._copy_output, daemon=True).start()
         return self
+
+    def _copy_output(self) -> None:
+        """Copy the worker's output to worker.log, and wake the waiters at every line (a
+        batch, a job run, …: the worker logs its progress) and when it ends."""
+        assert self.proc is not None and self.proc.stdout is not None
+        with self.log_path.open("wb") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                with self._output:
+                    self._lines += 1
+                    self._output.notify_all()
+        with self._output:
+            self._lines += 1
+            self._output.notify_all()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -107,21 +125,40 @@ class WorkerProc:
         if self.proc.poll() is not None:
             pytest.fail(f"the worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
 
-    def scrape_until(self, condition: Callable[[Scrape], bool], what: str) -> Scrape:
-        """Scrape until `condition` holds (the port may not be open yet), with a deadline."""
+    def until(self, check: Callable[[], Any], what: str) -> Any:
+        """`check()`'s first truthy value, checked again each time the worker writes a line
+        (or, for what it does without a word — the monitor's figures it computes in the
+        background when scraped —, after a second of silence); fails at the deadline or
+        when the worker exits."""
         deadline = time.monotonic() + DEADLINE_S
-        last: Scrape | None = None
         while True:
             self.alive()
+            with self._output:
+                seen = self._lines
+            if got := check():
+                return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"timed out waiting for {what}")
+            with self._output:
+                self._output.wait_for(lambda n=seen: self._lines != n, timeout=min(left, SILENCE_S))
+
+    def scrape_until(self, condition: Callable[[Scrape], bool], what: str) -> Scrape:
+        """Scrape until `condition` holds (the port may not be open yet)."""
+        last: list[Scrape] = []
+
+        def settled() -> Scrape | None:
             try:
-                last = scrape(self.url)
-                if condition(last):
-                    return last
+                last[:] = [scrape(self.url)]
             except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}; last scrape:\n{last.text if last else None}")
-            time.sleep(0.05)  # polling interval of an external process, not a wait for work
+                return None
+            return last[0] if condition(last[0]) else None
+
+        try:
+            return self.until(settled, what)
+        except pytest.fail.Exception:
+            print(f"last scrape:\n{last[0].text if last else None}")
+            raise
 
     def stop(self) -> int:
         assert self.proc is not None
@@ -150,13 +187,19 @@ def worker_proc(tmp_path: Path) -> Iterator[Callable[[str, str], WorkerProc]]:
         w.kill()
 
 
+def settled(events: int) -> Callable[[Scrape], bool]:
+    """A worker scrape that counts `events` events, a monitor run, a snapshot and the
+    monitor's figures."""
+    return lambda s: (
+        s.total("edgepipe_consumer_events_total") >= events
+        and (s.value("edgepipe_worker_job_runs_total", name="monitor", status="succeeded") or 0) >= 1
+        and s.value("edgepipe_snapshot_version") is not None
+        and s.value("edgepipe_db_size_bytes") is not None
+    )
+
+
 def wait_for(condition: Callable[[], bool], what: str, proc: WorkerProc) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        proc.alive()
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling interval of an external process, not a wait for work
+    proc.until(condition, what)
 
 
 CONFIG = """
@@ -207,15 +250,7 @@ def test_worker_metrics_count_every_event_by_outcome(
         # The queue drained (read from the database, not the metrics): the first scrape
         # then computes the monitor's figures over the final state.
         wait_for(lambda: env.QUEUE.stats()["pending"] + env.QUEUE.stats()["in_flight"] == 0, "the queue", worker)
-        got = worker.scrape_until(
-            lambda s: (
-                s.total("edgepipe_consumer_events_total") >= sent
-                and (s.value("edgepipe_worker_job_runs_total", name="monitor", status="succeeded") or 0) >= 1
-                and s.value("edgepipe_snapshot_version") is not None
-                and s.value("edgepipe_db_size_bytes") is not None
-            ),
-            "every event counted, a monitor run, a snapshot and the monitor's figures",
-        )
+        got = worker.scrape_until(settled(sent), "every event counted, a monitor run, a snapshot, the figures")
         assert got.labels("edgepipe_consumer_events_total", "outcome") == expected
         assert _rows(env, traffic_events) == expected["inserted"]
 
