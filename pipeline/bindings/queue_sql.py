@@ -107,12 +107,20 @@ class SqlQueue(Queue):
 
     def _take_statement(self) -> Any:
         """The in-transaction take: a SELECT on SQLite (acks delete the rows), a DELETE …
-        RETURNING on PostgreSQL."""
+        RETURNING on PostgreSQL. There the rows are found by the physical address (`ctid`)
+        of the versions the subquery locked: a TID scan, where joining back on `seq`
+        (`seq IN (…)`) hashed the keys and descended the primary key once a row (1.3 of
+        the take's 2.8 ms of server time at 1000 messages). A locked row's address cannot
+        change before the DELETE: no one else may update or delete it, and the subquery
+        returns the address of the version it locked (a row updated meanwhile is locked
+        and returned as its newest version)."""
         if self.db.dialect != "postgresql":
             return self._ready(RETURNED)
+        ctid = sa.literal_column("ctid")
+        locked = sa.func.array(self._ready([ctid]).scalar_subquery())
         return (
             queue_messages.delete()
-            .where(queue_messages.c.seq.in_(self._ready([queue_messages.c.seq]).scalar_subquery()))
+            .where(sa.literal_column(f"{queue_messages.name}.ctid") == sa.any_(locked))
             .returning(*RETURNED)
         )
 
