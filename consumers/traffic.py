@@ -15,6 +15,11 @@ Per batch, in the one transaction the worker loop holds:
    too late, overflow) to `quality_hourly`, under the hour the batch was handled.
 A redelivered, retried or re-ingested event is therefore never counted twice: its insert
 returns nothing, so it contributes nothing to the aggregates.
+
+The upserts of steps 3 and 4 read nothing back: they are left to the end of the
+transaction (`Database.at_commit`), which a pipelined worker on PostgreSQL runs on the
+committer thread while it takes the next batch. An hour's paths are read after that commit
+(`await_commit`): it may add paths to the hour.
 """
 
 from __future__ import annotations
@@ -124,8 +129,9 @@ class TrafficConsumer:
             if events:
                 report.inserted = self._store(env, conn, events, report)
                 report.duplicates += len(events) - report.inserted
-            env.DB.upsert_add_rows(
-                conn, quality_hourly, QUALITY_COLUMNS, report.quality_rows(now_ms // 3_600_000 * 3600), QUALITY_KEYS
+            quality = report.quality_rows(now_ms // 3_600_000 * 3600)
+            env.DB.at_commit(
+                lambda c: env.DB.upsert_add_rows(c, quality_hourly, QUALITY_COLUMNS, quality, QUALITY_KEYS)
             )
         # Returning acks every message not dead-lettered (as a Queues handler's return
         # does); a failure above retries the whole batch.
@@ -215,10 +221,11 @@ class TrafficConsumer:
              ev.bytes, ev.response_time_ms)
             for ev in inserted
         ))  # fmt: skip
-        env.DB.upsert_add_rows(
-            conn, path_stats_hourly, AGG_KEYS + AGG_COLUMNS, [(*key, *a) for key, a in acc.items()], AGG_KEYS,
+        hourly = [(*key, *a) for key, a in acc.items()]
+        env.DB.at_commit(lambda c: env.DB.upsert_add_rows(
+            c, path_stats_hourly, AGG_KEYS + AGG_COLUMNS, hourly, AGG_KEYS,
             minimum=["rt_min_ms"], maximum=["rt_max_ms"],
-        )  # fmt: skip
+        ))  # fmt: skip
         return len(new)
 
     def _overflow(self, db: Database, conn: sa.Connection, events: list[Event]) -> set[tuple[int, str]]:
@@ -264,4 +271,5 @@ class TrafficConsumer:
 
     @staticmethod
     def _paths_of_hour(db: Database, conn: sa.Connection, hour: int) -> set[str]:
+        db.await_commit()  # the commit in flight may add paths to the hour
         return {path for (path,) in db.fetchall(conn, _PATHS_OF_HOUR, ("hour",), (hour,))}

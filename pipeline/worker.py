@@ -5,6 +5,15 @@ repeats it until asked to stop. The loop owns the transaction; the handler (writ
 against bindings only) joins it, and when the queue lives in the same database the acks
 are part of the same commit.
 
+A `pipelined` worker (`edgepipe worker`; the consumer benchmark) whose queue lives in a
+database that commits in the background (PostgreSQL: see `Database.transaction`) leaves
+each batch's commit in flight while it takes and handles the next: the database writes
+one batch while this process decodes the next. A batch is reported (logged, counted,
+given to `on_batch`) once its commit is confirmed, during the next step or at `flush()`;
+a commit that failed is handled then, as a failure inside the transaction would have
+been: split to find its poison, or backed off from. Its messages came back with the
+rollback, so nothing is lost or counted twice.
+
 Work beside the batches (the KV snapshot refresher) plugs in as `SideWork`: the worker
 advances a durable batch counter inside each batch's transaction, tells the side work each
 committed count, and gives it the time between batches. The runtime knows only that
@@ -96,6 +105,17 @@ class StepResult:
     isolated: int = 0  # messages that failed alone after the batch was split (dead-lettered or retried)
 
 
+@dataclass
+class _InFlight:
+    """A batch handled by a pipelined worker whose commit is in flight."""
+
+    batch: MessageBatch
+    result: StepResult
+    started: float
+    counted: list[int]  # the batch counter's value, once committed
+    commit: Future[float]  # its result: the monotonic time of the commit
+
+
 class SideWork(Protocol):
     """Work a worker does beside its batches (the snapshot refresher): told the number of
     every `every`-th committed batch (the count is advanced inside the batch's own
@@ -123,8 +143,10 @@ class Worker:
     on_batch: list[Callable[[StepResult], None]] = field(default_factory=list)
     heartbeat: Heartbeat | None = None
     side: SideWork | None = None  # the snapshot refresher, composed by the CLI
+    pipelined: bool = False  # leave a batch's commit in flight while taking the next (see the module's docstring)
     _failures: int = 0  # transient failures in a row
     _wake: threading.Event = field(default_factory=threading.Event)  # cuts a back-off short at a stop
+    _in_flight: _InFlight | None = None
 
     def request_stop(self) -> None:
         """Take no new batch; the one in hand finishes."""
@@ -133,6 +155,7 @@ class Worker:
 
     def drain(self) -> None:
         """Finish background work (at shutdown, and in tests)."""
+        self.flush()
         if self.side is not None:
             self.side.drain()
         self.ctx.drain()
@@ -144,9 +167,9 @@ class Worker:
         if self.side is not None:
             self.side.close()
 
-    def _committed(self, count: int | None) -> None:
-        if count and self.side is not None:
-            self.side.committed(count)
+    def _committed(self, counted: list[int]) -> None:
+        if counted and self.side is not None:
+            self.side.committed(counted[0])
 
     def step(self, wait: float | None = None) -> StepResult | None:
         """Process at most one batch. Returns None when no message was available.
@@ -158,17 +181,18 @@ class Worker:
         A batch that fails inside its transaction is split to find its poison
         (`_isolate`); a transient fault (`TransientError`: a lock, a full disk, a dropped
         connection) settles nothing and counts no delivery: the step reports it and the
-        loop backs off (`_back_off`) until the fault clears."""
+        loop backs off (`_back_off`) until the fault clears. A pipelined worker returns
+        the batch's result before its commit is confirmed (see the module's docstring)."""
         if self.side is not None:
             self.side.between_batches()
         cfg = self.env.config.consumer
         queue = self.env.QUEUE
         wait_s = cfg.max_batch_timeout if wait is None else wait
         received: MessageBatch | None = None
-        taken: list[MessageBatch] = []
-        started = clock.monotonic()
         try:
             if queue.shares_transaction:
+                if wait_s > 0 and (failed := self.flush()) is not None:  # no outcome held while waiting
+                    return failed
                 queue.wait(cfg.max_batch_size, wait_s)
                 take = partial(queue.receive, cfg.max_batch_size, 0.0)
             else:
@@ -176,46 +200,90 @@ class Worker:
                 if not received.messages:
                     return None
                 take = partial(_same, received)
-            started = clock.monotonic()
+        except TransientError as exc:
+            return self._back_off(received, exc)
+        background = self.pipelined and queue.shares_transaction and self.env.DB.background_commits
+        return self._handle(take, received, background)
+
+    def _handle(
+        self, take: Callable[[], MessageBatch], received: MessageBatch | None, background: bool
+    ) -> StepResult | None:
+        """Take a batch (`take`), handle it and settle, in one transaction (committing in
+        the background when `background`); isolate its poison when it fails."""
+        taken: list[MessageBatch] = []
+        started = clock.monotonic()
+        try:
             try:
-                report, count = self._transact(take, taken)
+                report, counted = self._transact(take, taken, background)
                 if not taken[-1].messages:
-                    return None
+                    return self.flush()
                 result = StepResult(len(taken[-1]), True, report)
             except TransientError:
                 raise
             except Exception as exc:
                 if not taken or not taken[-1].messages:
                     raise
-                result, count = self._isolate(taken[-1], exc), None
+                self.flush()
+                result, counted = self._isolate(taken[-1], exc), []
         except TransientError as exc:
+            self.flush()
             return self._back_off(received or (taken[-1] if taken else None), exc)
-        if self._failures:
-            log.event("worker_recovered", logging.WARNING, after_failures=self._failures)
-            self._failures = 0
-            if self.heartbeat is not None:
-                self.heartbeat.state = "running"
-        return self._done(result, started, count)
+        if not background:
+            return self._done(result, started, counted)
+        commit = self.env.DB.committing
+        assert commit is not None
+        previous, self._in_flight = self._in_flight, _InFlight(taken[-1], result, started, counted, commit)
+        if previous is not None and (failed := self._confirm(previous)) is not None:
+            return failed
+        return result
 
-    def _transact(self, take: Callable[[], MessageBatch], taken: list[MessageBatch]) -> tuple[Any, int | None]:
+    def flush(self) -> StepResult | None:
+        """Confirm and report the batch whose commit is in flight, if any (see `_confirm`).
+        Returns the result of a transient fault met there (the loop backs off), else None."""
+        previous, self._in_flight = self._in_flight, None
+        return None if previous is None else self._confirm(previous)
+
+    def _confirm(self, batch: _InFlight) -> StepResult | None:
+        """Wait for a batch's commit, then report the batch. A commit that failed rolled
+        the batch back, and its messages with it: after a transient fault the loop backs
+        off (returned); after any other failure the batch is handled again at once, in a
+        transaction committed before it returns, as much of it as no later batch took
+        meanwhile (a poison then fails again, and is isolated as usual). The next batch's
+        commit, if in flight, is confirmed first."""
+        try:
+            committed_at = batch.commit.result()
+        except TransientError as exc:
+            self.flush()
+            return self._back_off(None, exc)
+        except Exception:
+            self.flush()
+            again = self._handle(partial(self.env.QUEUE.retake, batch.batch), None, background=False)
+            return again if again is not None and again.transient else None
+        self._done(batch.result, batch.started, batch.counted, committed_at)
+        return None
+
+    def _transact(
+        self, take: Callable[[], MessageBatch], taken: list[MessageBatch], background: bool = False
+    ) -> tuple[Any, list[int]]:
         """Take a batch (`take` runs inside the transaction), run the handler and settle,
         as one commit when the queue shares the DB's transaction. The batch taken is
         appended to `taken`, so a caller can see it after a failure. Returns the handler's
-        report and the batch counter (None when no snapshots are due)."""
-        queue, count = self.env.QUEUE, None
-        with self.env.DB.transaction() as conn:
+        report and a list that holds the batch counter's value once committed (empty when
+        no snapshots are due)."""
+        queue, counted = self.env.QUEUE, list[int]()
+        with self.env.DB.transaction(background):
             batch = take()
             taken.append(batch)
             if not batch.messages:
-                return None, None
+                return None, counted
             report = self.handler(batch, self.env, self.ctx)
             if queue.shares_transaction:
                 queue.settle(batch)
-            if self.side is not None and self.side.every:  # last: the counter's row lock is held only to the commit
-                count = meta.increment(self.env.DB, conn, BATCH_COUNTER)
+            if self.side is not None and self.side.every:  # at the commit: the counter's row is locked only then
+                self.env.DB.at_commit(lambda c: counted.append(meta.increment(self.env.DB, c, BATCH_COUNTER)))
         if not queue.shares_transaction:
             queue.settle(batch)
-        return report, count
+        return report, counted
 
     def _isolate(self, batch: MessageBatch, exc: Exception) -> StepResult:
         """Find the poison of a batch that failed inside its transaction, as Kafka Connect
@@ -238,7 +306,7 @@ class Worker:
                 sub = MessageBatch(failed.queue, half, failed.lease, None)
                 taken: list[MessageBatch] = []
                 try:
-                    report, count = self._transact(partial(self.env.QUEUE.retake, sub), taken)
+                    report, counted = self._transact(partial(self.env.QUEUE.retake, sub), taken)
                 except TransientError:
                     raise
                 except Exception as inner:
@@ -246,7 +314,7 @@ class Worker:
                         pending.append((taken[-1], inner))
                     continue
                 reports.append(report)
-                self._committed(count)
+                self._committed(counted)
         result.report = _merged(reports)
         return result
 
@@ -288,8 +356,13 @@ class Worker:
         """Whether the last step met a transient fault (cleared by the next good step)."""
         return self._failures > 0
 
-    def _done(self, result: StepResult, started: float, count: int | None) -> StepResult:
-        result.ms = (clock.monotonic() - started) * 1000
+    def _done(self, result: StepResult, started: float, counted: list[int], ended: float | None = None) -> StepResult:
+        result.ms = ((clock.monotonic() if ended is None else ended) - started) * 1000
+        if self._failures:
+            log.event("worker_recovered", logging.WARNING, after_failures=self._failures)
+            self._failures = 0
+            if self.heartbeat is not None:
+                self.heartbeat.state = "running"
         self.batches += 1
         fields = result.report.as_dict() if hasattr(result.report, "as_dict") else {}
         if isinstance(result.report, dict):
@@ -305,7 +378,7 @@ class Worker:
         )
         if self.heartbeat is not None and result.messages > result.isolated:  # something was committed
             self.heartbeat.batch_done()
-        self._committed(count)
+        self._committed(counted)
         for callback in self.on_batch:
             callback(result)
         return result
@@ -379,7 +452,9 @@ class WorkerProcess:
         self.heartbeat = Heartbeat(env.DB, self.holder)
         self.metrics = metrics
         ctx = Context()
-        self.worker = Worker(env, handler, ctx=ctx, heartbeat=self.heartbeat, side=side(ctx) if side else None)
+        self.worker = Worker(
+            env, handler, ctx=ctx, heartbeat=self.heartbeat, side=side(ctx) if side else None, pipelined=True
+        )
         if metrics is not None:
             self.worker.on_batch.append(metrics.observe_batch)
         self.scheduler: Any = None

@@ -63,6 +63,28 @@ def refuse_id(env: Env, event_id: str) -> None:
             )
 
 
+def refuse_path(env: Env, path: str) -> None:
+    """A database that refuses the hourly rows of `path` (written at the commit: see
+    `Database.at_commit`), as it would an out-of-range sum: a trigger raising a constraint
+    error (SQLite) or SQLSTATE 22003 (PostgreSQL)."""
+    with env.DB.transaction() as conn:
+        if env.DB.dialect == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER fault_refuse_path BEFORE INSERT ON path_stats_hourly "
+                f"WHEN NEW.path = '{path}' BEGIN SELECT RAISE(ABORT, 'value out of range'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION fault_refuse_path() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.path = '{path}' THEN RAISE EXCEPTION 'value out of range' USING ERRCODE = '22003'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER fault_refuse_path BEFORE INSERT ON path_stats_hourly "
+                "FOR EACH ROW EXECUTE FUNCTION fault_refuse_path()"
+            )
+
+
 class DiskFull:
     """While `on`, every insert into `traffic_events` fails the way a full disk makes it
     fail: SQLITE_FULL on SQLite (`max_page_count` pinned to the file's size on the writer

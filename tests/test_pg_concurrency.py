@@ -241,18 +241,20 @@ def events(n: int, seed: int) -> list[tuple[dict[str, Any], Truth]]:
 
 
 def consume(url: str, tmp: str, batch_size: int, staged: bool, start: Any, results: Any) -> None:
-    """A worker process: wait for the others, then take batches until the queue is empty;
-    put (messages, ok, transient, error) of every step in `results`. `staged`: hourly rows
-    go through the staging table whatever their number."""
+    """A worker process, pipelined as `edgepipe worker` is (a batch's commit in flight while
+    it takes the next): wait for the others, then take batches until the queue is empty;
+    put (messages, ok, transient, error) of every batch it reports in `results`. `staged`:
+    hourly rows go through the staging table whatever their number."""
     log.setup("WARNING")
     bulk.STAGE_MIN_ROWS = 1 if staged else 10**9
     outcomes: list[tuple[int, bool, bool, str | None]] = []
     try:
         env = env_on(url, Path(tmp), batch_size)
-        worker = Worker(env, TrafficConsumer(env.config).handle_batch)
+        worker = Worker(env, TrafficConsumer(env.config).handle_batch, pipelined=True)
+        worker.on_batch.append(lambda r: outcomes.append((r.messages, r.ok, r.transient, r.error)))
         start.wait(WAIT_S)
-        while (result := worker.step(wait=0)) is not None:
-            outcomes.append((result.messages, result.ok, result.transient, result.error))
+        while worker.step(wait=0) is not None:
+            pass
         worker.close()
         env.close()
     except Exception as exc:

@@ -15,7 +15,7 @@ from pipeline import clock
 
 if TYPE_CHECKING:
     from pipeline.bindings.queue import Queue
-    from pipeline.worker import Worker
+    from pipeline.worker import StepResult, Worker
 
 SEND_CHUNK = 5000  # events per `send_batch` when filling a queue
 SLICE_EVENTS = 20_000  # events per turn when two sides race (see `pipeline.bench.consume.race`)
@@ -56,18 +56,28 @@ class Meter:
 
 def consume_slice(worker: Worker, n: int, latencies: list[float]) -> tuple[int, int]:
     """Run batches until `n` messages were consumed or the queue is empty: (messages,
-    events inserted); each batch's latency is appended to `latencies`. A WAL checkpoint the
-    slice asked of the DB binding's background thread is waited for before returning: it
-    is the slice's work, and whatever runs next gets the disk alone."""
-    messages = inserted = 0
-    while messages < n and (result := worker.step(wait=0.0)) is not None:
-        if not result.ok:
-            raise RuntimeError(f"batch failed during the benchmark: {result.error}")
-        latencies.append(result.ms)
-        messages += result.messages
-        inserted += result.report.inserted
+    events inserted); each batch's latency is appended to `latencies`. Batches count as
+    the worker reports them (a pipelined worker: once their commit is confirmed, the last
+    one at `flush`). A WAL checkpoint the slice asked of the DB binding's background thread
+    is waited for before returning: it is the slice's work, and whatever runs next gets the
+    disk alone."""
+    reported: list[StepResult] = []
+    worker.on_batch.append(reported.append)
+    messages = 0
+    try:
+        while messages < n and (result := worker.step(wait=0.0)) is not None:
+            if not result.ok:
+                raise RuntimeError(f"batch failed during the benchmark: {result.error}")
+            messages += result.messages
+        worker.flush()
+    finally:
+        worker.on_batch.remove(reported.append)
+    failed = [r for r in reported if not r.ok]
+    if failed:
+        raise RuntimeError(f"batch failed during the benchmark: {failed[0].error}")
+    latencies += [r.ms for r in reported]
     worker.env.DB.wait_checkpoints()
-    return messages, inserted
+    return messages, sum(r.report.inserted for r in reported)
 
 
 def percentile(values: list[float], q: float) -> float:

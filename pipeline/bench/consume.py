@@ -116,7 +116,7 @@ def run(
             started = clock.monotonic()
             send_events(env.QUEUE, events)
             enqueue_s = clock.monotonic() - started
-            worker = Worker(env, traffic_handler(env))
+            worker = Worker(env, traffic_handler(env), pipelined=True)  # as `edgepipe worker` runs it
             progress("consume, alternating with the raw SQLite reference")
             first = race(worker, rows, work / "raw1.db")
             progress("consume again (all duplicates), alternating with the raw reference")

@@ -116,7 +116,7 @@ class SqlQueue(Queue):
         and returned as its newest version)."""
         if self.db.dialect != "postgresql":
             return self._ready(RETURNED)
-        ctid = sa.literal_column("ctid")
+        ctid: sa.ColumnElement[Any] = sa.literal_column("ctid")
         locked = sa.func.array(self._ready([ctid]).scalar_subquery())
         return (
             queue_messages.delete()

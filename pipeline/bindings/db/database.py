@@ -12,19 +12,36 @@ worker loop already holds one joins it, so a queue batch's event rows, aggregate
 ack of its messages commit together. On SQLite the writers of this process queue on a
 lock and all write on one pinned connection, whose WAL checkpoints a background
 `Checkpointer` runs (checkpointer.py).
+
+**Commits in the background (PostgreSQL).** Writes whose results nobody reads (a batch's
+aggregate upserts) can be left to the end of the transaction with `at_commit`. A
+transaction opened with `background=True` then returns from its block at once: its
+at-commit work and its commit run on the binding's committer thread (one at a time, in
+order), whose `Future` is `committing`, while the caller goes on with the next
+transaction: the server writes one batch while the worker takes and decodes the next (the
+two cores work at once instead of in turn). The transaction is as atomic as any; the
+caller must wait for the Future before it reports the work done, and a failure there
+rolls the whole transaction back. A transaction that writes rows the commit in flight may
+also write waits for it first (`await_commit`): it must never hold a lock that commit
+waits for. Elsewhere (SQLite, whose one writer gains nothing) `background` runs them at the
+block's end, as usual, and `committing` is a Future already done.
 """
 
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from pipeline import clock
 from pipeline.bindings.db import backup
 from pipeline.bindings.db.checkpointer import Checkpointer
 from pipeline.bindings.db.engine import open_engine
@@ -32,6 +49,18 @@ from pipeline.bindings.db.errors import translate_errors
 from pipeline.bindings.db.maintenance import Maintenance
 
 _REDOABLE = "SET LOCAL synchronous_commit = off"
+
+AtCommit = Callable[[Connection], None]
+
+
+class _Tail:
+    """What a transaction does at its end: the at-commit work, and where."""
+
+    __slots__ = ("background", "work")
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self.work: list[AtCommit] = []
 
 
 class Database(Maintenance):
@@ -57,25 +86,99 @@ class Database(Maintenance):
         # later batch of the consumer start cold.
         self._pinned: Connection | None = None
         self._checkpointer: Checkpointer | None = None
+        self._tail: contextvars.ContextVar[_Tail | None] = contextvars.ContextVar(
+            f"edgepipe_tail_{id(self)}", default=None
+        )
+        self._committer: ThreadPoolExecutor | None = None
+        # The commit of the last transaction opened with `background` (its result: the
+        # monotonic time it completed; its exception: why it failed, rolled back).
+        self.committing: Future[float] | None = None
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A write transaction; joins the caller's if one is open in this context."""
+    def transaction(self, background: bool = False) -> Iterator[Connection]:
+        """A write transaction; joins the caller's if one is open in this context. Its
+        at-commit work (`at_commit`) runs at its end, then it commits; with `background`
+        on PostgreSQL, both on the committer thread (see the module's docstring), and
+        `committing` is their Future."""
         outer = self._current.get()
         if outer is not None:
             yield outer
             return
-        with self._writers, translate_errors(), self._write_connection() as conn, conn.begin():
-            token = self._current.set(conn)
-            try:
-                yield conn
-            finally:
-                self._current.reset(token)
+        if background and self.background_commits:
+            yield from self._background_transaction()
+            return
+        with (
+            self._writers,
+            translate_errors(),
+            self._write_connection() as conn,
+            conn.begin(),
+            self._open(conn, background=False) as tail,
+        ):
+            yield conn
+            for work in tail.work:  # work may add work
+                work(conn)
         if self._checkpointer is not None:
             self._checkpointer.committed(conn.connection.driver_connection.total_changes)  # type: ignore[union-attr]
+        if background:
+            self.committing = Future()
+            self.committing.set_result(clock.monotonic())
+
+    def _background_transaction(self) -> Iterator[Connection]:
+        stack = ExitStack()
+        with translate_errors():
+            conn = stack.enter_context(self._write_connection())
+            stack.enter_context(conn.begin())
+        try:
+            with translate_errors(), self._open(conn, background=True) as tail:
+                yield conn
+                context = contextvars.copy_context()  # the work joins this transaction
+        except BaseException:
+            with translate_errors():
+                stack.__exit__(*sys.exc_info())  # roll back, give the connection back
+            raise
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-commit")
+        self.committing = self._committer.submit(context.run, _finish, stack, conn, tail)
+
+    @contextmanager
+    def _open(self, conn: Connection, background: bool) -> Iterator[_Tail]:
+        """`conn`'s transaction as the one open in this context, with its tail."""
+        tail = _Tail(background)
+        tokens = self._current.set(conn), self._tail.set(tail)
+        try:
+            yield tail
+        finally:
+            self._current.reset(tokens[0])
+            self._tail.reset(tokens[1])
+
+    def at_commit(self, work: AtCommit) -> None:
+        """Run `work(conn)` at the end of the transaction open in this context, just
+        before it commits (in order, on the committer thread for a background
+        transaction): for writes whose results nobody reads. A failure rolls the
+        transaction back."""
+        tail = self._tail.get()
+        if tail is None:
+            raise RuntimeError("at_commit: no transaction is open in this context")
+        tail.work.append(work)
+
+    @property
+    def background_commits(self) -> bool:
+        """Whether `transaction(background=True)` commits on the committer thread here."""
+        return self.dialect == "postgresql"
+
+    def commits_in_background(self) -> bool:
+        """Whether the transaction open in this context commits on the committer thread."""
+        tail = self._tail.get()
+        return tail is not None and tail.background
+
+    def await_commit(self) -> None:
+        """Wait until the commit in flight (`committing`), if any, is done, whatever its
+        outcome (its owner reads that): before writing rows it may also write."""
+        if self.committing is not None:
+            wait_for([self.committing])
 
     @contextmanager
     def _write_connection(self) -> Iterator[Connection]:
@@ -151,6 +254,9 @@ class Database(Maintenance):
         return backup.occupied(self)
 
     def dispose(self) -> None:
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
@@ -159,3 +265,12 @@ class Database(Maintenance):
                 self._pinned.close()
                 self._pinned = None
         self.engine.dispose()
+
+
+def _finish(stack: ExitStack, conn: Connection, tail: _Tail) -> float:
+    """A background transaction's end, on the committer thread: its at-commit work, then
+    its commit (a failure rolls it back); returns the monotonic time it committed."""
+    with translate_errors(), stack:
+        for work in tail.work:
+            work(conn)
+    return clock.monotonic()

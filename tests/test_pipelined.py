@@ -1,0 +1,154 @@
+"""A pipelined worker (`edgepipe worker`) leaves a batch's commit in flight on PostgreSQL
+while it takes the next one: a batch is reported once its commit is confirmed, and a commit
+that fails is handled as a failure inside the transaction would be (poison isolated, a
+transient fault backed off from), losing nothing and counting nothing twice. On SQLite the
+same worker commits each batch before it returns."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from freezegun import freeze_time
+
+from consumers.traffic import TrafficConsumer
+from pipeline.bench.scratch import scratch_db
+from pipeline.env import Env
+from pipeline.schema import queue_messages
+from pipeline.worker import StepResult, Worker
+from tests.conftest import MakeEnv
+from tests.faults import NOW, NOW_MS, refuse_path
+from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
+
+
+@pytest.fixture(autouse=True)
+def frozen() -> Iterator[Any]:
+    with freeze_time(NOW) as f:
+        yield f
+
+
+def _send(env: Env, n: int, seed: int = 5) -> list[Any]:
+    pairs = make_events(seed=seed, n=n, now_ms=NOW_MS)
+    env.QUEUE.send_batch([body for body, _ in pairs])
+    return pairs
+
+
+def _pipelined(env: Env, handler: Any = None) -> tuple[Worker, list[StepResult]]:
+    worker = Worker(env, handler or TrafficConsumer(env.config).handle_batch, pipelined=True)
+    reported: list[StepResult] = []
+    worker.on_batch.append(reported.append)
+    return worker, reported
+
+
+def _quality(env: Env) -> dict[str, int]:
+    with env.DB.read() as conn:
+        rows = conn.execute(sa.text("SELECT kind, sum(count) FROM quality_hourly GROUP BY kind")).all()
+    return {kind: int(n) for kind, n in rows}
+
+
+def test_batches_are_reported_once_their_commit_is_confirmed(db_url: str, make_env: MakeEnv) -> None:
+    env = make_env(db_url, consumer={"max_batch_size": 250})
+    pairs = _send(env, 2000)
+    worker, reported = _pipelined(env)
+    first = worker.step(wait=0)
+    assert first is not None and first.ok and first.messages == 250
+    # PostgreSQL: the first batch's commit is in flight until the next step confirms it.
+    assert len(reported) == (0 if env.DB.dialect == "postgresql" else 1)
+    while worker.step(wait=0) is not None:
+        pass
+    assert [r.messages for r in reported] == [250] * 8  # each batch reported once, in order
+    assert all(r.ok for r in reported) and sum(r.report.inserted for r in reported) == 2000
+    assert worker.batches == 8
+    assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
+    assert _quality(env)["inserted"] == 2000
+    assert env.QUEUE.stats()["pending"] == 0
+
+
+def test_a_poison_met_at_the_commit_is_isolated(db_url: str, make_env: MakeEnv) -> None:
+    """The hourly rows are written at the commit: a value refused there fails the commit in
+    flight, and the worker splits that batch to find the one event, as it would after a
+    failure inside the transaction."""
+    env = make_env(db_url, consumer={"max_batch_size": 100})
+    pairs = _send(env, 600)
+    poison = pairs[345][1]
+    refuse_path(env, poison.path)
+    keep = [t for _, t in pairs if t.path != poison.path]
+    bad = len(pairs) - len(keep)
+    worker, reported = _pipelined(env)
+    while worker.step(wait=0) is not None:
+        pass
+    assert sum(r.messages for r in reported) == 600
+    failed = [r for r in reported if not r.ok]
+    assert failed and sum(r.isolated for r in failed) == bad  # every event of that path, alone
+    stats = env.QUEUE.stats()
+    assert (stats["pending"], stats["dlq_poison"]) == (0, bad)
+    assert "value out of range" in env.QUEUE.dlq_list()[0]["error"]
+    assert_aggregates_equal(env.DB, expected_aggregates(keep))
+    assert _quality(env)["inserted"] == len(keep)
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str, tmp_path: Path) -> Iterator[str]:
+    with scratch_db(pg_server_url, tmp_path) as url:
+        yield url
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_at_the_commit_is_transient(pg_url: str, make_env: MakeEnv) -> None:
+    """The server ends the connection of the commit in flight (a restart, an administrator):
+    the batch rolls back with its messages, the worker backs off once, and the messages are
+    taken again: nothing lost, nothing twice, no delivery counted."""
+    env = make_env(pg_url, consumer={"max_batch_size": 100})
+    pairs = _send(env, 500)
+    inner = TrafficConsumer(env.config).handle_batch
+    calls = itertools.count()
+
+    def handler(batch: Any, env: Env, ctx: Any) -> Any:
+        report = inner(batch, env, ctx)
+        if next(calls) == 1:
+            env.DB.at_commit(lambda conn: conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return report
+
+    worker, reported = _pipelined(env, handler)
+    outcomes = []
+    while (result := worker.step(wait=0)) is not None:
+        outcomes.append(result.transient)
+    assert outcomes.count(True) == 1
+    transient = [r for r in reported if r.transient]
+    assert len(transient) == 1 and "database unavailable" in (transient[0].error or "")
+    assert sum(r.messages for r in reported if r.ok) == 500
+    assert env.QUEUE.stats()["dlq"] == 0
+    with env.DB.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(queue_messages)).scalar_one() == 0
+    assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
+    assert _quality(env)["inserted"] == 500
+
+
+def test_at_commit_work_joins_its_transaction(db_url: str, make_env: MakeEnv) -> None:
+    """Work left to the commit runs inside the transaction, in order, and rolls back with
+    it; with `background` on PostgreSQL the block returns before the commit, whose Future
+    the caller waits for."""
+    env = make_env(db_url)
+    db = env.DB
+    with db.transaction() as conn:
+        conn.exec_driver_sql("CREATE TABLE t_at_commit (n INTEGER)")
+    order: list[int] = []
+    with pytest.raises(RuntimeError, match="boom"), db.transaction():
+        db.at_commit(lambda c: c.exec_driver_sql("INSERT INTO t_at_commit VALUES (1)"))
+        db.at_commit(lambda c: (_ for _ in ()).throw(RuntimeError("boom")))
+    with db.transaction(background=True) as conn:
+        conn.exec_driver_sql("INSERT INTO t_at_commit VALUES (2)")
+        db.at_commit(lambda c: order.append(1))
+        db.at_commit(lambda c: (order.append(2), c.exec_driver_sql("INSERT INTO t_at_commit VALUES (3)")))
+        assert db.commits_in_background() == (db.dialect == "postgresql")
+    assert db.committing is not None
+    db.committing.result()
+    assert order == [1, 2]
+    with db.read() as conn:
+        assert sorted(conn.exec_driver_sql("SELECT n FROM t_at_commit").scalars()) == [2, 3]
+    with pytest.raises(RuntimeError, match="no transaction"):
+        db.at_commit(lambda c: None)
