@@ -255,7 +255,9 @@ class Worker:
         except TransientError as exc:
             self.flush()
             return self._back_off(None, exc)
-        except Exception:
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.event("batch_commit_failed", logging.WARNING, messages=len(batch.batch), error=error)
             self.flush()
             again = self._handle(partial(self.env.QUEUE.retake, batch.batch), None, background=False)
             return again if again is not None and again.transient else None

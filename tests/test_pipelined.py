@@ -18,6 +18,7 @@ from freezegun import freeze_time
 from consumers.traffic import TrafficConsumer
 from pipeline.bench.scratch import scratch_db
 from pipeline.env import Env
+from pipeline.errors import TransientError
 from pipeline.schema import queue_messages
 from pipeline.worker import StepResult, Worker
 from tests.conftest import MakeEnv
@@ -152,3 +153,22 @@ def test_at_commit_work_joins_its_transaction(db_url: str, make_env: MakeEnv) ->
         assert sorted(conn.exec_driver_sql("SELECT n FROM t_at_commit").scalars()) == [2, 3]
     with pytest.raises(RuntimeError, match="no transaction"):
         db.at_commit(lambda c: None)
+
+
+@pytest.mark.postgres
+def test_a_kept_write_connection_that_died_idle_is_replaced(pg_url: str, make_env: MakeEnv) -> None:
+    """Write transactions reuse the binding's idle connection without the pool's ping; one
+    the server ended meanwhile fails its transaction as a transient fault, and the next
+    transaction runs on a fresh connection."""
+    db = make_env(pg_url).DB
+    pid = "SELECT pg_backend_pid()"
+    with db.transaction() as conn:
+        first = conn.exec_driver_sql(pid).scalar_one()
+    with db.transaction() as conn:
+        assert conn.exec_driver_sql(pid).scalar_one() == first  # kept
+    with db.engine.connect() as other:
+        other.exec_driver_sql(f"SELECT pg_terminate_backend({first})")
+    with pytest.raises(TransientError), db.transaction() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    with db.transaction() as conn:
+        assert conn.exec_driver_sql(pid).scalar_one() != first

@@ -51,6 +51,7 @@ from pipeline.bindings.db.maintenance import Maintenance
 _REDOABLE = "SET LOCAL synchronous_commit = off"
 
 AtCommit = Callable[[Connection], None]
+KEPT_CONNECTIONS = 2  # idle write connections a PostgreSQL binding keeps
 
 
 class _Tail:
@@ -85,6 +86,7 @@ class Database(Maintenance):
         # connections in turn: a snapshot refresh writing on a second connection made every
         # later batch of the consumer start cold.
         self._pinned: Connection | None = None
+        self._kept: list[Connection] = []  # PostgreSQL: idle write connections (`_write_connection`)
         self._checkpointer: Checkpointer | None = None
         self._tail: contextvars.ContextVar[_Tail | None] = contextvars.ContextVar(
             f"edgepipe_tail_{id(self)}", default=None
@@ -183,10 +185,26 @@ class Database(Maintenance):
     @contextmanager
     def _write_connection(self) -> Iterator[Connection]:
         """The connection for a write transaction: on SQLite the pinned one (closed after a
-        failure, so the next transaction starts on a fresh one), else one from the pool."""
+        failure, so the next transaction starts on a fresh one). Elsewhere one this binding
+        kept from an earlier write transaction (a pipelined worker alternates between two),
+        else one from the pool; kept again after a success, closed after a failure. A kept
+        connection skips the pool's check-out, its liveness ping included (a round trip a
+        batch): one that died idle fails its first statement, as one dying in use would,
+        and the next transaction starts on a fresh one."""
         if self.dialect != "sqlite":
-            with self._writer.connect() as conn:
+            try:
+                conn = self._kept.pop()
+            except IndexError:
+                conn = self._writer.connect()
+            try:
                 yield conn
+            except BaseException:
+                conn.close()
+                raise
+            if len(self._kept) < KEPT_CONNECTIONS:
+                self._kept.append(conn)
+            else:
+                conn.close()
             return
         if self._pinned is None:
             self._pinned = self._writer.connect()
@@ -264,6 +282,8 @@ class Database(Maintenance):
             if self._pinned is not None:
                 self._pinned.close()
                 self._pinned = None
+        while self._kept:
+            self._kept.pop().close()
         self.engine.dispose()
 
 
