@@ -17,6 +17,7 @@ from freezegun import freeze_time
 
 from consumers.traffic import TrafficConsumer
 from pipeline.bench.scratch import scratch_db
+from pipeline.bindings import queue_sql
 from pipeline.env import Env
 from pipeline.errors import TransientError
 from pipeline.schema import queue_messages
@@ -172,3 +173,56 @@ def test_a_kept_write_connection_that_died_idle_is_replaced(pg_url: str, make_en
         conn.exec_driver_sql("SELECT 1")
     with db.transaction() as conn:
         assert conn.exec_driver_sql(pid).scalar_one() != first
+
+
+@pytest.mark.postgres
+def test_a_take_starts_at_its_floor_and_from_the_start_at_least_every_floor_takes(
+    pg_url: str, make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQL queue on PostgreSQL starts a take where the last full one did (the index
+    entries of consumed rows before it are not walked again); a message below that floor
+    (here a batch another worker took and rolled back) is taken again within
+    `FLOOR_TAKES` takes."""
+    monkeypatch.setattr(queue_sql, "FLOOR_TAKES", 2)
+    mine, other = make_env(pg_url), make_env(pg_url)  # two workers: two bindings
+    mine.QUEUE.send_batch([{"n": i} for i in range(60)])
+
+    def take(env: Env) -> list[int]:
+        with env.DB.transaction():
+            batch = env.QUEUE.receive(10)
+            env.QUEUE.settle(batch)
+        return [m.body["n"] for m in batch]
+
+    with pytest.raises(RuntimeError), other.DB.transaction():
+        assert [m.body["n"] for m in other.QUEUE.receive(10)] == list(range(10))
+        assert take(mine) == list(range(10, 20))  # the first ten are locked: skipped
+        raise RuntimeError("the other worker's batch rolls back: its messages are back, below the floor")
+    assert take(mine) == list(range(20, 30))  # from the floor
+    assert take(mine) == list(range(30, 40))
+    assert take(mine) == list(range(10))  # from the start, after FLOOR_TAKES takes from a floor
+    assert take(mine) == list(range(40, 50))
+    other.QUEUE.send_batch([{"n": 60}])
+    assert take(mine) == list(range(50, 60))
+    assert take(mine) == [60]
+
+
+@pytest.mark.postgres
+def test_a_short_take_from_a_floor_takes_the_rest_from_the_start(pg_url: str, make_env: MakeEnv) -> None:
+    """A queue is never seen empty, nor a batch short, while a message below the floor is
+    ready: a take from the floor that comes back short goes on from the start."""
+    mine, other = make_env(pg_url), make_env(pg_url)
+    mine.QUEUE.send_batch([{"n": i} for i in range(25)])
+
+    def take(env: Env) -> list[int]:
+        with env.DB.transaction():
+            batch = env.QUEUE.receive(10)
+            env.QUEUE.settle(batch)
+        return [m.body["n"] for m in batch]
+
+    with pytest.raises(RuntimeError), other.DB.transaction():
+        other.QUEUE.receive(10)
+        assert take(mine) == list(range(10, 20))
+        raise RuntimeError("rolled back")
+    assert take(mine) == [0, 1, 2, 3, 4, 20, 21, 22, 23, 24]
+    assert take(mine) == [5, 6, 7, 8, 9]
+    assert take(mine) == []

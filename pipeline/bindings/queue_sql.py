@@ -48,6 +48,7 @@ from pipeline.schema import queue_dlq, queue_messages
 
 POLL_INTERVAL_S = 0.05
 SEND_CHUNK = 1000
+FLOOR_TAKES = 16  # PostgreSQL: takes from a floor between two from the start (`SqlQueue._take_statement`)
 RETURNED = (
     queue_messages.c.seq,
     queue_messages.c.message_id,
@@ -70,6 +71,7 @@ class SqlQueue(Queue):
         self.name = name
         self.settings = settings or QueueSettings()
         self.dlq = SqlDeadLetters(db, name)
+        self._floor = self._floor_takes = 0  # PostgreSQL: where the next take starts (`_take_statement`)
 
     def send_batch(self, bodies: Iterable[Any]) -> list[str]:
         now = clock.now_s()
@@ -96,13 +98,15 @@ class SqlQueue(Queue):
 
     # -- consuming ----------------------------------------------------------------
 
-    def _ready(self, columns: Any) -> sa.Select[Any]:
+    def _ready(self, columns: Any, floor: bool = False) -> sa.Select[Any]:
         stmt = (
             sa.select(*columns)
             .where(queue_messages.c.queue == self.name, queue_messages.c.visible_at <= sa.bindparam("now"))
             .order_by(queue_messages.c.seq)
             .limit(sa.bindparam("n"))
         )
+        if floor:
+            stmt = stmt.where(queue_messages.c.seq >= sa.bindparam("floor"))
         return stmt.with_for_update(skip_locked=True) if self.db.dialect == "postgresql" else stmt
 
     def _take_statement(self) -> Any:
@@ -113,11 +117,22 @@ class SqlQueue(Queue):
         the take's 2.8 ms of server time at 1000 messages). A locked row's address cannot
         change before the DELETE: no one else may update or delete it, and the subquery
         returns the address of the version it locked (a row updated meanwhile is locked
-        and returned as its newest version)."""
+        and returned as its newest version).
+
+        The walk starts at `seq >= floor` (`_next_floor`). A deleted row's index entry
+        stays until the table is vacuumed (autovacuum comes after a fifth of the table
+        changed, if it is on), and a take walking from the start steps over all of them:
+        with 200,000 messages consumed before, 3.3 ms of server time a take against 2.3
+        from the floor. After a full batch the next take starts where this one did; after
+        a short one, and every `FLOOR_TAKES` takes, from the start, so that a message
+        below the floor (a retry written back under its own `seq`, a batch another worker
+        rolled back) waits at most that many batches; a take from a floor that comes back
+        short takes the rest from the start at once (a queue is never seen empty while it
+        holds a ready message)."""
         if self.db.dialect != "postgresql":
             return self._ready(RETURNED)
         ctid: sa.ColumnElement[Any] = sa.literal_column("ctid")
-        locked = sa.func.array(self._ready([ctid]).scalar_subquery())
+        locked = sa.func.array(self._ready([ctid], floor=True).scalar_subquery())
         return (
             queue_messages.delete()
             .where(sa.literal_column(f"{queue_messages.name}.ctid") == sa.any_(locked))
@@ -145,11 +160,27 @@ class SqlQueue(Queue):
             stmt = self.db.cached(("queue_take", self.name), self._take_statement)
             with self.db.transaction() as conn:
                 self.db.redoable(conn)  # a commit lost in a crash gives the batch back: no need to wait for the disk
-                # A generic plan: it must walk the primary key, whatever the table's statistics.
-                rows = self.db.fetchall(conn, stmt, ("now", "n"), (now, n), generic=True)
-                rows.sort()  # by seq (RETURNING keeps no order)
+                if self.db.dialect == "postgresql":
+                    # A generic plan: it must walk the primary key, whatever the table's statistics.
+                    rows = self.db.fetchall(conn, stmt, ("now", "n", "floor"), (now, n, self._floor), generic=True)
+                    if len(rows) < n and self._floor:  # short: the rest from the start
+                        rows += self.db.fetchall(
+                            conn, stmt, ("now", "n", "floor"), (now, n - len(rows), 0), generic=True
+                        )
+                    rows.sort()  # by seq (RETURNING keeps no order)
+                    self._next_floor(rows, n)
+                else:
+                    rows = self.db.fetchall(conn, stmt, ("now", "n"), (now, n))
         bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
         return [Message(mid, at, n + bump, data, kind, seq) for seq, mid, at, n, kind, data in rows]
+
+    def _next_floor(self, rows: list[Any], n: int) -> None:
+        """Where the next take starts (see `_take_statement`): the least `seq` of a full
+        batch, 0 after a short one and every `FLOOR_TAKES` takes."""
+        if len(rows) == n and self._floor_takes < FLOOR_TAKES:
+            self._floor, self._floor_takes = rows[0][0], self._floor_takes + 1
+        else:
+            self._floor, self._floor_takes = 0, 0
 
     def retake(self, batch: MessageBatch) -> MessageBatch:
         if batch.lease:
