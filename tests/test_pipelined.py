@@ -226,3 +226,18 @@ def test_a_short_take_from_a_floor_takes_the_rest_from_the_start(pg_url: str, ma
     assert take(mine) == [0, 1, 2, 3, 4, 20, 21, 22, 23, 24]
     assert take(mine) == [5, 6, 7, 8, 9]
     assert take(mine) == []
+
+
+@pytest.mark.postgres
+def test_a_transaction_that_takes_messages_commits_without_waiting_for_the_disk(pg_url: str, make_env: MakeEnv) -> None:
+    """Taking a batch inside a transaction makes it redoable (a lost commit gives the batch
+    back): its commit does not wait for the WAL flush; other transactions still do."""
+    env = make_env(pg_url)
+    env.QUEUE.send_batch([{"n": 1}])
+    show = "SHOW synchronous_commit"
+    with env.DB.transaction() as conn:
+        assert conn.exec_driver_sql(show).scalar_one() == "on"
+        assert len(env.QUEUE.receive(10)) == 1
+        assert conn.exec_driver_sql(show).scalar_one() == "off"
+    with env.DB.transaction() as conn:
+        assert conn.exec_driver_sql(show).scalar_one() == "on"

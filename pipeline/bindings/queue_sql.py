@@ -159,14 +159,13 @@ class SqlQueue(Queue):
         else:  # inside the caller's transaction: the transaction is the lease
             stmt = self.db.cached(("queue_take", self.name), self._take_statement)
             with self.db.transaction() as conn:
-                self.db.redoable(conn)  # a commit lost in a crash gives the batch back: no need to wait for the disk
                 if self.db.dialect == "postgresql":
                     # A generic plan: it must walk the primary key, whatever the table's statistics.
-                    rows = self.db.fetchall(conn, stmt, ("now", "n", "floor"), (now, n, self._floor), generic=True)
+                    # Redoable: a commit lost in a crash gives the batch back, so it need not wait for the disk.
+                    names = ("now", "n", "floor")
+                    rows = self.db.fetchall(conn, stmt, names, (now, n, self._floor), generic=True, redoable=True)
                     if len(rows) < n and self._floor:  # short: the rest from the start
-                        rows += self.db.fetchall(
-                            conn, stmt, ("now", "n", "floor"), (now, n - len(rows), 0), generic=True
-                        )
+                        rows += self.db.fetchall(conn, stmt, names, (now, n - len(rows), 0), generic=True)
                     rows.sort()  # by seq (RETURNING keeps no order)
                     self._next_floor(rows, n)
                 else:

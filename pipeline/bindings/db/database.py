@@ -48,8 +48,6 @@ from pipeline.bindings.db.engine import open_engine
 from pipeline.bindings.db.errors import translate_errors
 from pipeline.bindings.db.maintenance import Maintenance
 
-_REDOABLE = "SET LOCAL synchronous_commit = off"
-
 AtCommit = Callable[[Connection], None]
 KEPT_CONNECTIONS = 2  # idle write connections a PostgreSQL binding keeps
 
@@ -231,20 +229,6 @@ class Database(Maintenance):
 
     def in_transaction(self) -> bool:
         return self._current.get() is not None
-
-    def redoable(self, conn: Connection) -> None:
-        """Declare the open transaction redoable: a crash may lose it whole without harm,
-        because whatever it did is done again (it took queue messages inside itself, and a
-        lost commit gives them back, as a rollback would). PostgreSQL then returns from its
-        commit without waiting for the WAL to reach the disk (`synchronous_commit = off`
-        for this transaction): the commit is as atomic as any, and the next commit that does
-        wait (any other transaction's) makes it durable too; a crash before that loses at
-        most the last few of these transactions (three WAL writer delays: 0.6 s by
-        default). The wait is a WAL flush a commit, 0.5-1.5 ms on the development machine,
-        several on a busy disk. SQLite: nothing (its commits do not wait for the disk)."""
-        if self.dialect == "postgresql":
-            with self.driver_errors(_REDOABLE):
-                conn.connection.driver_connection.execute(_REDOABLE)  # type: ignore[union-attr]
 
     @property
     def checkpointer(self) -> Checkpointer | None:
