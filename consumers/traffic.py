@@ -19,7 +19,10 @@ returns nothing, so it contributes nothing to the aggregates.
 The upserts of steps 3 and 4 read nothing back: they are left to the end of the
 transaction (`Database.at_commit`), which a pipelined worker on PostgreSQL runs on the
 committer thread while it takes the next batch. An hour's paths are read after that commit
-(`await_commit`): it may add paths to the hour.
+(`await_commit`): it may add paths to the hour. There the archive watermark (step 1's
+"too late") is read at each commit for the next batch, and checked at the commit of the
+batch it was used for: an event stored that it has passed meanwhile makes the commit fail
+with `RedoBatch`, and the worker handles the batch again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 from typing import Any
 
@@ -38,7 +42,7 @@ from pipeline.bindings.db import Database
 from pipeline.bindings.queue import REASON_INVALID, REASON_TOO_LATE, Message, MessageBatch
 from pipeline.config import Config
 from pipeline.env import Env
-from pipeline.errors import ValidationError
+from pipeline.errors import RedoBatch, ValidationError
 from pipeline.events import EVENT_COLUMNS, Event, decode_batch, decode_message, parse_event
 from pipeline.paths import PathNormalizer
 from pipeline.schema import (
@@ -51,7 +55,7 @@ from pipeline.schema import (
 KNOWN_PATHS_HOURS = 48
 QUALITY_KEYS = ("hour", "kind")
 QUALITY_COLUMNS = ("hour", "kind", "count")
-_CONTENT_TYPE = attrgetter("content_type")
+_CONTENT_TYPE, _TS = attrgetter("content_type"), attrgetter("ts")
 
 
 def _mark_overflow() -> sa.Update:
@@ -119,13 +123,19 @@ class TrafficConsumer:
         self._known: OrderedDict[int, set[str]] = OrderedDict()  # least recently used first
         self._redelivering = False  # the last batch stored was all duplicates
         self._keeping_up = False  # the last batch stored was all new
+        # The archive watermark as the last commit in the background read it (None: not yet).
+        self._watermark: int | None = None
 
     def handle_batch(self, batch: MessageBatch, env: Env, ctx: Any = None) -> BatchReport:
         report = BatchReport(received=len(batch))
         now_ms = clock.now_ms()
         with env.DB.transaction() as conn:
-            watermark = meta.archive_watermark_ms(env.DB, conn)
+            later = env.DB.commits_in_background() and self._watermark is not None
+            watermark = self._watermark if later else meta.archive_watermark_ms(env.DB, conn)
+            assert watermark is not None
             events = self._validate(batch, now_ms, watermark, report)
+            if env.DB.commits_in_background():
+                env.DB.at_commit(partial(self._check_watermark, env.DB, min(map(_TS, events), default=None)))
             if events:
                 report.inserted = self._store(env, conn, events, report)
                 report.duplicates += len(events) - report.inserted
@@ -136,6 +146,14 @@ class TrafficConsumer:
         # Returning acks every message not dead-lettered (as a Queues handler's return
         # does); a failure above retries the whole batch.
         return report
+
+    def _check_watermark(self, db: Database, least: int | None, conn: sa.Connection) -> None:
+        """At a background commit: read the archive watermark for the next batch, and check
+        this one against it: RedoBatch (nothing of it stands; the worker handles it again)
+        when one of its valid events, `least` the oldest, is older than it."""
+        self._watermark = meta.archive_watermark_ms(db, conn)
+        if least is not None and least < self._watermark:
+            raise RedoBatch("the archive watermark moved past events of the batch: handle it again")
 
     def _validate(self, batch: MessageBatch, now_ms: int, watermark: int, report: BatchReport) -> list[Event]:
         """Valid, batch-unique events; dead-letter the rest with their reasons (a whole

@@ -63,6 +63,12 @@ class DataError(BindingError):
     code = "data_error"
 
 
+class RedoBatch(EdgepipeError):
+    """A check left to a batch's commit found what the batch was handled with out of date
+    (the archive watermark moved): the commit fails, its transaction rolls back whole, and
+    the worker handles the batch again."""
+
+
 class IntegrityError(EdgepipeError):
     """Stored data does not check out (checksum, row count, invariant)."""
 

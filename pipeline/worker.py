@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from pipeline import audit, clock, log, meta
 from pipeline.bindings.queue import DeadReason, MessageBatch
 from pipeline.env import Env
-from pipeline.errors import DataError, TransientError, ValidationError
+from pipeline.errors import DataError, RedoBatch, TransientError, ValidationError
 from pipeline.heartbeat import Heartbeat, process_name
 
 Handler = Callable[[MessageBatch, Env, "Context"], Any]
@@ -246,10 +246,11 @@ class Worker:
     def _confirm(self, batch: _InFlight) -> StepResult | None:
         """Wait for a batch's commit, then report the batch. A commit that failed rolled
         the batch back, and its messages with it: after a transient fault the loop backs
-        off (returned); after any other failure the batch is handled again at once, in a
-        transaction committed before it returns, as much of it as no later batch took
-        meanwhile (a poison then fails again, and is isolated as usual). The next batch's
-        commit, if in flight, is confirmed first."""
+        off (returned); after any other failure (a poison; `RedoBatch`, a check at the
+        commit) the batch is handled again at once, in a transaction committed before it
+        returns, as much of it as no later batch took meanwhile (a poison then fails again,
+        and is isolated as usual). The next batch's commit, if in flight, is confirmed
+        first."""
         try:
             committed_at = batch.commit.result()
         except TransientError as exc:
@@ -257,7 +258,8 @@ class Worker:
             return self._back_off(None, exc)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            log.event("batch_commit_failed", logging.WARNING, messages=len(batch.batch), error=error)
+            level = logging.INFO if isinstance(exc, RedoBatch) else logging.WARNING
+            log.event("batch_commit_failed", level, messages=len(batch.batch), error=error)
             self.flush()
             again = self._handle(partial(self.env.QUEUE.retake, batch.batch), None, background=False)
             return again if again is not None and again.transient else None

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from freezegun import freeze_time
 
 from consumers.traffic import TrafficConsumer
+from pipeline import meta
 from pipeline.bench.scratch import scratch_db
 from pipeline.bindings import queue_sql
 from pipeline.env import Env
@@ -241,3 +242,28 @@ def test_a_transaction_that_takes_messages_commits_without_waiting_for_the_disk(
         assert conn.exec_driver_sql(show).scalar_one() == "off"
     with env.DB.transaction() as conn:
         assert conn.exec_driver_sql(show).scalar_one() == "on"
+
+
+@pytest.mark.postgres
+def test_a_watermark_moved_before_the_commit_is_checked_there(pg_url: str, make_env: MakeEnv) -> None:
+    """The pipelined consumer checks a batch against the archive watermark read at its own
+    commit: a watermark the archiver moved after the batch was handled makes the commit
+    fail, and the batch is handled again, its events now too late dead-lettered as such;
+    nothing is counted twice."""
+    env = make_env(pg_url, consumer={"max_batch_size": 50})
+    pairs = _send(env, 100)
+    watermark = NOW_MS - 86_400_000
+    worker, reported = _pipelined(env)
+    assert worker.step(wait=0) is not None
+    worker.flush()  # the first batch committed; its commit read the watermark for the next
+    with env.DB.transaction() as conn:
+        meta.put(env.DB, conn, meta.ARCHIVE_WATERMARK_MS, str(watermark))
+    assert worker.step(wait=0) is not None  # handled with the watermark read before it moved
+    worker.flush()
+    late = [t for _, t in pairs[50:] if t.ts < watermark]
+    assert late  # the check has something to find
+    assert sum(r.messages for r in reported) == 100 and all(r.ok for r in reported)
+    assert env.QUEUE.rejected_totals()["too_late"] == len(late)
+    assert _quality(env)["too_late"] == len(late)
+    assert _quality(env)["inserted"] == 100 - len(late)
+    assert_aggregates_equal(env.DB, expected_aggregates(t for t in (t for _, t in pairs) if t not in late))
