@@ -147,6 +147,7 @@ class Worker:
     _failures: int = 0  # transient failures in a row
     _wake: threading.Event = field(default_factory=threading.Event)  # cuts a back-off short at a stop
     _in_flight: _InFlight | None = None
+    _backlog: bool = False  # the last batch taken was full: the next one is taken without waiting
 
     def request_stop(self) -> None:
         """Take no new batch; the one in hand finishes."""
@@ -174,9 +175,11 @@ class Worker:
     def step(self, wait: float | None = None) -> StepResult | None:
         """Process at most one batch. Returns None when no message was available.
 
-        A queue that shares the DB binding's transaction is waited on outside it and
-        received inside it, so taking the messages, the handler's writes and the acks are
-        one commit; any other queue is received first and settled after the commit.
+        A queue that shares the DB binding's transaction is waited on outside it (for a
+        full batch, up to `max_batch_timeout`; not at all after a full batch, when a
+        backlog is likely: the wait's count would be a query a batch) and received inside
+        it, so taking the messages, the handler's writes and the acks are one commit; any
+        other queue is received first and settled after the commit.
 
         A batch that fails inside its transaction is split to find its poison
         (`_isolate`); a transient fault (`TransientError`: a lock, a full disk, a dropped
@@ -190,10 +193,11 @@ class Worker:
         wait_s = cfg.max_batch_timeout if wait is None else wait
         received: MessageBatch | None = None
         try:
-            if queue.shares_transaction:
+            if queue.shares_transaction and not self._backlog:  # after a full batch, take the next at once
                 if wait_s > 0 and (failed := self.flush()) is not None:  # no outcome held while waiting
                     return failed
                 queue.wait(cfg.max_batch_size, wait_s)
+            if queue.shares_transaction:
                 take = partial(queue.receive, cfg.max_batch_size, 0.0)
             else:
                 received = queue.receive(cfg.max_batch_size, wait_s)
@@ -215,6 +219,7 @@ class Worker:
         try:
             try:
                 report, counted = self._transact(take, taken, background)
+                self._backlog = len(taken[-1]) >= self.env.config.consumer.max_batch_size
                 if not taken[-1].messages:
                     return self.flush()
                 result = StepResult(len(taken[-1]), True, report)

@@ -267,3 +267,21 @@ def test_a_watermark_moved_before_the_commit_is_checked_there(pg_url: str, make_
     assert _quality(env)["too_late"] == len(late)
     assert _quality(env)["inserted"] == 100 - len(late)
     assert_aggregates_equal(env.DB, expected_aggregates(t for t in (t for _, t in pairs) if t not in late))
+
+
+def test_after_a_full_batch_the_next_is_taken_without_waiting(db_url: str, make_env: MakeEnv) -> None:
+    """The worker waits for a full batch (up to `max_batch_timeout`) only after a batch that
+    was not full: behind a backlog it takes the next batch at once, without the wait's count
+    of ready messages."""
+    env = make_env(db_url, consumer={"max_batch_size": 100, "max_batch_timeout": 0.01})
+    _send(env, 250)
+    waits: list[float] = []
+    # Recorded, not done: time is frozen here. (A take inside the transaction waits 0 s.)
+    env.QUEUE.wait = lambda n, seconds: waits.append(seconds) if seconds else None  # type: ignore[method-assign]
+    worker, reported = _pipelined(env)
+    sizes = []
+    while (result := worker.step()) is not None:
+        sizes.append(result.messages)
+    assert sizes == [100, 100, 50]
+    assert waits == [0.01, 0.01]  # before the first batch, and after the short one (which found nothing)
+    assert [r.messages for r in reported] == [100, 100, 50]
