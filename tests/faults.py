@@ -44,44 +44,34 @@ class FaultyHandler:
 
 def refuse_id(env: Env, event_id: str) -> None:
     """A database that refuses the event `event_id` at insert, as it would an out-of-range
-    value: a trigger raising a constraint error (SQLite) or SQLSTATE 22003 (PostgreSQL)."""
-    with env.DB.transaction() as conn:
-        if env.DB.dialect == "sqlite":
-            conn.exec_driver_sql(
-                "CREATE TRIGGER fault_refuse BEFORE INSERT ON traffic_events "
-                f"WHEN NEW.id = '{event_id}' BEGIN SELECT RAISE(ABORT, 'value out of range'); END"
-            )
-        else:
-            conn.exec_driver_sql(
-                "CREATE FUNCTION fault_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"IF NEW.id = '{event_id}' THEN RAISE EXCEPTION 'value out of range' USING ERRCODE = '22003'; END IF; "
-                "RETURN NEW; END $$"
-            )
-            conn.exec_driver_sql(
-                "CREATE TRIGGER fault_refuse BEFORE INSERT ON traffic_events "
-                "FOR EACH ROW EXECUTE FUNCTION fault_refuse()"
-            )
+    value."""
+    _refuse(env, "traffic_events", "id", event_id)
 
 
 def refuse_path(env: Env, path: str) -> None:
     """A database that refuses the hourly rows of `path` (written at the commit: see
-    `Database.at_commit`), as it would an out-of-range sum: a trigger raising a constraint
-    error (SQLite) or SQLSTATE 22003 (PostgreSQL)."""
+    `Database.at_commit`), as it would an out-of-range sum."""
+    _refuse(env, "path_stats_hourly", "path", path)
+
+
+def _refuse(env: Env, table: str, column: str, value: str) -> None:
+    """A trigger refusing rows of `table` whose `column` is `value`: a constraint error
+    (SQLite) or SQLSTATE 22003 (PostgreSQL), "value out of range"."""
+    name = f"fault_refuse_{table}"
     with env.DB.transaction() as conn:
         if env.DB.dialect == "sqlite":
             conn.exec_driver_sql(
-                "CREATE TRIGGER fault_refuse_path BEFORE INSERT ON path_stats_hourly "
-                f"WHEN NEW.path = '{path}' BEGIN SELECT RAISE(ABORT, 'value out of range'); END"
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
+                f"WHEN NEW.{column} = '{value}' BEGIN SELECT RAISE(ABORT, 'value out of range'); END"
             )
         else:
             conn.exec_driver_sql(
-                "CREATE FUNCTION fault_refuse_path() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"IF NEW.path = '{path}' THEN RAISE EXCEPTION 'value out of range' USING ERRCODE = '22003'; END IF; "
-                "RETURN NEW; END $$"
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.{column} = '{value}' THEN RAISE EXCEPTION 'value out of range' USING ERRCODE = '22003'; "
+                "END IF; RETURN NEW; END $$"
             )
             conn.exec_driver_sql(
-                "CREATE TRIGGER fault_refuse_path BEFORE INSERT ON path_stats_hourly "
-                "FOR EACH ROW EXECUTE FUNCTION fault_refuse_path()"
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()"
             )
 
 

@@ -47,6 +47,14 @@ def _pipelined(env: Env, handler: Any = None) -> tuple[Worker, list[StepResult]]
     return worker, reported
 
 
+def _take(env: Env) -> list[int]:
+    """A batch of up to 10 taken and acked in a transaction: the `n` of their bodies."""
+    with env.DB.transaction():
+        batch = env.QUEUE.receive(10)
+        env.QUEUE.settle(batch)
+    return [m.body["n"] for m in batch]
+
+
 def _quality(env: Env) -> dict[str, int]:
     with env.DB.read() as conn:
         rows = conn.execute(sa.text("SELECT kind, sum(count) FROM quality_hourly GROUP BY kind")).all()
@@ -188,23 +196,17 @@ def test_a_take_starts_at_its_floor_and_from_the_start_at_least_every_floor_take
     mine, other = make_env(pg_url), make_env(pg_url)  # two workers: two bindings
     mine.QUEUE.send_batch([{"n": i} for i in range(60)])
 
-    def take(env: Env) -> list[int]:
-        with env.DB.transaction():
-            batch = env.QUEUE.receive(10)
-            env.QUEUE.settle(batch)
-        return [m.body["n"] for m in batch]
-
     with pytest.raises(RuntimeError), other.DB.transaction():
         assert [m.body["n"] for m in other.QUEUE.receive(10)] == list(range(10))
-        assert take(mine) == list(range(10, 20))  # the first ten are locked: skipped
+        assert _take(mine) == list(range(10, 20))  # the first ten are locked: skipped
         raise RuntimeError("the other worker's batch rolls back: its messages are back, below the floor")
-    assert take(mine) == list(range(20, 30))  # from the floor
-    assert take(mine) == list(range(30, 40))
-    assert take(mine) == list(range(10))  # from the start, after FLOOR_TAKES takes from a floor
-    assert take(mine) == list(range(40, 50))
+    assert _take(mine) == list(range(20, 30))  # from the floor
+    assert _take(mine) == list(range(30, 40))
+    assert _take(mine) == list(range(10))  # from the start, after FLOOR_TAKES takes from a floor
+    assert _take(mine) == list(range(40, 50))
     other.QUEUE.send_batch([{"n": 60}])
-    assert take(mine) == list(range(50, 60))
-    assert take(mine) == [60]
+    assert _take(mine) == list(range(50, 60))
+    assert _take(mine) == [60]
 
 
 @pytest.mark.postgres
@@ -214,19 +216,13 @@ def test_a_short_take_from_a_floor_takes_the_rest_from_the_start(pg_url: str, ma
     mine, other = make_env(pg_url), make_env(pg_url)
     mine.QUEUE.send_batch([{"n": i} for i in range(25)])
 
-    def take(env: Env) -> list[int]:
-        with env.DB.transaction():
-            batch = env.QUEUE.receive(10)
-            env.QUEUE.settle(batch)
-        return [m.body["n"] for m in batch]
-
     with pytest.raises(RuntimeError), other.DB.transaction():
         other.QUEUE.receive(10)
-        assert take(mine) == list(range(10, 20))
+        assert _take(mine) == list(range(10, 20))
         raise RuntimeError("rolled back")
-    assert take(mine) == [0, 1, 2, 3, 4, 20, 21, 22, 23, 24]
-    assert take(mine) == [5, 6, 7, 8, 9]
-    assert take(mine) == []
+    assert _take(mine) == [0, 1, 2, 3, 4, 20, 21, 22, 23, 24]
+    assert _take(mine) == [5, 6, 7, 8, 9]
+    assert _take(mine) == []
 
 
 @pytest.mark.postgres
