@@ -21,8 +21,8 @@ transaction (`Database.at_commit`), which a pipelined worker on PostgreSQL runs 
 committer thread while it takes the next batch. An hour's paths are read after that commit
 (`await_commit`): it may add paths to the hour. There the archive watermark (step 1's
 "too late") is read at each commit for the next batch, and checked at the commit of the
-batch it was used for: an event stored that it has passed meanwhile makes the commit fail
-with `RedoBatch`, and the worker handles the batch again.
+batch it was used for: a valid event of the batch older than the watermark read there
+makes the commit fail with `RedoBatch`, and the worker handles the batch again.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ A `pipelined` worker (`edgepipe worker`; the consumer benchmark) whose queue liv
 database that commits in the background (PostgreSQL: see `Database.transaction`) leaves
 each batch's commit in flight while it takes and handles the next: the database writes
 one batch while this process decodes the next. A batch is reported (logged, counted,
-given to `on_batch`) once its commit is confirmed, during the next step or at `flush()`;
-a commit that failed is handled then, as a failure inside the transaction would have
-been: split to find its poison, or backed off from. Its messages came back with the
-rollback, so nothing is lost or counted twice.
+given to `on_batch`) once its commit is confirmed, during the next step or at `flush()`.
+A commit that failed rolled the batch back with its messages: after a transient fault the
+loop backs off; after any other failure (a poison, or a check left to the commit:
+`RedoBatch`) the batch is handled again at once, and a poison isolated as usual. Nothing
+is lost or counted twice.
 
 Work beside the batches (the KV snapshot refresher) plugs in as `SideWork`: the worker
 advances a durable batch counter inside each batch's transaction, tells the side work each
