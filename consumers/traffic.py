@@ -130,11 +130,11 @@ class TrafficConsumer:
         report = BatchReport(received=len(batch))
         now_ms = clock.now_ms()
         with env.DB.transaction() as conn:
-            later = env.DB.commits_in_background() and self._watermark is not None
-            watermark = self._watermark if later else meta.archive_watermark_ms(env.DB, conn)
-            assert watermark is not None
+            background = env.DB.commits_in_background()
+            cached = self._watermark if background else None
+            watermark = meta.archive_watermark_ms(env.DB, conn) if cached is None else cached
             events = self._validate(batch, now_ms, watermark, report)
-            if env.DB.commits_in_background():
+            if background:
                 env.DB.at_commit(partial(self._check_watermark, env.DB, min(map(_TS, events), default=None)))
             if events:
                 report.inserted = self._store(env, conn, events, report)

@@ -12,6 +12,7 @@ from consumers.traffic import TrafficConsumer
 from pipeline.bindings.queue import MessageBatch
 from pipeline.config import Config
 from pipeline.env import Env
+from tests.traffic_truth import Truth, make_events
 
 NOW = "2026-11-20T12:00:00Z"
 NOW_MS = 1_795_176_000_000  # NOW in epoch milliseconds
@@ -40,6 +41,14 @@ class FaultyHandler:
         if call in self.fail:
             raise RuntimeError(f"injected failure in call {call}")
         return report
+
+
+def send_events(env: Env, n: int, seed: int) -> list[tuple[dict[str, Any], Truth]]:
+    """Send `n` synthetic events (one per message) of the hours before NOW; returns them
+    with their expected stored form."""
+    pairs = make_events(seed=seed, n=n, now_ms=NOW_MS)
+    env.QUEUE.send_batch([body for body, _ in pairs])
+    return pairs
 
 
 def refuse_id(env: Env, event_id: str) -> None:

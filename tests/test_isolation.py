@@ -20,20 +20,14 @@ from pipeline.heartbeat import status as worker_status
 from pipeline.schema import queue_messages
 from pipeline.worker import Worker
 from tests.conftest import MakeEnv
-from tests.faults import NOW, NOW_MS, DiskFull, refuse_id
-from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
+from tests.faults import NOW, DiskFull, refuse_id, send_events
+from tests.traffic_truth import assert_aggregates_equal, expected_aggregates
 
 
 @pytest.fixture(autouse=True)
 def frozen() -> Iterator[Any]:
     with freeze_time(NOW) as f:
         yield f
-
-
-def _send(env: Env, n: int, seed: int = 3) -> list[Any]:
-    pairs = make_events(seed=seed, n=n, now_ms=NOW_MS)
-    env.QUEUE.send_batch([body for body, _ in pairs])
-    return pairs
 
 
 def _attempts(env: Env) -> set[int]:
@@ -43,7 +37,7 @@ def _attempts(env: Env) -> set[int]:
 
 def test_one_poison_in_a_batch_of_1000(db_url: str, make_env: MakeEnv) -> None:
     env = make_env(db_url, consumer={"max_batch_size": 1000})
-    pairs = _send(env, 1000)
+    pairs = send_events(env, 1000, 3)
     _, poison = pairs[617]
     refuse_id(env, poison.id)
     worker = Worker(env, TrafficConsumer(env.config).handle_batch)
@@ -62,11 +56,11 @@ def test_one_poison_in_a_batch_of_1000(db_url: str, make_env: MakeEnv) -> None:
 
 def test_redriven_poison_comes_back_alone(db_url: str, make_env: MakeEnv) -> None:
     env = make_env(db_url, consumer={"max_batch_size": 100})
-    pairs = _send(env, 100)
+    pairs = send_events(env, 100, 3)
     refuse_id(env, pairs[40][1].id)
     worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     worker.step(wait=0)
-    _send(env, 50, seed=4)
+    send_events(env, 50, 4)
     assert env.QUEUE.dlq_redrive() == 1
     result = worker.step(wait=0)
     assert result is not None and result.messages == 51 and result.isolated == 1
@@ -76,7 +70,7 @@ def test_redriven_poison_comes_back_alone(db_url: str, make_env: MakeEnv) -> Non
 
 def test_a_transient_fault_dead_letters_nothing(db_url: str, make_env: MakeEnv) -> None:
     env = make_env(db_url, consumer={"max_batch_size": 100, "max_retries": 1})
-    pairs = _send(env, 1000)
+    pairs = send_events(env, 1000, 3)
     fault = DiskFull(env)
     heartbeat = Heartbeat(env.DB, "test-worker")
     worker = Worker(env, TrafficConsumer(env.config).handle_batch, heartbeat=heartbeat)
@@ -104,7 +98,7 @@ def test_a_transient_fault_dead_letters_nothing(db_url: str, make_env: MakeEnv) 
 
 def test_back_off_doubles_up_to_its_cap(sqlite_url: str, make_env: MakeEnv) -> None:
     env = make_env(sqlite_url, consumer={"backoff_initial_s": 1, "backoff_max_s": 4})
-    _send(env, 1000)  # enough that a batch needs new pages
+    send_events(env, 1000, 3)  # enough that a batch needs new pages
     fault = DiskFull(env)
     fault.set(True)
     worker = Worker(env, TrafficConsumer(env.config).handle_batch)
@@ -117,7 +111,7 @@ def test_the_loop_waits_out_the_fault_and_resumes(sqlite_url: str, make_env: Mak
     """`run()` itself: it backs off (here the wait is replaced by one that clears the fault
     after three waits, so no real time passes) and drains once the fault is gone."""
     env = make_env(sqlite_url, consumer={"max_batch_size": 50})
-    pairs = _send(env, 200)
+    pairs = send_events(env, 200, 3)
     fault = DiskFull(env)
     fault.set(True)
     worker = Worker(env, TrafficConsumer(env.config).handle_batch)
@@ -140,7 +134,7 @@ def test_metrics_show_a_degraded_consumer(sqlite_url: str, make_env: MakeEnv) ->
     from pipeline.http.metrics import Metrics
 
     env = make_env(sqlite_url)
-    _send(env, 1000)
+    send_events(env, 1000, 3)
     metrics = Metrics(env)
     worker = Worker(env, TrafficConsumer(env.config).handle_batch)
     worker.on_batch.append(metrics.observe_batch)
@@ -161,7 +155,7 @@ def test_a_killed_postgresql_connection_is_transient(db_url: str, make_env: Make
     administrator would): the batch is not counted as a delivery, and the next step, on a new
     connection, commits it."""
     env = make_env(db_url, consumer={"max_batch_size": 100})
-    pairs = _send(env, 300)
+    pairs = send_events(env, 300, 3)
     inner = TrafficConsumer(env.config).handle_batch
     calls = itertools.count()
 

@@ -24,20 +24,14 @@ from pipeline.errors import TransientError
 from pipeline.schema import queue_messages
 from pipeline.worker import StepResult, Worker
 from tests.conftest import MakeEnv
-from tests.faults import NOW, NOW_MS, refuse_path
-from tests.traffic_truth import assert_aggregates_equal, expected_aggregates, make_events
+from tests.faults import NOW, NOW_MS, refuse_path, send_events
+from tests.traffic_truth import assert_aggregates_equal, expected_aggregates
 
 
 @pytest.fixture(autouse=True)
 def frozen() -> Iterator[Any]:
     with freeze_time(NOW) as f:
         yield f
-
-
-def _send(env: Env, n: int, seed: int = 5) -> list[Any]:
-    pairs = make_events(seed=seed, n=n, now_ms=NOW_MS)
-    env.QUEUE.send_batch([body for body, _ in pairs])
-    return pairs
 
 
 def _pipelined(env: Env, handler: Any = None) -> tuple[Worker, list[StepResult]]:
@@ -63,7 +57,7 @@ def _quality(env: Env) -> dict[str, int]:
 
 def test_batches_are_reported_once_their_commit_is_confirmed(db_url: str, make_env: MakeEnv) -> None:
     env = make_env(db_url, consumer={"max_batch_size": 250})
-    pairs = _send(env, 2000)
+    pairs = send_events(env, 2000, 5)
     worker, reported = _pipelined(env)
     first = worker.step(wait=0)
     assert first is not None and first.ok and first.messages == 250
@@ -84,7 +78,7 @@ def test_a_poison_met_at_the_commit_is_isolated(db_url: str, make_env: MakeEnv) 
     flight, and the worker splits that batch to find the one event, as it would after a
     failure inside the transaction."""
     env = make_env(db_url, consumer={"max_batch_size": 100})
-    pairs = _send(env, 600)
+    pairs = send_events(env, 600, 5)
     poison = pairs[345][1]
     refuse_path(env, poison.path)
     keep = [t for _, t in pairs if t.path != poison.path]
@@ -114,7 +108,7 @@ def test_a_connection_lost_at_the_commit_is_transient(pg_url: str, make_env: Mak
     the batch rolls back with its messages, the worker backs off once, and the messages are
     taken again: nothing lost, nothing twice, no delivery counted."""
     env = make_env(pg_url, consumer={"max_batch_size": 100})
-    pairs = _send(env, 500)
+    pairs = send_events(env, 500, 5)
     inner = TrafficConsumer(env.config).handle_batch
     calls = itertools.count()
 
@@ -247,7 +241,7 @@ def test_a_watermark_moved_before_the_commit_is_checked_there(pg_url: str, make_
     fail, and the batch is handled again, its events now too late dead-lettered as such;
     nothing is counted twice."""
     env = make_env(pg_url, consumer={"max_batch_size": 50})
-    pairs = _send(env, 100)
+    pairs = send_events(env, 100, 5)
     watermark = NOW_MS - 86_400_000
     worker, reported = _pipelined(env)
     assert worker.step(wait=0) is not None
@@ -270,7 +264,7 @@ def test_after_a_full_batch_the_next_is_taken_without_waiting(db_url: str, make_
     was not full: behind a backlog it takes the next batch at once, without the wait's count
     of ready messages."""
     env = make_env(db_url, consumer={"max_batch_size": 100, "max_batch_timeout": 0.01})
-    _send(env, 250)
+    send_events(env, 250, 5)
     waits: list[float] = []
     # Recorded, not done: time is frozen here. (A take inside the transaction waits 0 s.)
     env.QUEUE.wait = lambda n, seconds: waits.append(seconds) if seconds else None  # type: ignore[method-assign]

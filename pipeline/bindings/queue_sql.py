@@ -343,18 +343,17 @@ class SqlQueue(Queue):
         }  # fmt: skip
 
     def _move_to_dlq(self, conn: sa.Connection, mine: Any, dead: list, now: float) -> list[dict[str, Any]]:
-        """Delete the dead messages still held by this batch from the queue; returns their
-        DLQ rows (for `SqlDeadLetters.add`, in the same transaction)."""
+        """Delete the dead messages still held by this batch from the queue (one DELETE …
+        RETURNING); returns their DLQ rows (for `SqlDeadLetters.add`, in the same
+        transaction)."""
         seqs = [m.handle for m, _, _ in dead]
-        held = set(conn.execute(sa.select(queue_messages.c.seq).where(queue_messages.c.seq.in_(seqs), mine)).scalars())
-        rows = [
-            self._letter(m, m.id, m.content_type, m.raw, reason, error, now)
-            for m, reason, error in dead
-            if m.handle in held
-        ]
-        if held:
-            conn.execute(queue_messages.delete().where(queue_messages.c.seq.in_(list(held))))
-        return rows
+        held = set(
+            conn.execute(
+                queue_messages.delete().where(queue_messages.c.seq.in_(seqs), mine).returning(queue_messages.c.seq)
+            ).scalars()
+        )
+        return [self._letter(m, m.id, m.content_type, m.raw, reason, error, now) for m, reason, error in dead
+                if m.handle in held]  # fmt: skip
 
     # -- operations -----------------------------------------------------------------
 
