@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +16,6 @@ from freezegun import freeze_time
 
 from consumers.traffic import TrafficConsumer
 from pipeline import meta
-from pipeline.bench.scratch import scratch_db
 from pipeline.bindings import queue_sql
 from pipeline.env import Env
 from pipeline.errors import TransientError
@@ -96,18 +94,16 @@ def test_a_poison_met_at_the_commit_is_isolated(db_url: str, make_env: MakeEnv) 
     assert _quality(env)["inserted"] == len(keep)
 
 
-@pytest.fixture
-def pg_url(pg_server_url: str, tmp_path: Path) -> Iterator[str]:
-    with scratch_db(pg_server_url, tmp_path) as url:
-        yield url
+# The conftest's `db_url`, on PostgreSQL only: these tests are about its background commits.
+POSTGRES_ONLY = pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 
 
-@pytest.mark.postgres
-def test_a_connection_lost_at_the_commit_is_transient(pg_url: str, make_env: MakeEnv) -> None:
+@POSTGRES_ONLY
+def test_a_connection_lost_at_the_commit_is_transient(db_url: str, make_env: MakeEnv) -> None:
     """The server ends the connection of the commit in flight (a restart, an administrator):
     the batch rolls back with its messages, the worker backs off once, and the messages are
     taken again: nothing lost, nothing twice, no delivery counted."""
-    env = make_env(pg_url, consumer={"max_batch_size": 100})
+    env = make_env(db_url, consumer={"max_batch_size": 100})
     pairs = send_events(env, 500, 5)
     inner = TrafficConsumer(env.config).handle_batch
     calls = itertools.count()
@@ -159,12 +155,12 @@ def test_at_commit_work_joins_its_transaction(db_url: str, make_env: MakeEnv) ->
         db.at_commit(lambda c: None)
 
 
-@pytest.mark.postgres
-def test_a_kept_write_connection_that_died_idle_is_replaced(pg_url: str, make_env: MakeEnv) -> None:
+@POSTGRES_ONLY
+def test_a_kept_write_connection_that_died_idle_is_replaced(db_url: str, make_env: MakeEnv) -> None:
     """Write transactions reuse the binding's idle connection without the pool's ping; one
     the server ended meanwhile fails its transaction as a transient fault, and the next
     transaction runs on a fresh connection."""
-    db = make_env(pg_url).DB
+    db = make_env(db_url).DB
     pid = "SELECT pg_backend_pid()"
     with db.transaction() as conn:
         first = conn.exec_driver_sql(pid).scalar_one()
@@ -178,16 +174,16 @@ def test_a_kept_write_connection_that_died_idle_is_replaced(pg_url: str, make_en
         assert conn.exec_driver_sql(pid).scalar_one() != first
 
 
-@pytest.mark.postgres
+@POSTGRES_ONLY
 def test_a_take_starts_at_its_floor_and_from_the_start_at_least_every_floor_takes(
-    pg_url: str, make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
+    db_url: str, make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The SQL queue on PostgreSQL starts a take where the last full one did (the index
     entries of consumed rows before it are not walked again); a message below that floor
     (here a batch another worker took and rolled back) is taken again within
     `FLOOR_TAKES` takes."""
     monkeypatch.setattr(queue_sql, "FLOOR_TAKES", 2)
-    mine, other = make_env(pg_url), make_env(pg_url)  # two workers: two bindings
+    mine, other = make_env(db_url), make_env(db_url)  # two workers: two bindings
     mine.QUEUE.send_batch([{"n": i} for i in range(60)])
 
     with pytest.raises(RuntimeError), other.DB.transaction():
@@ -203,11 +199,11 @@ def test_a_take_starts_at_its_floor_and_from_the_start_at_least_every_floor_take
     assert _take(mine) == [60]
 
 
-@pytest.mark.postgres
-def test_a_short_take_from_a_floor_takes_the_rest_from_the_start(pg_url: str, make_env: MakeEnv) -> None:
+@POSTGRES_ONLY
+def test_a_short_take_from_a_floor_takes_the_rest_from_the_start(db_url: str, make_env: MakeEnv) -> None:
     """A queue is never seen empty, nor a batch short, while a message below the floor is
     ready: a take from the floor that comes back short goes on from the start."""
-    mine, other = make_env(pg_url), make_env(pg_url)
+    mine, other = make_env(db_url), make_env(db_url)
     mine.QUEUE.send_batch([{"n": i} for i in range(25)])
 
     with pytest.raises(RuntimeError), other.DB.transaction():
@@ -219,11 +215,11 @@ def test_a_short_take_from_a_floor_takes_the_rest_from_the_start(pg_url: str, ma
     assert _take(mine) == []
 
 
-@pytest.mark.postgres
-def test_a_transaction_that_takes_messages_commits_without_waiting_for_the_disk(pg_url: str, make_env: MakeEnv) -> None:
+@POSTGRES_ONLY
+def test_a_transaction_that_takes_messages_commits_without_waiting_for_the_disk(db_url: str, make_env: MakeEnv) -> None:
     """Taking a batch inside a transaction makes it redoable (a lost commit gives the batch
     back): its commit does not wait for the WAL flush; other transactions still do."""
-    env = make_env(pg_url)
+    env = make_env(db_url)
     env.QUEUE.send_batch([{"n": 1}])
     show = "SHOW synchronous_commit"
     with env.DB.transaction() as conn:
@@ -234,13 +230,13 @@ def test_a_transaction_that_takes_messages_commits_without_waiting_for_the_disk(
         assert conn.exec_driver_sql(show).scalar_one() == "on"
 
 
-@pytest.mark.postgres
-def test_a_watermark_moved_before_the_commit_is_checked_there(pg_url: str, make_env: MakeEnv) -> None:
+@POSTGRES_ONLY
+def test_a_watermark_moved_before_the_commit_is_checked_there(db_url: str, make_env: MakeEnv) -> None:
     """The pipelined consumer checks a batch against the archive watermark read at its own
     commit: a watermark the archiver moved after the batch was handled makes the commit
     fail, and the batch is handled again, its events now too late dead-lettered as such;
     nothing is counted twice."""
-    env = make_env(pg_url, consumer={"max_batch_size": 50})
+    env = make_env(db_url, consumer={"max_batch_size": 50})
     pairs = send_events(env, 100, 5)
     watermark = NOW_MS - 86_400_000
     worker, reported = _pipelined(env)
