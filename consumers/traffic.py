@@ -18,8 +18,9 @@ returns nothing, so it contributes nothing to the aggregates.
 
 The upserts of steps 3 and 4 read nothing back: they are left to the end of the
 transaction (`Database.at_commit`), which a pipelined worker on PostgreSQL runs on the
-committer thread while it takes the next batch. An hour's paths are read after that commit
-(`await_commit`): it may add paths to the hour. There the archive watermark (step 1's
+committer thread while it takes the next batch. The paths of an hour that batch wrote are
+known locally; they are read again from the database only after that commit
+(`await_commit`), which may add to them. There the archive watermark (step 1's
 "too late") is read at each commit for the next batch, and checked at the commit of the
 batch it was used for: a valid event of the batch older than the watermark read there
 makes the commit fail with `RedoBatch`, and the worker handles the batch again.
@@ -251,7 +252,9 @@ class TrafficConsumer:
 
         The distinct paths of an hour are read from the database once per process and then
         tracked locally, and re-read whenever the local view says the budget is spent, so a
-        single consumer is exact without a query per batch. Concurrent consumers on
+        single consumer is exact without a query per batch. The hours of the last batch
+        stay known (so a first read never misses what its commit in flight adds); a
+        re-read waits for that commit (`await_commit`). Concurrent consumers on
         PostgreSQL may each admit a few paths past the cap before they see each other's."""
         by_hour: dict[int, set[str]] = defaultdict(set)
         for ev in events:
@@ -261,14 +264,16 @@ class TrafficConsumer:
             known = self._known.get(hour)
             if known is not None:
                 self._known.move_to_end(hour)
-            else:
+            else:  # not an hour of the batch whose commit may be in flight: those are all known
                 known = self._known[hour] = self._paths_of_hour(db, conn, hour)
             new_paths = paths - known
             if not new_paths:
                 continue
             if len(known) + len(new_paths) > self.max_paths:
-                # Refresh before refusing anything. Replace, not merge: paths admitted by a
-                # batch that rolled back were never stored and must not spend the budget.
+                # Refresh before refusing anything, once the commit in flight (which may add
+                # paths to the hour) is done. Replace, not merge: paths admitted by a batch
+                # that rolled back were never stored and must not spend the budget.
+                db.await_commit()
                 known = self._known[hour] = self._paths_of_hour(db, conn, hour)
                 new_paths = paths - known
             budget = self.max_paths - len(known)
@@ -283,11 +288,10 @@ class TrafficConsumer:
                     known.add(ev.path)
                 else:
                     over.add((ev.ts, ev.id))
-        while len(self._known) > KNOWN_PATHS_HOURS:
+        while len(self._known) > max(KNOWN_PATHS_HOURS, len(by_hour)):  # this batch's hours stay
             self._known.popitem(last=False)
         return over
 
     @staticmethod
     def _paths_of_hour(db: Database, conn: sa.Connection, hour: int) -> set[str]:
-        db.await_commit()  # the commit in flight may add paths to the hour
         return {path for (path,) in db.fetchall(conn, _PATHS_OF_HOUR, ("hour",), (hour,))}

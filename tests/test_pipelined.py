@@ -7,6 +7,7 @@ same worker commits each batch before it returns."""
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,12 +15,13 @@ import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
+from consumers import traffic
 from consumers.traffic import TrafficConsumer
 from pipeline import meta
 from pipeline.bindings import queue_sql
 from pipeline.env import Env
 from pipeline.errors import TransientError
-from pipeline.schema import queue_messages
+from pipeline.schema import OTHER_PATH, queue_messages
 from pipeline.worker import StepResult, Worker
 from tests.conftest import MakeEnv
 from tests.faults import NOW, NOW_MS, refuse_path, send_events
@@ -271,3 +273,52 @@ def test_after_a_full_batch_the_next_is_taken_without_waiting(db_url: str, make_
     assert sizes == [100, 100, 50]
     assert waits == [0.01, 0.01]  # before the first batch, and after the short one (which found nothing)
     assert [r.messages for r in reported] == [100, 100, 50]
+
+
+@POSTGRES_ONLY
+def test_the_path_budget_counts_the_paths_of_the_commit_in_flight(
+    db_url: str, make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An hour's paths are known locally for the hours of the batch whose commit is in
+    flight (all of them, however many), and read again only after that commit: a path past
+    the budget in the next batch overflows even while the commit that spent the budget has
+    not landed. The first batch's commit is held until someone waits for it, or the second
+    batch has been handled."""
+    monkeypatch.setattr(traffic, "KNOWN_PATHS_HOURS", 1)  # fewer than the first batch's hours
+    env = make_env(db_url, consumer={"max_batch_size": 6}, paths={"max_paths_per_hour": 2})
+    hours = [NOW_MS // 3_600_000 * 3_600_000 - h * 3_600_000 for h in (3, 2, 1)]
+    first = [(h, p) for h in hours for p in ("/a", "/b")]  # the budget of each hour, spent
+    bodies = [
+        {"id": f"e{i}", "ts": ts + 1000, "method": "GET", "path": path, "status": 200, "response_time_ms": 1.0}
+        for i, (ts, path) in enumerate([*first, (hours[0], "/c")])
+    ]
+    env.QUEUE.send_batch(bodies)
+    held, calls, inner = threading.Event(), itertools.count(), TrafficConsumer(env.config).handle_batch
+
+    def handler(batch: Any, env: Env, ctx: Any) -> Any:
+        call = next(calls)
+        if call == 0:
+            env.DB.at_commit(lambda conn: held.wait(timeout=60))
+        report = inner(batch, env, ctx)
+        if call > 0:
+            held.set()
+        return report
+
+    await_commit = env.DB.await_commit
+
+    def release_then_await() -> None:
+        held.set()
+        await_commit()
+
+    monkeypatch.setattr(env.DB, "await_commit", release_then_await)
+    worker, reported = _pipelined(env, handler)
+    while worker.step(wait=0) is not None:
+        pass
+    worker.flush()
+    assert [r.messages for r in reported] == [6, 1] and all(r.ok for r in reported)
+    with env.DB.read() as conn:
+        rows = conn.execute(sa.text("SELECT hour, path, requests FROM path_stats_hourly")).all()
+    assert sorted((hour * 1000, path, n) for hour, path, n in rows) == sorted(
+        [(h, p, 1) for h, p in first] + [(hours[0], OTHER_PATH, 1)]
+    )
+    assert _quality(env)["overflow"] == 1
