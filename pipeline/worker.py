@@ -13,7 +13,8 @@ given to `on_batch`) once its commit is confirmed, during the next step or at `f
 A commit that failed rolled the batch back with its messages: after a transient fault the
 loop backs off; after any other failure (a poison, or a check left to the commit:
 `RedoBatch`) the batch is handled again at once, and a poison isolated as usual. Nothing
-is lost or counted twice.
+is lost or counted twice. Behind a backlog the queue takes the next batch ahead, in a
+transaction of its own (`SqlQueue`, `Database.open_ahead`); `drain()` rolls it back.
 
 Work beside the batches (the KV snapshot refresher) plugs in as `SideWork`: the worker
 advances a durable batch counter inside each batch's transaction, tells the side work each
@@ -158,6 +159,7 @@ class Worker:
     def drain(self) -> None:
         """Finish background work (at shutdown, and in tests)."""
         self.flush()
+        self.env.DB.cancel_ahead()  # a batch taken ahead goes back to the queue
         if self.side is not None:
             self.side.drain()
         self.ctx.drain()

@@ -10,7 +10,10 @@ Two ways to take messages:
   then deleted), and a settle writes back the messages that stay: retried ones with their
   delay, dead ones to the DLQ. Nothing is written to claim them: if the consumer dies, its
   transaction rolls back and the messages are visible again at once. (A crash therefore
-  does not count as a delivery attempt; a handler error does.)
+  does not count as a delivery attempt; a handler error does.) In a transaction that
+  commits in the background (a pipelined worker), a full batch makes the next take be sent
+  at once, in a transaction opened ahead (`Database.open_ahead`), which the next batch
+  runs in; a take ahead that came back short is topped up then.
 * outside a transaction: a short transaction leases the rows (`UPDATE … RETURNING`) for
   `visibility_timeout` seconds; they reappear if the consumer dies holding them.
 
@@ -21,7 +24,8 @@ stores and counts its letters in its own transaction.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from operator import attrgetter
 from typing import Any
 
@@ -57,6 +61,7 @@ RETURNED = (
     queue_messages.c.content_type,
     queue_messages.c.body,
 )
+_TAKE_ARGS = ("now", "n", "floor")
 SEND_COLUMNS = ("queue", "message_id", "content_type", "body", "enqueued_at", "visible_at", "attempts")
 
 
@@ -157,21 +162,42 @@ class SqlQueue(Queue):
             with self.db.transaction() as conn:
                 rows = sorted(conn.execute(stmt, params).all(), key=lambda r: r[0])
         else:  # inside the caller's transaction: the transaction is the lease
-            stmt = self.db.cached(("queue_take", self.name), self._take_statement)
             with self.db.transaction() as conn:
                 if self.db.dialect == "postgresql":
-                    # A generic plan: it must walk the primary key, whatever the table's statistics.
-                    # Redoable: a commit lost in a crash gives the batch back, so it need not wait for the disk.
-                    names = ("now", "n", "floor")
-                    rows = self.db.fetchall(conn, stmt, names, (now, n, self._floor), generic=True, redoable=True)
-                    if len(rows) < n and self._floor:  # short: the rest from the start
-                        rows += self.db.fetchall(conn, stmt, names, (now, n - len(rows), 0), generic=True)
-                    rows.sort()  # by seq (RETURNING keeps no order)
-                    self._next_floor(rows, n)
+                    ahead = self.db.opened_ahead()
+                    rows = [] if ahead is None else ahead()
+                    if len(rows) < n:  # none taken ahead, or fewer than ready now: the rest
+                        rows = sorted(rows + self._take(conn, n - len(rows), now))
+                    if len(rows) == n and self.db.commits_in_background():  # a backlog: take the next batch ahead
+                        self.db.open_ahead(partial(self._send_take, n=n))
                 else:
+                    stmt = self.db.cached(("queue_take", self.name), self._take_statement)
                     rows = self.db.fetchall(conn, stmt, ("now", "n"), (now, n))
         bump = 0 if lease else 1  # a leased row's attempts were incremented by the lease
         return [Message(mid, at, n + bump, data, kind, seq) for seq, mid, at, n, kind, data in rows]
+
+    def _take(self, conn: sa.Connection, n: int, now: float) -> list[Any]:
+        """PostgreSQL: take up to `n` ready messages in `conn`'s transaction (see
+        `_take_statement`); their rows, by `seq`."""
+        stmt = self.db.cached(("queue_take", self.name), self._take_statement)
+        # A generic plan: it must walk the primary key, whatever the table's statistics.
+        # Redoable: a commit lost in a crash gives the batch back, so it need not wait for the disk.
+        rows = self.db.fetchall(conn, stmt, _TAKE_ARGS, (now, n, self._floor), generic=True, redoable=True)
+        if len(rows) < n and self._floor:  # short: the rest from the start
+            rows += self.db.fetchall(conn, stmt, _TAKE_ARGS, (now, n - len(rows), 0), generic=True)
+        return self._taken(rows, n)
+
+    def _send_take(self, conn: sa.Connection, n: int) -> Callable[[], list[Any]]:
+        """PostgreSQL: `_take` sent ahead (`Database.open_ahead`): the function that waits
+        for its rows. (One that comes back short is topped up when its rows are used.)"""
+        stmt = self.db.cached(("queue_take", self.name), self._take_statement)
+        rows = self.db.send(conn, stmt, _TAKE_ARGS, (clock.now_s(), n, self._floor), generic=True, redoable=True)
+        return lambda: self._taken(rows(), n)
+
+    def _taken(self, rows: list[Any], n: int) -> list[Any]:
+        rows.sort()  # by seq (RETURNING keeps no order)
+        self._next_floor(rows, n)
+        return rows
 
     def _next_floor(self, rows: list[Any], n: int) -> None:
         """Where the next take starts (see `_take_statement`): the least `seq` of a full

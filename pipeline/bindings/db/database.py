@@ -25,6 +25,12 @@ rolls the whole transaction back. A transaction that writes rows the commit in f
 also write waits for it first (`await_commit`): it must never hold a lock that commit
 waits for. Elsewhere (SQLite, whose one writer gains nothing) `background` runs them at the
 block's end, as usual, and `committing` is a Future already done.
+
+**Transactions opened ahead (PostgreSQL).** `open_ahead` begins the next background
+transaction before its block, on a connection of its own, and sends its first statement
+without waiting (the queue's take of the next batch): the server runs it while this
+process handles the transaction in hand. The next `transaction(background=True)` runs in
+it and reads the result there (`opened_ahead`).
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.engine import Connection
 
@@ -49,17 +56,27 @@ from pipeline.bindings.db.errors import translate_errors
 from pipeline.bindings.db.maintenance import Maintenance
 
 AtCommit = Callable[[Connection], None]
-KEPT_CONNECTIONS = 2  # idle write connections a PostgreSQL binding keeps
+KEPT_CONNECTIONS = 3  # idle write connections a PostgreSQL binding keeps
 
 
 class _Tail:
     """What a transaction does at its end: the at-commit work, and where."""
 
-    __slots__ = ("background", "work")
+    __slots__ = ("ahead", "background", "work")
 
-    def __init__(self, background: bool) -> None:
+    def __init__(self, background: bool, ahead: Callable[[], Any] | None = None) -> None:
         self.background = background
+        self.ahead = ahead  # the result of what `open_ahead` sent in this transaction before its block
         self.work: list[AtCommit] = []
+
+
+class _Ahead:
+    """A background transaction opened before its block (`Database.open_ahead`)."""
+
+    __slots__ = ("conn", "result", "stack")
+
+    def __init__(self, stack: ExitStack, conn: Connection | None, result: Callable[[], Any]) -> None:
+        self.stack, self.conn, self.result = stack, conn, result
 
 
 class Database(Maintenance):
@@ -90,6 +107,7 @@ class Database(Maintenance):
             f"edgepipe_tail_{id(self)}", default=None
         )
         self._committer: ThreadPoolExecutor | None = None
+        self._ahead: _Ahead | None = None
         # The commit of the last transaction opened with `background` (its result: the
         # monotonic time it completed; its exception: why it failed, rolled back).
         self.committing: Future[float] | None = None
@@ -127,12 +145,16 @@ class Database(Maintenance):
             self.committing.set_result(clock.monotonic())
 
     def _background_transaction(self) -> Iterator[Connection]:
-        stack = ExitStack()
-        with translate_errors():
-            conn = stack.enter_context(self._write_connection())
-            stack.enter_context(conn.begin())
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.conn is not None:
+            stack, conn = ahead.stack, ahead.conn
+        else:
+            stack = ExitStack()
+            with translate_errors():
+                conn = stack.enter_context(self._write_connection())
+                stack.enter_context(conn.begin())
         try:
-            with translate_errors(), self._open(conn, background=True) as tail:
+            with translate_errors(), self._open(conn, True, None if ahead is None else ahead.result) as tail:
                 yield conn
                 context = contextvars.copy_context()  # the work joins this transaction
         except BaseException:
@@ -143,10 +165,52 @@ class Database(Maintenance):
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-commit")
         self.committing = self._committer.submit(context.run, _finish, stack, conn, tail)
 
+    def open_ahead(self, send: Callable[[Connection], Callable[[], Any]]) -> None:
+        """PostgreSQL: begin the next background transaction now, on a write connection of
+        its own, and call `send(conn)` in it: it sends a statement without waiting for it
+        (`send` of the fast path) and returns the function that waits for its result. The
+        next `transaction(background=True)` of this binding runs in that transaction,
+        where `opened_ahead()` is that function. A pipelined worker takes its next batch
+        this way while it handles one: the server takes while Python decodes. A failure
+        to send is raised where the result is asked for. Rolled back by `cancel_ahead`,
+        and at `dispose`; one at a time."""
+        if self._ahead is not None:
+            raise RuntimeError("open_ahead: a transaction opened ahead is waiting already")
+        stack, conn = ExitStack(), None
+        try:
+            with translate_errors():
+                conn = stack.enter_context(self._write_connection())
+                stack.enter_context(conn.begin())
+                result = send(conn)
+        except Exception as exc:  # raised where the result is asked for, in its own transaction
+            result = partial(_raise, exc)
+        self._ahead = _Ahead(stack, conn, result)
+
+    def opened_ahead(self) -> Callable[[], Any] | None:
+        """In the transaction `open_ahead` began: the function that waits for the result of
+        what it sent; else None."""
+        tail = self._tail.get()
+        return None if tail is None else tail.ahead
+
+    def cancel_ahead(self) -> None:
+        """Roll back the transaction opened ahead, if any, once its statement is done."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            ahead.result()
+            if ahead.conn is not None:
+                ahead.conn.rollback()
+        except Exception:
+            with suppress(Exception):
+                ahead.stack.__exit__(*sys.exc_info())  # closes the connection
+        else:
+            ahead.stack.close()
+
     @contextmanager
-    def _open(self, conn: Connection, background: bool) -> Iterator[_Tail]:
+    def _open(self, conn: Connection, background: bool, ahead: Callable[[], Any] | None = None) -> Iterator[_Tail]:
         """`conn`'s transaction as the one open in this context, with its tail."""
-        tail = _Tail(background)
+        tail = _Tail(background, ahead)
         tokens = self._current.set(conn), self._tail.set(tail)
         try:
             yield tail
@@ -256,6 +320,7 @@ class Database(Maintenance):
         return backup.occupied(self)
 
     def dispose(self) -> None:
+        self.cancel_ahead()
         if self._committer is not None:
             self._committer.shutdown(wait=True)
             self._committer = None
@@ -269,6 +334,10 @@ class Database(Maintenance):
         while self._kept:
             self._kept.pop().close()
         self.engine.dispose()
+
+
+def _raise(exc: BaseException) -> NoReturn:
+    raise exc
 
 
 def _finish(stack: ExitStack, conn: Connection, tail: _Tail) -> float:

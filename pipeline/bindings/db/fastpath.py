@@ -23,6 +23,7 @@ statement's first run.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -202,6 +203,38 @@ class FastPath(Dialect):
         at hand; `redoable` declares the open transaction redoable."""
         return self._run(conn, stmt, columns, values, many=False, fetch=True, generic=generic, redoable=redoable)
 
+    def send(
+        self, conn: Connection, stmt: Any, columns: Sequence[str] = (), values: Sequence[Any] = (),
+        generic: bool = False, redoable: bool = False,
+    ) -> Callable[[], list[Any]]:  # fmt: skip
+        """PostgreSQL: send what `fetchall` would run, and return at once, with the
+        function that waits for its rows. The statement goes in a pipeline left open
+        (psycopg's pipeline mode): the server runs it while the caller does something else.
+        Nothing else may run on `conn` until the rows were asked for."""
+        hit = self._compiled(stmt, columns, rows=True)
+        driver: Any = conn.connection.driver_connection
+        cursor, pipeline = driver.cursor(), driver.pipeline()
+        with self.driver_errors(hit.sql):
+            pipeline.__enter__()
+            try:
+                _send_pg(driver, cursor, hit.sql, self._shaped(hit.shape, values), True, generic, redoable)
+            except BaseException:
+                pipeline.__exit__(*sys.exc_info())
+                cursor.close()
+                raise
+
+        def rows() -> list[Any]:
+            try:
+                with self.driver_errors(hit.sql):
+                    pipeline.__exit__(None, None, None)  # sync: wait for the results
+                    if hit.deferred:
+                        self._check_driver_types(hit, cursor.description)
+                    return cursor.fetchall()
+            finally:
+                cursor.close()
+
+        return rows
+
     def stream(
         self, conn: Connection, stmt: Any, columns: Sequence[str] = (), values: Sequence[Any] = (), size: int = 5000
     ) -> Iterator[Any]:
@@ -271,10 +304,15 @@ def _execute_pg(driver: Any, cursor: Any, sql: str, params: Any, fetch: bool, ge
         cursor.execute(sql, params, prepare=True, binary=fetch)
         return
     with driver.pipeline():
-        if redoable:
-            driver.execute(_REDOABLE)
-        if generic:
-            driver.execute(_GENERIC_PLAN)
-        cursor.execute(sql, params, prepare=True, binary=fetch)
-        if generic:
-            driver.execute(_DEFAULT_PLAN)
+        _send_pg(driver, cursor, sql, params, fetch, generic, redoable)
+
+
+def _send_pg(driver: Any, cursor: Any, sql: str, params: Any, fetch: bool, generic: bool, redoable: bool) -> None:
+    """`_execute_pg`'s statements, in the pipeline open on `driver`."""
+    if redoable:
+        driver.execute(_REDOABLE)
+    if generic:
+        driver.execute(_GENERIC_PLAN)
+    cursor.execute(sql, params, prepare=True, binary=fetch)
+    if generic:
+        driver.execute(_DEFAULT_PLAN)
