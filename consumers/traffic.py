@@ -7,8 +7,9 @@ Per batch, in the one transaction the worker loop holds:
 2. insert the events with ON CONFLICT (ts, id) DO NOTHING, learning which rows this
    transaction actually inserted (after a batch of nothing but duplicates, as when a backlog
    is delivered again, the stored keys are counted first and an insert that would add
-   nothing is skipped: `Database.insert_new`'s `likely_present`; after a batch of nothing
-   but new events, PostgreSQL first tries to store them all at once: `likely_new`);
+   nothing is skipped: `Database.insert_new`'s `likely_present`, and the queue is asked to
+   take the batches to come ahead: `Queue.take_ahead`; after a batch of nothing but new
+   events, PostgreSQL first tries to store them all at once: `likely_new`);
 3. fold only those into hourly rows (`fold`) and add them to `path_stats_hourly` with
    additive upserts;
 4. add the batch's data-quality counts (received, inserted, duplicates, invalid by field,
@@ -225,6 +226,7 @@ class TrafficConsumer:
             likely_present=self._redelivering, likely_new=self._keeping_up,
         )  # fmt: skip
         self._redelivering = not new  # a batch of duplicates: the next one probably is too
+        env.QUEUE.take_ahead(self._redelivering)  # and costs the database little beside its take
         self._keeping_up = len(new) == len(rows)  # a batch all new: so is the next one, probably
         if not new:
             return 0

@@ -13,8 +13,9 @@ given to `on_batch`) once its commit is confirmed, during the next step or at `f
 A commit that failed rolled the batch back with its messages: after a transient fault the
 loop backs off; after any other failure (a poison, or a check left to the commit:
 `RedoBatch`) the batch is handled again at once, and a poison isolated as usual. Nothing
-is lost or counted twice. Behind a backlog the queue takes the next batch ahead, in a
-transaction of its own (`SqlQueue`, `Database.open_ahead`); `drain()` rolls it back.
+is lost or counted twice. A handler may have the queue take the next batch ahead, in a
+transaction of its own (`Queue.take_ahead`, `Database.open_ahead`); `drain()` rolls it
+back.
 
 Work beside the batches (the KV snapshot refresher) plugs in as `SideWork`: the worker
 advances a durable batch counter inside each batch's transaction, tells the side work each

@@ -180,7 +180,7 @@ def test_a_kept_write_connection_that_died_idle_is_replaced(db_url: str, make_en
 def test_a_take_starts_at_its_floor_and_from_the_start_at_least_every_floor_takes(
     db_url: str, make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The SQL queue on PostgreSQL starts a take where the last full one did (the index
+    """The SQL queue on PostgreSQL starts a take after the last full one (the index
     entries of consumed rows before it are not walked again); a message below that floor
     (here a batch another worker took and rolled back) is taken again within
     `FLOOR_TAKES` takes."""
@@ -334,28 +334,43 @@ def _untaken(env: Env) -> list[int]:
         )
 
 
-@POSTGRES_ONLY
-def test_behind_a_backlog_the_next_batch_is_taken_ahead_and_given_back_at_drain(db_url: str, make_env: MakeEnv) -> None:
-    """After a full batch the worker sends the take of the next one at once, in a
-    transaction of its own, and handles the batch in hand while the server takes: other
-    consumers skip both. `drain()` rolls the batch taken ahead back into the queue, and
-    nothing is lost or counted twice."""
-    env = make_env(db_url, consumer={"max_batch_size": 100})
-    pairs = send_events(env, 300, 5)
-    seqs = _untaken(env)
-    worker, reported = _pipelined(env)
-    first = worker.step(wait=0)
-    assert first is not None and first.messages == 100
-    assert _untaken(env) == seqs[200:]  # the first batch (committing) and the second (taken ahead)
-    worker.drain()
-    assert _untaken(env) == seqs[100:]
+def _drained(env: Env, worker: Worker) -> None:
     while worker.step(wait=0) is not None:
         pass
     worker.drain()
-    assert [r.messages for r in reported] == [100, 100, 100] and all(r.ok for r in reported)
+
+
+@POSTGRES_ONLY
+def test_behind_batches_of_duplicates_the_next_is_taken_ahead_and_given_back_at_drain(
+    db_url: str, make_env: MakeEnv
+) -> None:
+    """Once a full batch was all duplicates (a backlog delivered again), the consumer has
+    the queue send the take of the next batch as soon as it has taken one, in a
+    transaction of its own, and handle the batch in hand while the server takes: other
+    consumers skip both. Not behind new events. `drain()` rolls the batch taken ahead back
+    into the queue, and nothing is lost or counted twice."""
+    env = make_env(db_url, consumer={"max_batch_size": 100})
+    pairs = send_events(env, 400, 5)
+    seqs = _untaken(env)
+    worker, reported = _pipelined(env)
+    for _ in range(2):
+        assert worker.step(wait=0) is not None
+    assert _untaken(env) == seqs[200:]  # new events: nothing taken ahead
+    _drained(env, worker)
+    env.QUEUE.send_batch([body for body, _ in pairs])  # delivered again
+    seqs = _untaken(env)
+    assert worker.step(wait=0) is not None  # all duplicates
+    assert _untaken(env) == seqs[100:]
+    assert worker.step(wait=0) is not None
+    assert _untaken(env) == seqs[300:]  # the batch committing, and the next, taken ahead
+    worker.drain()
+    assert _untaken(env) == seqs[200:]
+    _drained(env, worker)
+    assert [r.messages for r in reported] == [100] * 8 and all(r.ok for r in reported)
+    assert [r.report.duplicates for r in reported[4:]] == [100] * 4
     assert _untaken(env) == []
     assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
-    assert _quality(env)["inserted"] == 300
+    assert _quality(env)["inserted"] == 400
 
 
 @POSTGRES_ONLY
@@ -363,15 +378,18 @@ def test_a_batch_taken_ahead_that_came_back_short_is_topped_up(db_url: str, make
     """A take sent ahead sees the queue as it was then: when its batch is used, messages
     sent since top it up, so a step finds nothing only when the queue is empty."""
     env = make_env(db_url, consumer={"max_batch_size": 100})
-    pairs = send_events(env, 150, 5)
+    pairs = send_events(env, 250, 5)
     worker, reported = _pipelined(env)
-    sizes = [worker.step(wait=0).messages]  # type: ignore[union-attr]
-    more = send_events(env, 100, 6)  # after the take ahead found the last 50
+    _drained(env, worker)
+    env.QUEUE.send_batch([body for body, _ in pairs])  # delivered again: the second batch takes the last 50 ahead
+    sizes = [worker.step(wait=0).messages for _ in range(2)]  # type: ignore[union-attr]
+    more = send_events(env, 100, 6)
     while (result := worker.step(wait=0)) is not None:
         sizes.append(result.messages)
     worker.drain()
-    assert sizes == [100, 100, 50]
-    assert sum(r.messages for r in reported) == 250 and all(r.ok for r in reported)
+    assert sizes == [100, 100, 100, 50]
+    assert sum(r.messages for r in reported) == 600 and all(r.ok for r in reported)
+    assert sum(r.report.inserted for r in reported) == 350
     assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs + more))
 
 
@@ -383,8 +401,11 @@ def test_a_connection_lost_while_its_batch_waits_ahead_is_transient(db_url: str,
     env = make_env(db_url, consumer={"max_batch_size": 100})
     pairs = send_events(env, 300, 5)
     worker, reported = _pipelined(env)
-    assert worker.step(wait=0) is not None
-    worker.flush()  # the first batch committed: the only transaction left open is the one taken ahead
+    _drained(env, worker)
+    env.QUEUE.send_batch([body for body, _ in pairs])  # delivered again
+    for _ in range(2):  # the second takes the third ahead
+        assert worker.step(wait=0) is not None
+    worker.flush()  # the batches committed: the only transaction left open is the one taken ahead
     with env.DB.engine.connect() as other:
         ended = other.exec_driver_sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
@@ -396,9 +417,8 @@ def test_a_connection_lost_while_its_batch_waits_ahead_is_transient(db_url: str,
         outcomes.append(result.transient)
     worker.drain()
     assert outcomes.count(True) == 1
-    assert sum(r.messages for r in reported if r.ok) == 300
+    assert sum(r.messages for r in reported if r.ok) == 600
     assert env.QUEUE.stats()["pending"] == 0 and env.QUEUE.stats()["dlq"] == 0
-    with env.DB.read() as conn:
-        assert conn.execute(sa.select(queue_messages.c.attempts)).all() == []
     assert_aggregates_equal(env.DB, expected_aggregates(t for _, t in pairs))
     assert _quality(env)["inserted"] == 300
+    assert _quality(env)["duplicate"] == 300

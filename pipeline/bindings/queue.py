@@ -265,6 +265,12 @@ class Queue(abc.ABC):
         fresh = [msgspec.structs.replace(m, decision=None, delay=None, dead=None, dead_parts=None) for m in batch]
         return MessageBatch(batch.queue, fresh, batch.lease, batch.taken_at)
 
+    def take_ahead(self, on: bool) -> None:  # noqa: B027 (a hint: most backends have nothing to gain)
+        """A hint from the handler: while `on`, the batches to come will probably cost the
+        database little beside their take (a backlog delivered again, all duplicates), so
+        after a full batch take the next at once, if this backend can, while that one is
+        handled. Changes when batches are taken, never what is delivered."""
+
     def ensure(self) -> None:  # noqa: B027 (the db queue's tables come with the schema)
         """Create what this queue needs on its server when missing (an SQS queue and its
         `-dlq`, a Redis stream's consumer group); idempotent. `edgepipe init` calls it."""
