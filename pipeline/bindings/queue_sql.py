@@ -133,11 +133,10 @@ class SqlQueue(Queue):
         from the floor. After a full batch the next take starts after its last message
         (it need not step over the rows of batches still in flight, its own or other
         workers' before it); after a short one, and every `FLOOR_TAKES` takes, from the
-        start, so that a message
-        below the floor (a retry written back under its own `seq`, a batch another worker
-        rolled back) waits at most that many batches; a take from a floor that comes back
-        short takes the rest from the start at once (a queue is never seen empty while it
-        holds a ready message)."""
+        start, so that a message below the floor (a retry written back under its own
+        `seq`, a batch another worker rolled back) waits at most that many batches; a take
+        from a floor that comes back short takes the rest from the start at once (a queue
+        is never seen empty while it holds a ready message)."""
         if self.db.dialect != "postgresql":
             return self._ready(RETURNED)
         ctid: sa.ColumnElement[Any] = sa.literal_column("ctid")
@@ -209,7 +208,8 @@ class SqlQueue(Queue):
         return lambda: self._taken(rows(), n)
 
     def _taken(self, rows: list[Any], n: int) -> list[Any]:
-        rows.sort()  # by seq (RETURNING keeps no order)
+        """The rows of a take of up to `n` messages, by `seq`; the next take's floor set."""
+        rows.sort()  # RETURNING keeps no order
         self._next_floor(rows, n)
         return rows
 
