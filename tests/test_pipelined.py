@@ -334,7 +334,7 @@ def _untaken(env: Env) -> list[int]:
         )
 
 
-def _drained(env: Env, worker: Worker) -> None:
+def _drained(worker: Worker) -> None:
     while worker.step(wait=0) is not None:
         pass
     worker.drain()
@@ -356,7 +356,7 @@ def test_behind_batches_of_duplicates_the_next_is_taken_ahead_and_given_back_at_
     for _ in range(2):
         assert worker.step(wait=0) is not None
     assert _untaken(env) == seqs[200:]  # new events: nothing taken ahead
-    _drained(env, worker)
+    _drained(worker)
     env.QUEUE.send_batch([body for body, _ in pairs])  # delivered again
     seqs = _untaken(env)
     assert worker.step(wait=0) is not None  # all duplicates
@@ -365,7 +365,7 @@ def test_behind_batches_of_duplicates_the_next_is_taken_ahead_and_given_back_at_
     assert _untaken(env) == seqs[300:]  # the batch committing, and the next, taken ahead
     worker.drain()
     assert _untaken(env) == seqs[200:]
-    _drained(env, worker)
+    _drained(worker)
     assert [r.messages for r in reported] == [100] * 8 and all(r.ok for r in reported)
     assert [r.report.duplicates for r in reported[4:]] == [100] * 4
     assert _untaken(env) == []
@@ -380,7 +380,7 @@ def test_a_batch_taken_ahead_that_came_back_short_is_topped_up(db_url: str, make
     env = make_env(db_url, consumer={"max_batch_size": 100})
     pairs = send_events(env, 250, 5)
     worker, reported = _pipelined(env)
-    _drained(env, worker)
+    _drained(worker)
     env.QUEUE.send_batch([body for body, _ in pairs])  # delivered again: the second batch takes the last 50 ahead
     sizes = [worker.step(wait=0).messages for _ in range(2)]  # type: ignore[union-attr]
     more = send_events(env, 100, 6)
@@ -401,7 +401,7 @@ def test_a_connection_lost_while_its_batch_waits_ahead_is_transient(db_url: str,
     env = make_env(db_url, consumer={"max_batch_size": 100})
     pairs = send_events(env, 300, 5)
     worker, reported = _pipelined(env)
-    _drained(env, worker)
+    _drained(worker)
     env.QUEUE.send_batch([body for body, _ in pairs])  # delivered again
     for _ in range(2):  # the second takes the third ahead
         assert worker.step(wait=0) is not None

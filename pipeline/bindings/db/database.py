@@ -75,7 +75,7 @@ class _Ahead:
 
     __slots__ = ("conn", "result", "stack")
 
-    def __init__(self, stack: ExitStack, conn: Connection | None, result: Callable[[], Any]) -> None:
+    def __init__(self, stack: ExitStack, conn: Connection, result: Callable[[], Any]) -> None:
         self.stack, self.conn, self.result = stack, conn, result
 
 
@@ -146,13 +146,7 @@ class Database(Maintenance):
 
     def _background_transaction(self) -> Iterator[Connection]:
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.conn is not None:
-            stack, conn = ahead.stack, ahead.conn
-        else:
-            stack = ExitStack()
-            with translate_errors():
-                conn = stack.enter_context(self._write_connection())
-                stack.enter_context(conn.begin())
+        stack, conn = (ahead.stack, ahead.conn) if ahead is not None else self._begin_write()
         try:
             with translate_errors(), self._open(conn, True, None if ahead is None else ahead.result) as tail:
                 yield conn
@@ -172,19 +166,29 @@ class Database(Maintenance):
         next `transaction(background=True)` of this binding runs in that transaction,
         where `opened_ahead()` is that function. A pipelined worker takes its next batch
         this way while it handles one: the server takes while Python decodes. A failure
-        to send is raised where the result is asked for. Rolled back by `cancel_ahead`,
-        and at `dispose`; one at a time."""
+        to send is raised where the result is asked for; one to connect opens nothing
+        (the next transaction meets it). Rolled back by `cancel_ahead`, and at `dispose`;
+        one at a time."""
         if self._ahead is not None:
             raise RuntimeError("open_ahead: a transaction opened ahead is waiting already")
-        stack, conn = ExitStack(), None
+        try:
+            stack, conn = self._begin_write()
+        except Exception:
+            return
         try:
             with translate_errors():
-                conn = stack.enter_context(self._write_connection())
-                stack.enter_context(conn.begin())
                 result = send(conn)
         except Exception as exc:  # raised where the result is asked for, in its own transaction
             result = partial(_raise, exc)
         self._ahead = _Ahead(stack, conn, result)
+
+    def _begin_write(self) -> tuple[ExitStack, Connection]:
+        """A write connection with its transaction begun, both held by the returned stack."""
+        stack = ExitStack()
+        with translate_errors():
+            conn = stack.enter_context(self._write_connection())
+            stack.enter_context(conn.begin())
+        return stack, conn
 
     def opened_ahead(self) -> Callable[[], Any] | None:
         """In the transaction `open_ahead` began: the function that waits for the result of
@@ -199,8 +203,7 @@ class Database(Maintenance):
             return
         try:
             ahead.result()
-            if ahead.conn is not None:
-                ahead.conn.rollback()
+            ahead.conn.rollback()
         except Exception:
             with suppress(Exception):
                 ahead.stack.__exit__(*sys.exc_info())  # closes the connection
